@@ -81,7 +81,9 @@ pub fn hostname(field: &str, value: &str) -> Result<String> {
     if folded.is_empty() || folded.len() > 253 || !folded.split('.').all(is_dns_label) {
         return err(
             field,
-            format!("{value:?} is not a DNS name (dot-separated DNS-1123 labels, at most 253 characters)"),
+            format!(
+                "{value:?} is not a DNS name (dot-separated DNS-1123 labels, at most 253 characters)"
+            ),
         );
     }
     Ok(folded)
@@ -105,7 +107,10 @@ pub fn label_key(field: &str, key: &str) -> Result<()> {
     if let Some(p) = prefix
         && hostname(field, p).is_err()
     {
-        return err(field, format!("label key {key:?} has an invalid prefix {p:?}: it must be a DNS name"));
+        return err(
+            field,
+            format!("label key {key:?} has an invalid prefix {p:?}: it must be a DNS name"),
+        );
     }
     if name.is_empty() || !is_label_part(name) {
         return err(
@@ -149,10 +154,16 @@ pub fn selector_term(field: &str, term: &str) -> Result<(String, String)> {
     };
     let (k, v) = (k.trim(), v.trim());
     if k.is_empty() {
-        return err(field, format!("{term:?} is not of the form key=value (the key is empty)"));
+        return err(
+            field,
+            format!("{term:?} is not of the form key=value (the key is empty)"),
+        );
     }
     if v.contains('=') {
-        return err(field, format!("{term:?} is not of the form key=value (more than one '=')"));
+        return err(
+            field,
+            format!("{term:?} is not of the form key=value (more than one '=')"),
+        );
     }
     label_key(field, k)?;
     label_value(field, v)?;
@@ -168,7 +179,10 @@ pub fn selector<S: AsRef<str>>(field: &str, terms: &[S]) -> Result<BTreeMap<Stri
             if let Some(old) = out.insert(k.clone(), v.clone())
                 && old != v
             {
-                return err(field, format!("key {k:?} is given twice with different values ({old:?}, {v:?})"));
+                return err(
+                    field,
+                    format!("key {k:?} is given twice with different values ({old:?}, {v:?})"),
+                );
             }
         }
     }
@@ -194,7 +208,10 @@ fn parse_port_number(field: &str, s: &str) -> Result<u16> {
 pub fn ip(field: &str, value: &str) -> Result<Ipv4Addr> {
     match value.parse::<IpAddr>() {
         Ok(IpAddr::V4(a)) => Ok(a),
-        Ok(IpAddr::V6(_)) => err(field, format!("{value:?} is IPv6; skymesh addresses are IPv4")),
+        Ok(IpAddr::V6(_)) => err(
+            field,
+            format!("{value:?} is IPv6; skymesh addresses are IPv4"),
+        ),
         Err(_) => err(field, format!("{value:?} is not an IPv4 address")),
     }
 }
@@ -203,15 +220,23 @@ pub fn ip(field: &str, value: &str) -> Result<Ipv4Addr> {
 pub fn cidr(field: &str, value: &str) -> Result<Ipv4Net> {
     let net = match value.parse::<IpNet>() {
         Ok(IpNet::V4(n)) => n,
-        Ok(IpNet::V6(_)) => return err(field, format!("{value:?} is IPv6; skymesh CIDRs are IPv4")),
+        Ok(IpNet::V6(_)) => {
+            return err(field, format!("{value:?} is IPv6; skymesh CIDRs are IPv4"));
+        }
         Err(_) => {
-            return err(field, format!("{value:?} is not a CIDR (address/prefix-length, e.g. 10.1.0.0/16)"));
+            return err(
+                field,
+                format!("{value:?} is not a CIDR (address/prefix-length, e.g. 10.1.0.0/16)"),
+            );
         }
     };
     if net.trunc() != net {
         return err(
             field,
-            format!("{value:?} has host bits set (did you mean {}?)", net.trunc()),
+            format!(
+                "{value:?} has host bits set (did you mean {}?)",
+                net.trunc()
+            ),
         );
     }
     Ok(net)
@@ -221,7 +246,10 @@ pub fn cidr(field: &str, value: &str) -> Result<Ipv4Net> {
 pub fn endpoint(field: &str, value: &str) -> Result<SocketAddr> {
     match value.parse::<SocketAddr>() {
         Ok(a) if a.port() != 0 => Ok(a),
-        _ => err(field, format!("{value:?} is not an address of the form IP:PORT")),
+        _ => err(
+            field,
+            format!("{value:?} is not an address of the form IP:PORT"),
+        ),
     }
 }
 
@@ -247,7 +275,9 @@ pub fn port_name(field: &str, value: &str) -> Result<String> {
     {
         return err(
             field,
-            format!("{value:?} is not a port name (at most {MAX_PORT_NAME_LEN} letters, digits and '-', with at least one letter)"),
+            format!(
+                "{value:?} is not a port name (at most {MAX_PORT_NAME_LEN} letters, digits and '-', with at least one letter)"
+            ),
         );
     }
     Ok(folded)
@@ -281,7 +311,9 @@ pub fn parse_service_type(field: &str, s: &str) -> Result<ServiceType> {
         "loadbalancer" => Ok(ServiceType::LoadBalancer),
         _ => err(
             field,
-            format!("{s:?} is not a service type (ClusterIP, Headless, ExternalName, NodePort or LoadBalancer)"),
+            format!(
+                "{s:?} is not a service type (ClusterIP, Headless, ExternalName, NodePort or LoadBalancer)"
+            ),
         ),
     }
 }
@@ -301,7 +333,10 @@ pub fn service_type_name(t: ServiceType) -> &'static str {
 pub fn service_type_has_vip(t: ServiceType) -> bool {
     matches!(
         t,
-        ServiceType::Unspecified | ServiceType::ClusterIp | ServiceType::NodePort | ServiceType::LoadBalancer
+        ServiceType::Unspecified
+            | ServiceType::ClusterIp
+            | ServiceType::NodePort
+            | ServiceType::LoadBalancer
     )
 }
 
@@ -310,7 +345,10 @@ pub fn parse_session_affinity(field: &str, s: &str) -> Result<SessionAffinity> {
     match s.to_ascii_lowercase().as_str() {
         "none" => Ok(SessionAffinity::None),
         "clientip" => Ok(SessionAffinity::ClientIp),
-        _ => err(field, format!("{s:?} is not a session affinity (None or ClientIP)")),
+        _ => err(
+            field,
+            format!("{s:?} is not a session affinity (None or ClientIP)"),
+        ),
     }
 }
 
@@ -328,7 +366,10 @@ pub fn parse_traffic_policy(field: &str, s: &str) -> Result<TrafficPolicy> {
         "spread" => Ok(TrafficPolicy::Spread),
         "preferlocal" => Ok(TrafficPolicy::PreferLocal),
         "local" => Ok(TrafficPolicy::Local),
-        _ => err(field, format!("{s:?} is not a traffic policy (Spread, PreferLocal or Local)")),
+        _ => err(
+            field,
+            format!("{s:?} is not a traffic policy (Spread, PreferLocal or Local)"),
+        ),
     }
 }
 
@@ -357,7 +398,12 @@ pub fn parse_service_port(field: &str, s: &str) -> Result<ServicePort> {
         [p] => (None, *p, *p),
         [p, t] => (None, *p, *t),
         [n, p, t] => (Some(*n), *p, *t),
-        _ => return err(field, format!("{s:?} is not of the form [NAME:]PORT:TARGET[/TCP|UDP]")),
+        _ => {
+            return err(
+                field,
+                format!("{s:?} is not of the form [NAME:]PORT:TARGET[/TCP|UDP]"),
+            );
+        }
     };
     let name = match name {
         Some(n) => port_name(field, n)?,
@@ -401,7 +447,10 @@ fn meta(meta: &mut Option<ObjectMeta>, namespaced: bool) -> Result<()> {
         }
         m.namespace = name("metadata.namespace", &m.namespace)?;
     } else if !m.namespace.is_empty() {
-        return err("metadata.namespace", "must be empty: this kind is not namespaced");
+        return err(
+            "metadata.namespace",
+            "must be empty: this kind is not namespaced",
+        );
     }
     labels("metadata.labels", &m.labels)?;
     Ok(())
@@ -411,7 +460,10 @@ fn cluster(c: &mut Cluster) -> Result<()> {
     meta(&mut c.metadata, false)?;
     let spec = c.spec.get_or_insert_with(Default::default);
     if spec.workload_cidrs.is_empty() {
-        return err("spec.workload_cidrs", "at least one workload CIDR is required (--workload-cidr)");
+        return err(
+            "spec.workload_cidrs",
+            "at least one workload CIDR is required (--workload-cidr)",
+        );
     }
     let mut nets: Vec<(String, Ipv4Net)> = Vec::new();
     for (i, s) in spec.workload_cidrs.iter_mut().enumerate() {
@@ -441,7 +493,10 @@ fn job_ports(field: &str, ports: &mut [JobPort]) -> Result<()> {
         if !p.name.is_empty() {
             p.name = port_name(&format!("{f}.name"), &p.name)?;
             if !seen.insert(p.name.clone()) {
-                return err(format!("{f}.name"), format!("port name {:?} is used twice", p.name));
+                return err(
+                    format!("{f}.name"),
+                    format!("port name {:?} is used twice", p.name),
+                );
             }
         }
     }
@@ -493,7 +548,10 @@ fn service(s: &mut Service) -> Result<()> {
         if !p.name.is_empty() {
             p.name = port_name(&format!("{f}.name"), &p.name)?;
             if !seen_names.insert(p.name.clone()) {
-                return err(format!("{f}.name"), format!("port name {:?} is used twice", p.name));
+                return err(
+                    format!("{f}.name"),
+                    format!("port name {:?} is used twice", p.name),
+                );
             }
         }
     }
@@ -523,7 +581,10 @@ fn service(s: &mut Service) -> Result<()> {
     if spec.affinity_timeout_s > MAX_AFFINITY_TIMEOUT_S {
         return err(
             "spec.affinity_timeout_s",
-            format!("{} exceeds the maximum of {MAX_AFFINITY_TIMEOUT_S} seconds", spec.affinity_timeout_s),
+            format!(
+                "{} exceeds the maximum of {MAX_AFFINITY_TIMEOUT_S} seconds",
+                spec.affinity_timeout_s
+            ),
         );
     }
     let tp: TrafficPolicy = enum_value("spec.traffic_policy", spec.traffic_policy)?;
@@ -532,13 +593,19 @@ fn service(s: &mut Service) -> Result<()> {
     }
     if ty == ServiceType::ExternalName {
         if spec.external_name.is_empty() {
-            return err("spec.external_name", "an ExternalName service needs --external-name HOST");
+            return err(
+                "spec.external_name",
+                "an ExternalName service needs --external-name HOST",
+            );
         }
         spec.external_name = hostname("spec.external_name", &spec.external_name)?;
     } else if !spec.external_name.is_empty() {
         return err(
             "spec.external_name",
-            format!("only ExternalName services take an external name (type is {})", service_type_name(ty)),
+            format!(
+                "only ExternalName services take an external name (type is {})",
+                service_type_name(ty)
+            ),
         );
     }
     Ok(())

@@ -56,7 +56,10 @@ fn selectors() {
 #[test]
 fn service_ports_parse() {
     let p = parse_service_port("p", "80:8080").unwrap();
-    assert_eq!((p.port, p.target_port, p.protocol), (80, 8080, Protocol::Tcp as i32));
+    assert_eq!(
+        (p.port, p.target_port, p.protocol),
+        (80, 8080, Protocol::Tcp as i32)
+    );
     let p = parse_service_port("p", "dns:53:5353/udp").unwrap();
     assert_eq!(p.name, "dns");
     assert_eq!(p.protocol, Protocol::Udp as i32);
@@ -70,8 +73,14 @@ fn service_ports_parse() {
 
 #[test]
 fn enums_parse_in_any_case() {
-    assert_eq!(parse_service_type("t", "clusterip").unwrap(), ServiceType::ClusterIp);
-    assert_eq!(parse_service_type("t", "LoadBalancer").unwrap(), ServiceType::LoadBalancer);
+    assert_eq!(
+        parse_service_type("t", "clusterip").unwrap(),
+        ServiceType::ClusterIp
+    );
+    assert_eq!(
+        parse_service_type("t", "LoadBalancer").unwrap(),
+        ServiceType::LoadBalancer
+    );
     assert!(parse_service_type("t", "Gateway").is_err());
     assert!(parse_traffic_policy("t", "PreferLocal").is_ok());
     assert!(parse_session_affinity("t", "ClientIP").is_ok());
@@ -182,7 +191,10 @@ fn clusters_and_jobs() {
         status: None,
     }
     .into();
-    assert_eq!(validate::object(&mut c).unwrap_err().field, "spec.workload_cidrs");
+    assert_eq!(
+        validate::object(&mut c).unwrap_err().field,
+        "spec.workload_cidrs"
+    );
     let mut j: Object = Job {
         metadata: meta("web-1"),
         spec: Some(JobSpec {
@@ -202,5 +214,8 @@ fn clusters_and_jobs() {
         }),
     }
     .into();
-    assert_eq!(validate::object(&mut ns).unwrap_err().field, "metadata.namespace");
+    assert_eq!(
+        validate::object(&mut ns).unwrap_err().field,
+        "metadata.namespace"
+    );
 }
