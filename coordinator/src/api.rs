@@ -1,0 +1,133 @@
+//! The object API (skyctl's): thin gRPC glue over [`Registry`]. The admin
+//! token is checked by the [`crate::auth::AdminAuth`] interceptor before any
+//! of this runs.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt as _};
+use skymesh_proto::v1::{
+    CreateRequest, CreateResponse, DeleteRequest, GetRequest, IssueJoinTokenRequest,
+    IssueJoinTokenResponse, Kind, ListRequest, ListResponse, Object, UpdateRequest, WatchRequest,
+    WatchResponse, api_server::Api,
+};
+use skymesh_proto::validate;
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::registry::Registry;
+
+/// Implements [`Api`].
+#[derive(Clone)]
+pub struct ApiService {
+    reg: Registry,
+}
+
+impl ApiService {
+    /// The object API over `reg`.
+    pub fn new(reg: Registry) -> Self {
+        ApiService { reg }
+    }
+}
+
+fn kind(k: i32) -> Result<Kind, Status> {
+    match Kind::try_from(k) {
+        Ok(Kind::Unspecified) | Err(_) => Err(Error::from(validate::ValidationError {
+            field: "kind".into(),
+            rule: format!("{k} is not a kind (namespace, cluster, job, service, endpoints)"),
+        })
+        .into()),
+        Ok(k) => Ok(k),
+    }
+}
+
+fn object(o: Option<Object>) -> Result<Object, Status> {
+    o.ok_or_else(|| Status::invalid_argument("invalid object: no object given"))
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Api for ApiService {
+    async fn create(
+        &self,
+        req: Request<CreateRequest>,
+    ) -> Result<Response<CreateResponse>, Status> {
+        let created = self.reg.create(object(req.into_inner().object)?).await?;
+        let (join_token, join_token_expires) = created.join_token.unwrap_or_default();
+        Ok(Response::new(CreateResponse {
+            object: Some(created.object),
+            join_token,
+            join_token_expires,
+        }))
+    }
+
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<Object>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.reg.get(kind(r.kind)?, &r.namespace, &r.name).await?,
+        ))
+    }
+
+    async fn list(&self, req: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let r = req.into_inner();
+        let ns = namespace(&r.namespace, r.all_namespaces);
+        let (objects, resource_version) = self.reg.list(kind(r.kind)?, ns).await?;
+        Ok(Response::new(ListResponse {
+            objects,
+            resource_version,
+        }))
+    }
+
+    async fn update(&self, req: Request<UpdateRequest>) -> Result<Response<Object>, Status> {
+        Ok(Response::new(
+            self.reg.update(object(req.into_inner().object)?).await?,
+        ))
+    }
+
+    async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<Object>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.reg
+                .delete(kind(r.kind)?, &r.namespace, &r.name)
+                .await?,
+        ))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let r = req.into_inner();
+        let ns = namespace(&r.namespace, r.all_namespaces);
+        let name = (!r.name.is_empty()).then_some(r.name.as_str());
+        let s = self
+            .reg
+            .watch(kind(r.kind)?, ns, name, r.resource_version)
+            .await?;
+        Ok(Response::new(Box::pin(s.map(|r| r.map_err(Status::from)))))
+    }
+
+    async fn issue_join_token(
+        &self,
+        req: Request<IssueJoinTokenRequest>,
+    ) -> Result<Response<IssueJoinTokenResponse>, Status> {
+        let (join_token, expires) = self.reg.issue_join_token(&req.into_inner().cluster).await?;
+        Ok(Response::new(IssueJoinTokenResponse {
+            join_token,
+            expires,
+        }))
+    }
+}
+
+/// `None` (all namespaces) or the namespace asked for (default `default`).
+fn namespace(ns: &str, all: bool) -> Option<&str> {
+    if all {
+        None
+    } else if ns.is_empty() {
+        Some(validate::DEFAULT_NAMESPACE)
+    } else {
+        Some(ns)
+    }
+}

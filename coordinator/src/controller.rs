@@ -1,0 +1,485 @@
+//! Controllers: level-triggered loops that make derived state match the
+//! objects users wrote.
+//!
+//! - Endpoints: every Service with a selector owns an Endpoints object of
+//!   the same name listing the jobs that match, in every cluster; user-made
+//!   Endpoints get their addresses from their own selector, per-cluster
+//!   limits and exposure.
+//! - Service status: NodePort/LoadBalancer services list the underlay
+//!   addresses of their exposing gateways as `external_ips`.
+//! - Cluster phase: a joined gateway that stops reporting becomes NotReady.
+//! - Expired join tokens are removed.
+//!
+//! Each pass recomputes everything from one consistent read of the store
+//! ([`plan`] is pure) and writes only differences, each guarded by the
+//! revision it was computed from; a lost race just triggers another pass.
+//! Passes run after every store change and at least every few seconds, so
+//! the controller heals after restarts and missed events.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use skymesh_proto::v1::{
+    Cluster, ClusterPhase, EndpointAddress, Endpoints, EndpointsClusterStatus, EndpointsSpec,
+    EndpointsStatus, Job, Object, ObjectMeta, Service, ServiceType, object::Obj,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Result;
+use crate::registry::{
+    ENDPOINTS_CONTROLLER, MANAGED_BY, REGISTRY_PREFIX, Registry, decode, is_managed, unix_now,
+};
+
+/// A gateway that has not reported for this long is NotReady.
+pub const CLUSTER_STALE_AFTER_S: i64 = 30;
+/// Longest time between passes without any change.
+const RESYNC: Duration = Duration::from_secs(5);
+
+/// What one pass wants written.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Objects to write, with the revision they were read at (0 = create).
+    pub writes: Vec<(Object, u64)>,
+    /// Objects to delete, with the revision they were read at.
+    pub deletes: Vec<(Object, u64)>,
+}
+
+/// Everything a pass reads, with revisions.
+#[derive(Debug, Default)]
+pub struct World {
+    pub services: Vec<(Service, u64)>,
+    pub jobs: Vec<Job>,
+    pub endpoints: Vec<(Endpoints, u64)>,
+    pub clusters: Vec<(Cluster, u64)>,
+}
+
+impl World {
+    /// Sorts decoded objects by kind.
+    pub fn from_objects(objs: impl IntoIterator<Item = Object>) -> Self {
+        let mut w = World::default();
+        for o in objs {
+            let rev = o.resource_version();
+            match o.obj {
+                Some(Obj::Service(s)) => w.services.push((s, rev)),
+                Some(Obj::Job(j)) => w.jobs.push(j),
+                Some(Obj::Endpoints(e)) => w.endpoints.push((e, rev)),
+                Some(Obj::Cluster(c)) => w.clusters.push((c, rev)),
+                Some(Obj::Namespace(_)) | None => {}
+            }
+        }
+        w
+    }
+}
+
+fn meta(m: &Option<ObjectMeta>) -> (&str, &str) {
+    m.as_ref()
+        .map_or(("", ""), |m| (m.namespace.as_str(), m.name.as_str()))
+}
+
+/// Whether `labels` satisfy every term of a non-empty `selector`.
+pub fn selects(selector: &HashMap<String, String>, labels: &HashMap<String, String>) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn address(j: &Job) -> EndpointAddress {
+    let spec = j.spec.clone().unwrap_or_default();
+    EndpointAddress {
+        ip: spec.ip,
+        ports: spec.ports,
+        job: meta(&j.metadata).1.to_string(),
+        ready: j.status.as_ref().is_some_and(|s| s.ready),
+    }
+}
+
+/// The addresses an Endpoints spec selects in namespace `ns`: with no
+/// per-cluster entries, every matching job in every cluster (exposed);
+/// otherwise, per listed cluster, ready jobs first, at most
+/// `num_endpoints` of them (0 = all).
+pub fn endpoints_status(ns: &str, spec: &EndpointsSpec, jobs: &[Job]) -> EndpointsStatus {
+    let mut by_cluster: BTreeMap<&str, Vec<&Job>> = BTreeMap::new();
+    for j in jobs {
+        let (jns, _) = meta(&j.metadata);
+        let labels = j.metadata.as_ref().map(|m| &m.labels);
+        if jns == ns
+            && labels.is_some_and(|l| selects(&spec.selector, l))
+            && let Some(js) = &j.spec
+        {
+            by_cluster.entry(js.cluster.as_str()).or_default().push(j);
+        }
+    }
+    for list in by_cluster.values_mut() {
+        list.sort_by(|a, b| meta(&a.metadata).1.cmp(meta(&b.metadata).1));
+    }
+    let clusters = if spec.clusters.is_empty() {
+        by_cluster
+            .iter()
+            .map(|(c, js)| EndpointsClusterStatus {
+                cluster: c.to_string(),
+                exposed: true,
+                addresses: js.iter().map(|j| address(j)).collect(),
+            })
+            .collect()
+    } else {
+        spec.clusters
+            .iter()
+            .map(|cs| {
+                let mut addrs: Vec<EndpointAddress> = by_cluster
+                    .get(cs.cluster.as_str())
+                    .map(|js| js.iter().map(|j| address(j)).collect())
+                    .unwrap_or_default();
+                // Ready first, keeping name order within each group.
+                addrs.sort_by_key(|a| !a.ready);
+                if cs.num_endpoints > 0 {
+                    addrs.truncate(usize::try_from(cs.num_endpoints).unwrap_or(usize::MAX));
+                }
+                EndpointsClusterStatus {
+                    cluster: cs.cluster.clone(),
+                    exposed: cs.exposed,
+                    addresses: addrs,
+                }
+            })
+            .collect()
+    };
+    EndpointsStatus { clusters }
+}
+
+fn external_ips(svc: &Service, clusters: &[(Cluster, u64)]) -> Vec<String> {
+    let Some(spec) = &svc.spec else {
+        return Vec::new();
+    };
+    if !matches!(
+        spec.r#type(),
+        ServiceType::NodePort | ServiceType::LoadBalancer
+    ) {
+        return Vec::new();
+    }
+    let mut ips: Vec<String> = clusters
+        .iter()
+        .filter(|(c, _)| {
+            spec.clusters.is_empty() || spec.clusters.iter().any(|n| n == meta(&c.metadata).1)
+        })
+        .filter_map(|(c, _)| {
+            let ep = &c.status.as_ref()?.endpoint;
+            ep.parse::<std::net::SocketAddr>()
+                .ok()
+                .map(|a| a.ip().to_string())
+        })
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+/// Computes one pass's writes from a consistent view of the store.
+pub fn plan(world: &World, now: i64) -> Plan {
+    let mut out = Plan::default();
+    let existing: BTreeMap<(&str, &str), &(Endpoints, u64)> = world
+        .endpoints
+        .iter()
+        .map(|e| (meta(&e.0.metadata), e))
+        .collect();
+    let mut owned = std::collections::BTreeSet::new();
+    for (svc, rev) in &world.services {
+        let key = meta(&svc.metadata);
+        let spec = svc.spec.clone().unwrap_or_default();
+        // External IPs.
+        let ips = external_ips(svc, &world.clusters);
+        if svc.status.as_ref().map(|s| &s.external_ips) != Some(&ips) {
+            let mut s = svc.clone();
+            s.status.get_or_insert_with(Default::default).external_ips = ips;
+            out.writes.push((s.into(), *rev));
+        }
+        if spec.selector.is_empty() || spec.r#type() == ServiceType::ExternalName {
+            continue;
+        }
+        owned.insert(key);
+        let ep_spec = EndpointsSpec {
+            selector: spec.selector.clone(),
+            ..Default::default()
+        };
+        let status = endpoints_status(key.0, &ep_spec, &world.jobs);
+        match existing.get(&key) {
+            Some((ep, ep_rev)) => {
+                if ep.spec.as_ref() != Some(&ep_spec)
+                    || ep.status.as_ref() != Some(&status)
+                    || !is_managed(ep)
+                {
+                    let mut e = ep.clone();
+                    e.spec = Some(ep_spec);
+                    e.status = Some(status);
+                    if let Some(m) = e.metadata.as_mut() {
+                        m.annotations
+                            .insert(MANAGED_BY.into(), ENDPOINTS_CONTROLLER.into());
+                    }
+                    out.writes.push((e.into(), *ep_rev));
+                }
+            }
+            None => {
+                let mut annotations = HashMap::new();
+                annotations.insert(MANAGED_BY.to_string(), ENDPOINTS_CONTROLLER.to_string());
+                let e = Endpoints {
+                    metadata: Some(ObjectMeta {
+                        name: key.1.to_string(),
+                        namespace: key.0.to_string(),
+                        annotations,
+                        uid: crate::registry::new_uid(),
+                        creation_timestamp: now,
+                        ..Default::default()
+                    }),
+                    spec: Some(ep_spec),
+                    status: Some(status),
+                };
+                out.writes.push((e.into(), 0));
+            }
+        }
+    }
+    for (ep, rev) in &world.endpoints {
+        let key = meta(&ep.metadata);
+        if owned.contains(&key) {
+            continue;
+        }
+        if is_managed(ep) {
+            out.deletes.push((ep.clone().into(), *rev));
+            continue;
+        }
+        let status = endpoints_status(key.0, &ep.spec.clone().unwrap_or_default(), &world.jobs);
+        if ep.status.as_ref() != Some(&status) {
+            let mut e = ep.clone();
+            e.status = Some(status);
+            out.writes.push((e.into(), *rev));
+        }
+    }
+    for (c, rev) in &world.clusters {
+        let Some(st) = &c.status else { continue };
+        if st.phase() == ClusterPhase::Ready && now - st.last_seen > CLUSTER_STALE_AFTER_S {
+            let mut c = c.clone();
+            if let Some(s) = c.status.as_mut() {
+                s.phase = ClusterPhase::NotReady as i32;
+            }
+            out.writes.push((c.into(), *rev));
+        }
+    }
+    out
+}
+
+/// One pass: read, plan, write. Returns the revision it read at.
+pub async fn reconcile(reg: &Registry) -> Result<u64> {
+    let (kvs, rev) = reg.store().range(REGISTRY_PREFIX).await?;
+    let objs = kvs.iter().map(decode).collect::<Result<Vec<_>>>()?;
+    let world = World::from_objects(objs);
+    let p = plan(&world, unix_now());
+    for (o, r) in &p.writes {
+        if reg.write_if_unchanged(o, *r).await?.is_none() {
+            tracing::debug!(
+                name = o.name(),
+                "object changed during reconcile; next pass redoes it"
+            );
+        } else {
+            tracing::debug!(
+                kind = o.kind().singular(),
+                namespace = o.namespace(),
+                name = o.name(),
+                "reconciled"
+            );
+        }
+    }
+    for (o, r) in &p.deletes {
+        reg.delete_if_unchanged(o, *r).await?;
+        tracing::info!(
+            namespace = o.namespace(),
+            name = o.name(),
+            "deleted endpoints of a removed service"
+        );
+    }
+    let mut ops = Vec::new();
+    crate::auth::expired_join_tokens(reg.store().as_ref(), &mut ops).await?;
+    if !ops.is_empty() {
+        reg.store().txn(vec![], ops).await?;
+    }
+    Ok(rev)
+}
+
+/// Runs the controllers until `cancel` fires.
+pub async fn run(reg: Registry, cancel: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let rev = match reconcile(&reg).await {
+            Ok(rev) => {
+                backoff = Duration::from_millis(100);
+                rev
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "controller pass failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = cancel.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let mut changes = reg.store().watch(REGISTRY_PREFIX, rev);
+        tokio::select! {
+            _ = changes.next() => {}
+            () = tokio::time::sleep(RESYNC) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skymesh_proto::v1::{EndpointsClusterSpec, JobSpec, JobStatus, ServiceSpec};
+
+    fn job(name: &str, cluster: &str, ip: &str, app: &str, ready: bool) -> Job {
+        Job {
+            metadata: Some(ObjectMeta {
+                name: name.into(),
+                namespace: "default".into(),
+                labels: [("app".to_string(), app.to_string())].into(),
+                ..Default::default()
+            }),
+            spec: Some(JobSpec {
+                cluster: cluster.into(),
+                ip: ip.into(),
+                ports: vec![],
+            }),
+            status: Some(JobStatus { ready }),
+        }
+    }
+
+    fn svc(name: &str, app: &str) -> Service {
+        Service {
+            metadata: Some(ObjectMeta {
+                name: name.into(),
+                namespace: "default".into(),
+                ..Default::default()
+            }),
+            spec: Some(ServiceSpec {
+                selector: [("app".to_string(), app.to_string())].into(),
+                ..Default::default()
+            }),
+            status: Some(Default::default()),
+        }
+    }
+
+    #[test]
+    fn service_endpoints_group_every_cluster() {
+        let jobs = vec![
+            job("w2", "b", "10.2.0.2", "web", true),
+            job("w1", "a", "10.1.0.2", "web", true),
+            job("w3", "a", "10.1.0.3", "web", false),
+            job("db", "a", "10.1.0.9", "db", true),
+        ];
+        let world = World {
+            services: vec![(svc("web", "web"), 5)],
+            jobs,
+            ..Default::default()
+        };
+        let p = plan(&world, 100);
+        assert_eq!(p.writes.len(), 1);
+        let (o, rev) = &p.writes[0];
+        assert_eq!(*rev, 0, "created");
+        let Some(Obj::Endpoints(e)) = &o.obj else {
+            panic!()
+        };
+        assert!(is_managed(e));
+        let st = e.status.as_ref().unwrap();
+        assert_eq!(st.clusters.len(), 2);
+        assert_eq!(st.clusters[0].cluster, "a");
+        let a: Vec<_> = st.clusters[0]
+            .addresses
+            .iter()
+            .map(|a| (a.job.as_str(), a.ready))
+            .collect();
+        assert_eq!(a, [("w1", true), ("w3", false)]);
+        assert!(st.clusters.iter().all(|c| c.exposed));
+    }
+
+    #[test]
+    fn steady_state_writes_nothing_and_orphans_are_deleted() {
+        let world = World {
+            services: vec![(svc("web", "web"), 5)],
+            jobs: vec![job("w1", "a", "10.1.0.2", "web", true)],
+            ..Default::default()
+        };
+        let (o, _) = plan(&world, 1).writes.remove(0);
+        let Some(Obj::Endpoints(e)) = o.obj else {
+            panic!()
+        };
+        let mut world = World {
+            endpoints: vec![(e.clone(), 7)],
+            ..world
+        };
+        assert_eq!(
+            plan(&world, 1),
+            Plan::default(),
+            "level-triggered pass is idempotent"
+        );
+        world.services.clear();
+        let p = plan(&world, 1);
+        assert_eq!(p.deletes.len(), 1);
+        assert_eq!(p.deletes[0].1, 7);
+    }
+
+    #[test]
+    fn user_endpoints_honour_limit_and_readiness() {
+        let spec = EndpointsSpec {
+            selector: [("app".to_string(), "web".to_string())].into(),
+            primary_cluster: "a".into(),
+            clusters: vec![EndpointsClusterSpec {
+                cluster: "a".into(),
+                num_endpoints: 2,
+                exposed: false,
+            }],
+        };
+        let jobs = vec![
+            job("w1", "a", "10.1.0.1", "web", false),
+            job("w2", "a", "10.1.0.2", "web", true),
+            job("w3", "a", "10.1.0.3", "web", true),
+            job("w4", "b", "10.2.0.4", "web", true),
+        ];
+        let st = endpoints_status("default", &spec, &jobs);
+        assert_eq!(st.clusters.len(), 1);
+        let c = &st.clusters[0];
+        assert!(!c.exposed);
+        let names: Vec<_> = c.addresses.iter().map(|a| a.job.as_str()).collect();
+        assert_eq!(
+            names,
+            ["w2", "w3"],
+            "ready jobs first, at most num_endpoints"
+        );
+        assert!(
+            endpoints_status("other", &spec, &jobs).clusters[0]
+                .addresses
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn stale_clusters_become_not_ready() {
+        let c = Cluster {
+            metadata: Some(ObjectMeta {
+                name: "a".into(),
+                ..Default::default()
+            }),
+            spec: None,
+            status: Some(skymesh_proto::v1::ClusterStatus {
+                phase: ClusterPhase::Ready as i32,
+                last_seen: 100,
+                ..Default::default()
+            }),
+        };
+        let world = World {
+            clusters: vec![(c, 3)],
+            ..Default::default()
+        };
+        assert!(plan(&world, 110).writes.is_empty());
+        assert_eq!(
+            plan(&world, 100 + CLUSTER_STALE_AFTER_S + 1).writes.len(),
+            1
+        );
+    }
+}

@@ -1,0 +1,398 @@
+//! The gateway API: meshd joins, streams its netmap, reports health and
+//! registers its jobs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt as _};
+use skymesh_proto::v1::{
+    ClusterPhase, JobHealth, JoinRequest, JoinResponse, Kind, NetmapDelta, NetmapRequest,
+    NetmapUpdate, Object, StatusAck, StatusReport, SyncJobsRequest, SyncJobsResponse,
+    gateway_server::Gateway, netmap_update::Update, object::Obj,
+};
+use skymesh_proto::validate;
+use skymesh_store::{Compare, Op};
+use tonic::{Request, Response, Status};
+
+use crate::auth::{self, AdminAuth};
+use crate::error::{Error, Result};
+use crate::ipam;
+use crate::netmap::World;
+use crate::registry::{REGISTERED_BY, Registry, decode, encode, kind_prefix, object_key, unix_now};
+
+/// Implements [`Gateway`].
+#[derive(Clone)]
+pub struct GatewayService {
+    reg: Registry,
+    admin: AdminAuth,
+}
+
+impl GatewayService {
+    /// A gateway API over `reg`; the admin token is also accepted.
+    pub fn new(reg: Registry, admin: AdminAuth) -> Self {
+        GatewayService { reg, admin }
+    }
+
+    async fn authorize(&self, md: &tonic::metadata::MetadataMap, cluster: &str) -> Result<()> {
+        if self.admin.is_admin(md) {
+            return Ok(());
+        }
+        auth::check_cluster(self.reg.store().as_ref(), cluster, auth::bearer(md)).await
+    }
+
+    async fn join(&self, token: Option<&str>, req: JoinRequest) -> Result<JoinResponse> {
+        let cluster = validate::name("cluster", &req.cluster)?;
+        validate::wireguard_key("public_key", &req.public_key)?;
+        validate::endpoint("endpoint", &req.endpoint)?;
+        let Some(token) = token else {
+            return Err(Error::Unauthenticated(
+                "join needs a join token (authorization: Bearer <token>)".into(),
+            ));
+        };
+        let store = self.reg.store().clone();
+        for _ in 0..16 {
+            let join_kv = auth::check_join_token(store.as_ref(), token, &cluster).await?;
+            let key = object_key(Kind::Cluster, "", &cluster);
+            let Some(cur) = store.get(&key).await? else {
+                return Err(Error::Precondition(format!(
+                    "cluster {cluster:?} does not exist"
+                )));
+            };
+            let Some(Obj::Cluster(mut c)) = decode(&cur)?.obj else {
+                return Err(Error::Internal(format!("{key} does not hold a cluster")));
+            };
+            let mut st = c.status.take().unwrap_or_default();
+            if !st.public_key.is_empty() && st.public_key != req.public_key {
+                tracing::warn!(%cluster, "refused join with a different key");
+                return Err(Error::PermissionDenied(format!(
+                    "cluster {cluster:?} already joined with another public key; delete and re-create the cluster to change its key"
+                )));
+            }
+            let mut compares = vec![
+                Compare::ModRevision(join_kv.key.clone(), join_kv.mod_revision),
+                Compare::ModRevision(key.clone(), cur.mod_revision),
+            ];
+            let mut ops = vec![Op::Delete {
+                key: join_kv.key.clone(),
+            }];
+            if st.overlay_ip.is_empty() {
+                st.overlay_ip = self
+                    .reg
+                    .allocate_overlay(&cluster, &mut ops, &mut compares)
+                    .await?
+                    .to_string();
+            }
+            // A pre-shared key for every pair with a joined cluster.
+            let (others, _) = store.range(&kind_prefix(Kind::Cluster, None)).await?;
+            for kv in &others {
+                let Some(Obj::Cluster(o)) = decode(kv)?.obj else {
+                    continue;
+                };
+                let name = o
+                    .metadata
+                    .as_ref()
+                    .map(|m| m.name.clone())
+                    .unwrap_or_default();
+                let joined = o.status.as_ref().is_some_and(|s| !s.public_key.is_empty());
+                if name == cluster || !joined {
+                    continue;
+                }
+                let pk = ipam::psk_key(&cluster, &name);
+                if store.get(&pk).await?.is_none() {
+                    compares.push(Compare::Absent(pk.clone()));
+                    ops.push(Op::Put {
+                        key: pk,
+                        value: ipam::random_secret().to_vec(),
+                    });
+                }
+            }
+            st.public_key = req.public_key.clone();
+            st.endpoint = req.endpoint.clone();
+            st.phase = ClusterPhase::Ready as i32;
+            st.last_seen = unix_now();
+            c.status = Some(st.clone());
+            let credential = auth::new_cluster_credential(&cluster, &mut ops);
+            ops.push(Op::Put {
+                key,
+                value: encode(&Object::from(c)),
+            });
+            if store.txn(compares, ops).await?.succeeded {
+                tracing::info!(%cluster, overlay_ip = %st.overlay_ip, endpoint = %st.endpoint, "cluster joined");
+                return Ok(JoinResponse {
+                    credential,
+                    overlay_ip: st.overlay_ip,
+                    overlay_cidr: self.reg.overlay_cidr().to_string(),
+                    service_cidr: self.reg.service_cidr().to_string(),
+                });
+            }
+        }
+        Err(Error::Internal("join lost too many races; retry".into()))
+    }
+
+    async fn report(&self, req: StatusReport) -> Result<()> {
+        let cluster = validate::name("cluster", &req.cluster)?;
+        let key = object_key(Kind::Cluster, "", &cluster);
+        for _ in 0..16 {
+            let Some(cur) = self.reg.store().get(&key).await? else {
+                return Err(Error::Precondition(format!(
+                    "cluster {cluster:?} does not exist"
+                )));
+            };
+            let mut o = decode(&cur)?;
+            let Some(Obj::Cluster(c)) = o.obj.as_mut() else {
+                break;
+            };
+            let st = c.status.get_or_insert_with(Default::default);
+            st.peers = req.peers.clone();
+            st.last_seen = unix_now();
+            st.phase = ClusterPhase::Ready as i32;
+            if self
+                .reg
+                .write_if_unchanged(&o, cur.mod_revision)
+                .await?
+                .is_some()
+            {
+                break;
+            }
+        }
+        for h in &req.jobs {
+            self.set_job_ready(&cluster, h).await?;
+        }
+        Ok(())
+    }
+
+    async fn set_job_ready(&self, cluster: &str, h: &JobHealth) -> Result<()> {
+        let ns = if h.namespace.is_empty() {
+            validate::DEFAULT_NAMESPACE
+        } else {
+            &h.namespace
+        };
+        let key = object_key(
+            Kind::Job,
+            &validate::name("namespace", ns)?,
+            &validate::name("name", &h.name)?,
+        );
+        for _ in 0..16 {
+            let Some(cur) = self.reg.store().get(&key).await? else {
+                return Ok(());
+            };
+            let mut o = decode(&cur)?;
+            let Some(Obj::Job(j)) = o.obj.as_mut() else {
+                return Ok(());
+            };
+            if j.spec.as_ref().is_none_or(|s| s.cluster != cluster) {
+                return Err(Error::PermissionDenied(format!(
+                    "job {:?} does not run in cluster {cluster:?}",
+                    h.name
+                )));
+            }
+            let st = j.status.get_or_insert_with(Default::default);
+            if st.ready == h.ready {
+                return Ok(());
+            }
+            st.ready = h.ready;
+            if self
+                .reg
+                .write_if_unchanged(&o, cur.mod_revision)
+                .await?
+                .is_some()
+            {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    async fn sync_jobs(&self, req: SyncJobsRequest) -> Result<SyncJobsResponse> {
+        let cluster = validate::name("cluster", &req.cluster)?;
+        let (existing, _) = self.reg.list(Kind::Job, None).await?;
+        let mut mine: BTreeMap<(String, String), Object> = BTreeMap::new();
+        let mut others = BTreeSet::new();
+        for o in existing {
+            let by = o
+                .meta()
+                .and_then(|m| m.annotations.get(REGISTERED_BY))
+                .cloned();
+            let k = (o.namespace().to_string(), o.name().to_string());
+            if by.as_deref() == Some(cluster.as_str()) {
+                mine.insert(k, o);
+            } else {
+                others.insert(k);
+            }
+        }
+        let mut out = Vec::new();
+        let mut wanted = BTreeSet::new();
+        for mut j in req.jobs {
+            j.spec.get_or_insert_with(Default::default).cluster = cluster.clone();
+            j.metadata
+                .get_or_insert_with(Default::default)
+                .annotations
+                .insert(REGISTERED_BY.into(), cluster.clone());
+            let mut o: Object = j.into();
+            validate::object(&mut o)?;
+            let k = (o.namespace().to_string(), o.name().to_string());
+            if others.contains(&k) {
+                return Err(Error::Precondition(format!(
+                    "job {:?} in namespace {:?} already exists and was not registered by cluster {cluster:?}",
+                    k.1, k.0
+                )));
+            }
+            wanted.insert(k.clone());
+            let written = match mine.get(&k) {
+                Some(cur) if same_user_fields(cur, &o) => cur.clone(),
+                Some(cur) => {
+                    if let Some(m) = o.meta_mut() {
+                        m.resource_version = cur.resource_version();
+                    }
+                    self.reg.update(o).await?
+                }
+                None => self.reg.create(o).await?.object,
+            };
+            if let Some(Obj::Job(j)) = written.obj {
+                out.push(j);
+            }
+        }
+        for (k, _) in mine.iter().filter(|(k, _)| !wanted.contains(*k)) {
+            match self.reg.delete(Kind::Job, &k.0, &k.1).await {
+                Ok(_) | Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(SyncJobsResponse { jobs: out })
+    }
+}
+
+fn same_user_fields(a: &Object, b: &Object) -> bool {
+    match (&a.obj, &b.obj) {
+        (Some(Obj::Job(x)), Some(Obj::Job(y))) => {
+            x.spec == y.spec
+                && x.metadata.as_ref().map(|m| &m.labels) == y.metadata.as_ref().map(|m| &m.labels)
+        }
+        _ => false,
+    }
+}
+
+type NetmapStream = Pin<Box<dyn Stream<Item = Result<NetmapUpdate, Status>> + Send>>;
+
+/// Streams a cluster's netmap: a snapshot (or, when resuming, the changes
+/// since `from`), then one delta per store revision that changes it.
+fn netmap_stream(reg: Registry, cluster: String, from: u64) -> NetmapStream {
+    let overlay = reg.overlay_cidr().to_string();
+    let services = reg.service_cidr().to_string();
+    let s = async_stream::try_stream! {
+        let store = reg.store().clone();
+        let (kvs, rev) = store.range("/").await.map_err(Error::from)?;
+        let mut world = World::new(kvs);
+        if !world.has_cluster(&cluster) {
+            Err(Error::Precondition(format!("cluster {cluster:?} does not exist")))?;
+        }
+        let mut sent_peers: Option<BTreeMap<String, _>>;
+        let mut watch = store.watch("/", rev);
+        let resumed = if from > 0 && from <= rev {
+            // Collect what changed in (from, rev]; compacted history means
+            // a snapshot instead.
+            let mut touched = BTreeSet::new();
+            let mut ok = from == rev;
+            let mut catch_up = store.watch("/", from);
+            while !ok {
+                match catch_up.next().await {
+                    Some(Ok(b)) => {
+                        touched.extend(b.events.iter().map(|e| e.kv.key.clone()));
+                        ok = b.revision >= rev;
+                    }
+                    Some(Err(_)) | None => break,
+                }
+            }
+            ok.then_some(touched)
+        } else {
+            None
+        };
+        let mut identity = world.identity(&cluster);
+        match resumed {
+            Some(touched) => {
+                sent_peers = None;
+                let changes = world.changes(&cluster, &touched, &mut sent_peers);
+                tracing::info!(%cluster, from, to = rev, changes = changes.len(), "netmap stream resumed");
+                yield NetmapUpdate { resource_version: rev, update: Some(Update::Delta(NetmapDelta { changes })) };
+            }
+            None => {
+                sent_peers = Some(world.peers(&cluster));
+                tracing::info!(%cluster, revision = rev, "netmap snapshot sent");
+                yield NetmapUpdate { resource_version: rev, update: Some(Update::Snapshot(world.snapshot(&cluster, &overlay, &services))) };
+            }
+        }
+        while let Some(batch) = watch.next().await {
+            let batch = batch.map_err(Error::from)?;
+            let mut touched = BTreeSet::new();
+            for ev in &batch.events {
+                world.apply(ev);
+                if crate::netmap::relevant(&ev.kv.key) {
+                    touched.insert(ev.kv.key.clone());
+                }
+            }
+            if touched.is_empty() {
+                continue;
+            }
+            if !world.has_cluster(&cluster) {
+                Err(Error::NotFound { kind: "cluster", namespace: String::new(), name: cluster.clone() })?;
+            }
+            let now = world.identity(&cluster);
+            if now != identity {
+                identity = now;
+                sent_peers = Some(world.peers(&cluster));
+                yield NetmapUpdate { resource_version: batch.revision, update: Some(Update::Snapshot(world.snapshot(&cluster, &overlay, &services))) };
+                continue;
+            }
+            let changes = world.changes(&cluster, &touched, &mut sent_peers);
+            if !changes.is_empty() {
+                yield NetmapUpdate { resource_version: batch.revision, update: Some(Update::Delta(NetmapDelta { changes })) };
+            }
+        }
+    };
+    Box::pin(s.map(|r: Result<NetmapUpdate>| r.map_err(Status::from)))
+}
+
+#[tonic::async_trait]
+impl Gateway for GatewayService {
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let token = auth::bearer(req.metadata()).map(str::to_string);
+        Ok(Response::new(
+            self.join(token.as_deref(), req.into_inner()).await?,
+        ))
+    }
+
+    type NetmapStream = NetmapStream;
+
+    async fn netmap(
+        &self,
+        req: Request<NetmapRequest>,
+    ) -> Result<Response<Self::NetmapStream>, Status> {
+        let cluster = validate::name("cluster", &req.get_ref().cluster).map_err(Error::from)?;
+        self.authorize(req.metadata(), &cluster).await?;
+        let from = req.get_ref().resource_version;
+        Ok(Response::new(netmap_stream(
+            self.reg.clone(),
+            cluster,
+            from,
+        )))
+    }
+
+    async fn report_status(
+        &self,
+        req: Request<StatusReport>,
+    ) -> Result<Response<StatusAck>, Status> {
+        let cluster = validate::name("cluster", &req.get_ref().cluster).map_err(Error::from)?;
+        self.authorize(req.metadata(), &cluster).await?;
+        self.report(req.into_inner()).await?;
+        Ok(Response::new(StatusAck {}))
+    }
+
+    async fn sync_jobs(
+        &self,
+        req: Request<SyncJobsRequest>,
+    ) -> Result<Response<SyncJobsResponse>, Status> {
+        let cluster = validate::name("cluster", &req.get_ref().cluster).map_err(Error::from)?;
+        self.authorize(req.metadata(), &cluster).await?;
+        Ok(Response::new(self.sync_jobs(req.into_inner()).await?))
+    }
+}

@@ -1,0 +1,22 @@
+//! skymesh's coordinator: the one place that holds the mesh's state and
+//! hands out addresses and keys.
+//!
+//! # Layout
+//! - [`registry`]: create/get/list/update/delete/watch of objects over the store.
+//! - [`ipam`]: overlay IPs, service VIPs, pair keys (pure choice; store txns make it stick).
+//! - [`auth`]: admin token, join tokens, cluster credentials (hashed).
+//! - [`controller`]: endpoints, service status and cluster phase reconciliation.
+//! - [`netmap`]: what one gateway needs, as snapshot or changes.
+//! - [`api`], [`gateway`]: the gRPC services.
+//! - [`server`]: wiring for the binary.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod api;
+pub mod auth;
+pub mod controller;
+pub mod error;
+pub mod gateway;
+pub mod ipam;
+pub mod netmap;
+pub mod registry;
+pub mod server;

@@ -1,0 +1,208 @@
+//! Harness for skymesh's end-to-end tests: starts the real `coordinator`
+//! binary (and runs `skyctl`) the way a user would, each in its own temporary
+//! data directory, and always cleans up (processes are killed on drop, also
+//! when a test panics).
+//!
+//! The binaries come from the same target directory as the test executable;
+//! build them first with `cargo build --workspace` (the README's test command
+//! does).
+//!
+//! # Layout
+//! - [`bin_path`]: where the workspace's binaries are.
+//! - [`Coordinator`]: a running coordinator with its data dir, URL and token.
+//! - [`skyctl`]: run the skyctl binary against a coordinator.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Path of a workspace binary (`coordinator`, `skyctl`, `meshd`) next to the
+/// running test executable.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    // target/debug/deps/<test> -> target/debug/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executables live in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the binaries first with `cargo build --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// A coordinator process with its own data directory.
+pub struct Coordinator {
+    child: Option<Child>,
+    data: tempfile::TempDir,
+    args: Vec<String>,
+    addr: String,
+}
+
+impl Coordinator {
+    /// Starts a coordinator on a free loopback port with default CIDRs.
+    pub fn start() -> Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// Starts a coordinator with extra arguments (e.g. `--service-cidr`).
+    pub fn start_with(extra: &[&str]) -> Result<Self> {
+        let data = tempfile::Builder::new()
+            .prefix("skymesh-coord-")
+            .tempdir()?;
+        let mut c = Coordinator {
+            child: None,
+            data,
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            addr: String::new(),
+        };
+        c.spawn(None)?;
+        Ok(c)
+    }
+
+    fn spawn(&mut self, listen: Option<String>) -> Result<()> {
+        let addr_file = self.data.path().join("listen.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let listen = listen.unwrap_or_else(|| "127.0.0.1:0".to_string());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.path().join("coordinator.log"))?;
+        let child = Command::new(bin_path("coordinator"))
+            .arg("--listen")
+            .arg(&listen)
+            .arg("--data-dir")
+            .arg(self.data.path())
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("failed to start coordinator")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(a) = std::fs::read_to_string(&addr_file)
+                && !a.trim().is_empty()
+            {
+                self.addr = a.trim().to_string();
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("coordinator exited with {status}; log:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "coordinator did not start within 20 s; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The admin token the coordinator wrote on first start.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("admin.token"))
+            .expect("the coordinator writes admin.token before it listens")
+            .trim()
+            .to_string()
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    /// Everything the coordinator logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("coordinator.log")).unwrap_or_default()
+    }
+
+    /// Sends SIGKILL and waits for the process to end.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the coordinator again on the same address and data directory.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        let addr = self.addr.clone();
+        // The port was just released; retry briefly if it is still in TIME_WAIT.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.spawn(Some(addr.clone())) {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Runs `skyctl` against this coordinator with its admin token.
+    pub fn skyctl(&self, args: &[&str]) -> Output {
+        skyctl(&self.url(), &self.token(), args)
+    }
+
+    /// A gRPC client of the object API, authenticated as admin.
+    pub async fn api(&self) -> Result<ApiClient> {
+        let channel = tonic::transport::Endpoint::from_shared(self.url())?
+            .connect()
+            .await?;
+        let token: tonic::metadata::MetadataValue<_> =
+            format!("Bearer {}", self.token()).parse()?;
+        Ok(skymesh_proto::v1::api_client::ApiClient::with_interceptor(
+            channel,
+            Box::new(move |mut req: tonic::Request<()>| {
+                req.metadata_mut().insert("authorization", token.clone());
+                Ok(req)
+            }) as Interceptor,
+        ))
+    }
+}
+
+/// The interceptor type of [`ApiClient`].
+pub type Interceptor =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+/// An authenticated object-API client.
+pub type ApiClient = skymesh_proto::v1::api_client::ApiClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Interceptor>,
+>;
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs the `skyctl` binary with a coordinator URL and token.
+pub fn skyctl(url: &str, token: &str, args: &[&str]) -> Output {
+    Command::new(bin_path("skyctl"))
+        .args(args)
+        .env("SKYCTL_COORDINATOR", url)
+        .env("SKYCTL_TOKEN", token)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("skyctl runs")
+}
