@@ -27,6 +27,18 @@ pub fn first_free(pool: Ipv4Net, used: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> 
     pool.hosts().find(|a| !used.contains(a))
 }
 
+/// The first free address at or after host number `offset` (wrapping), so
+/// allocators that lost a race spread out instead of all retrying the same
+/// lowest address.
+pub fn free_from(pool: Ipv4Net, used: &BTreeSet<Ipv4Addr>, offset: u64) -> Option<Ipv4Addr> {
+    let cap = capacity(pool);
+    let skip = usize::try_from(offset % cap).unwrap_or(0);
+    pool.hosts()
+        .skip(skip)
+        .chain(pool.hosts().take(skip))
+        .find(|a| !used.contains(a))
+}
+
 /// Number of addresses [`first_free`] can hand out from `pool`.
 pub fn capacity(pool: Ipv4Net) -> u64 {
     match pool.prefix_len() {
@@ -92,6 +104,20 @@ mod tests {
             Some(Ipv4Addr::new(10, 0, 0, 1)),
             "reuse after free"
         );
+    }
+
+    #[test]
+    fn free_from_wraps_around() {
+        let pool: Ipv4Net = "10.0.0.0/29".parse().unwrap();
+        let used: BTreeSet<_> = [Ipv4Addr::new(10, 0, 0, 5), Ipv4Addr::new(10, 0, 0, 6)].into();
+        assert_eq!(free_from(pool, &used, 4), Some(Ipv4Addr::new(10, 0, 0, 1)));
+        assert_eq!(free_from(pool, &used, 2), Some(Ipv4Addr::new(10, 0, 0, 3)));
+        assert_eq!(
+            free_from(pool, &used, 6 + 2),
+            Some(Ipv4Addr::new(10, 0, 0, 3))
+        );
+        let full: BTreeSet<_> = pool.hosts().collect();
+        assert_eq!(free_from(pool, &full, 3), None);
     }
 
     #[test]

@@ -157,7 +157,11 @@ impl World {
     ) -> Vec<NetmapChange> {
         let mut out = Vec::new();
         let mut peers_touched = sent.is_none();
+        let mut touched_clusters = BTreeSet::new();
         for key in touched {
+            if let Some(c) = key.strip_prefix(CLUSTERS) {
+                touched_clusters.insert(c);
+            }
             if key.starts_with(CLUSTERS) || key.starts_with(ipam::PSK_PREFIX) {
                 peers_touched = true;
                 continue;
@@ -200,7 +204,15 @@ impl World {
         }
         if peers_touched {
             let now = self.peers(me);
-            let before = sent.take().unwrap_or_default();
+            // Unknown previous peers (a resumed stream): every touched
+            // cluster that is no longer a peer may have been one.
+            let before = sent.take().unwrap_or_else(|| {
+                touched_clusters
+                    .iter()
+                    .filter(|c| **c != me)
+                    .map(|c| (c.to_string(), Peer::default()))
+                    .collect()
+            });
             for (name, p) in &now {
                 if before.get(name) != Some(p) {
                     out.push(NetmapChange {

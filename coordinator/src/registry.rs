@@ -132,6 +132,8 @@ pub struct Created {
 struct Txn {
     compares: Vec<Compare>,
     ops: Vec<Op>,
+    /// An earlier attempt lost a race: allocate from a random offset.
+    retry: bool,
 }
 
 impl Txn {
@@ -237,8 +239,12 @@ impl Registry {
         }
         reset_status(&mut obj);
         let key = object_key(kind, obj.namespace(), obj.name());
-        for _ in 0..MAX_ATTEMPTS {
-            let mut txn = Txn::default();
+        for attempt in 0..MAX_ATTEMPTS {
+            backoff(attempt).await;
+            let mut txn = Txn {
+                retry: attempt > 0,
+                ..Default::default()
+            };
             txn.compares.push(Compare::Absent(key.clone()));
             let mut obj = obj.clone();
             self.check_references(&obj, &mut txn).await?;
@@ -302,7 +308,8 @@ impl Registry {
             .into());
         }
         let key = object_key(kind, obj.namespace(), obj.name());
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
+            backoff(attempt).await;
             let Some(cur) = self.store.get(&key).await? else {
                 return Err(not_found(kind, obj.namespace(), obj.name()));
             };
@@ -317,7 +324,10 @@ impl Registry {
             let old = decode(&cur)?;
             let mut new = obj.clone();
             carry_system_fields(&old, &mut new);
-            let mut txn = Txn::default();
+            let mut txn = Txn {
+                retry: attempt > 0,
+                ..Default::default()
+            };
             txn.pin(&cur);
             self.check_references(&new, &mut txn).await?;
             match (new.obj.as_mut(), old.obj.as_ref()) {
@@ -394,7 +404,8 @@ impl Registry {
     pub async fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Result<Object> {
         let (ns, name) = normalise_ref(kind, namespace, name)?;
         let key = object_key(kind, &ns, &name);
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
+            backoff(attempt).await;
             let Some(cur) = self.store.get(&key).await? else {
                 return Err(not_found(kind, &ns, &name));
             };
@@ -654,7 +665,12 @@ impl Registry {
             .iter()
             .filter_map(|kv| ipam::parse_alloc_key(prefix, &kv.key))
             .collect();
-        let Some(ip) = ipam::first_free(pool, &used) else {
+        let ip = if txn.retry {
+            ipam::free_from(pool, &used, rand::random::<u64>())
+        } else {
+            ipam::first_free(pool, &used)
+        };
+        let Some(ip) = ip else {
             return Err(Error::Exhausted(format!(
                 "{what} CIDR {pool} is exhausted: all {} addresses are in use (delete unused objects or start the coordinator with a larger --{what}-cidr)",
                 ipam::capacity(pool)
@@ -826,6 +842,15 @@ fn invalid(field: &str, rule: &str) -> Error {
         rule: rule.into(),
     }
     .into()
+}
+
+/// Before retry `attempt` (0 = first try, no wait): a short random pause
+/// so writers that collided do not collide again in lockstep.
+async fn backoff(attempt: usize) {
+    if attempt > 0 {
+        let cap_ms = 1u64 << attempt.min(6);
+        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % cap_ms + 1)).await;
+    }
 }
 
 fn contention(key: &str) -> Error {

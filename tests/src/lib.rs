@@ -167,27 +167,66 @@ impl Coordinator {
 
     /// A gRPC client of the object API, authenticated as admin.
     pub async fn api(&self) -> Result<ApiClient> {
+        self.api_with_token(Some(&self.token())).await
+    }
+}
+
+impl Coordinator {
+    /// A gRPC client of the object API with an arbitrary bearer token
+    /// (`None`: no token at all).
+    pub async fn api_with_token(&self, token: Option<&str>) -> Result<ApiClient> {
         let channel = tonic::transport::Endpoint::from_shared(self.url())?
             .connect()
             .await?;
-        let token: tonic::metadata::MetadataValue<_> =
-            format!("Bearer {}", self.token()).parse()?;
         Ok(skymesh_proto::v1::api_client::ApiClient::with_interceptor(
             channel,
-            Box::new(move |mut req: tonic::Request<()>| {
-                req.metadata_mut().insert("authorization", token.clone());
-                Ok(req)
-            }) as Interceptor,
+            Bearer::new(token)?,
+        ))
+    }
+
+    /// A gRPC client of the gateway API presenting `token` (a join token or
+    /// a cluster credential).
+    pub async fn gateway(&self, token: &str) -> Result<GatewayClient> {
+        let channel = tonic::transport::Endpoint::from_shared(self.url())?
+            .connect()
+            .await?;
+        Ok(
+            skymesh_proto::v1::gateway_client::GatewayClient::with_interceptor(
+                channel,
+                Bearer::new(Some(token))?,
+            ),
+        )
+    }
+}
+
+/// An authenticated gateway-API client.
+pub type GatewayClient = skymesh_proto::v1::gateway_client::GatewayClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
+
+/// Adds `authorization: Bearer <token>` to every request (or nothing).
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    fn new(token: Option<&str>) -> Result<Self> {
+        Ok(Bearer(
+            token.map(|t| format!("Bearer {t}").parse()).transpose()?,
         ))
     }
 }
 
-/// The interceptor type of [`ApiClient`].
-pub type Interceptor =
-    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
 /// An authenticated object-API client.
 pub type ApiClient = skymesh_proto::v1::api_client::ApiClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Interceptor>,
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
 >;
 
 impl Drop for Coordinator {
