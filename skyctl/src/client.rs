@@ -1,0 +1,147 @@
+//! Connecting to the coordinator: the URL, the admin token (flag, env or
+//! token file) sent as `authorization: Bearer <token>` on every call, and the
+//! [`Ctx`] every subcommand runs with. No output here.
+
+use std::path::Path;
+use std::time::Duration;
+
+use skymesh_proto::v1::api_client::ApiClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use crate::cli::{GlobalArgs, OutputFormat};
+use crate::error::{self, Exit};
+
+/// How long to wait for the TCP/HTTP2 connection to the coordinator.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 PING interval, so that a watch notices a coordinator host that
+/// vanished without closing the connection.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+/// How long a PING may go unanswered before the connection is dropped.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Adds the admin token to every request.
+#[derive(Clone)]
+pub(crate) struct Auth(MetadataValue<Ascii>);
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// An authenticated object-API client.
+pub(crate) type Api = ApiClient<InterceptedService<Channel, Auth>>;
+
+/// What every subcommand that talks to the coordinator gets.
+pub(crate) struct Ctx {
+    pub(crate) api: Api,
+    /// The coordinator URL, for messages.
+    pub(crate) url: String,
+    pub(crate) output: OutputFormat,
+}
+
+impl Ctx {
+    /// Turns a status into an [`Exit`] naming this coordinator.
+    pub(crate) fn status(&self, s: &Status) -> Exit {
+        error::from_status(&self.url, s)
+    }
+}
+
+/// Adds `http://` when the URL has no scheme (`127.0.0.1:7400`).
+pub(crate) fn normalize_url(url: &str) -> String {
+    let url = url.trim();
+    if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("http://{url}")
+    }
+}
+
+/// The token from `--token`/`SKYCTL_TOKEN`, else from the token file.
+pub(crate) fn resolve_token(token: Option<&str>, token_file: &Path) -> Result<String, Exit> {
+    if let Some(t) = token.map(str::trim).filter(|t| !t.is_empty()) {
+        return Ok(t.to_string());
+    }
+    match std::fs::read_to_string(token_file) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        Ok(_) => Err(Exit::usage(format!(
+            "no admin token: {} is empty; pass --token TOKEN (or set SKYCTL_TOKEN)",
+            token_file.display()
+        ))),
+        Err(e) => Err(Exit::usage(format!(
+            "no admin token: pass --token TOKEN (or set SKYCTL_TOKEN), or --token-file PATH (or SKYCTL_TOKEN_FILE) \
+             naming the coordinator's <data-dir>/admin.token; could not read {}: {e}",
+            token_file.display()
+        ))),
+    }
+}
+
+/// The innermost cause of an error, e.g. `Connection refused (os error 111)`.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// Checks the connection flags, reads the token and connects to the
+/// coordinator.
+pub(crate) async fn connect(global: &GlobalArgs) -> Result<Ctx, Exit> {
+    let url = normalize_url(&global.coordinator);
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| Exit::usage(format!("invalid --coordinator URL {url:?}: {e}")))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true);
+    let token = resolve_token(global.token.as_deref(), &global.token_file)?;
+    let header: MetadataValue<Ascii> = format!("Bearer {token}").parse().map_err(|_| {
+        Exit::usage(
+            "the admin token holds characters that cannot be sent in a header; check --token",
+        )
+    })?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| error::unreachable(&url, &root_cause(&e)))?;
+    Ok(Ctx {
+        api: ApiClient::with_interceptor(channel, Auth(header)),
+        url,
+        output: global.output,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_gets_a_scheme() {
+        assert_eq!(normalize_url("127.0.0.1:7400"), "http://127.0.0.1:7400");
+        assert_eq!(normalize_url(" http://h:1 "), "http://h:1");
+        assert_eq!(normalize_url("https://h:1"), "https://h:1");
+    }
+
+    #[test]
+    fn token_from_flag_then_file() {
+        let dir = std::env::temp_dir().join(format!("skyctl-token-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("admin.token");
+        std::fs::write(&file, "  secret\n").unwrap();
+        assert_eq!(resolve_token(Some("flag"), &file).unwrap(), "flag");
+        assert_eq!(resolve_token(Some(" "), &file).unwrap(), "secret");
+        assert_eq!(resolve_token(None, &file).unwrap(), "secret");
+        let missing = dir.join("missing");
+        let e = resolve_token(None, &missing).unwrap_err();
+        assert_eq!(e.code, crate::error::EXIT_USAGE);
+        assert!(e.message.contains("--token"), "{}", e.message);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
