@@ -112,3 +112,27 @@ macro_rules! into_object {
     )*};
 }
 into_object!(Namespace, Cluster, Job, Service, Endpoints);
+
+/// A tonic interceptor adding `authorization: Bearer <token>` to every
+/// request (or nothing, for `None`).
+#[derive(Clone, Debug, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    /// An interceptor for `token`; fails if the token is not printable
+    /// ASCII.
+    pub fn new(token: Option<&str>) -> Result<Self, tonic::metadata::errors::InvalidMetadataValue> {
+        Ok(Bearer(
+            token.map(|t| format!("Bearer {t}").parse()).transpose()?,
+        ))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}

@@ -11,6 +11,8 @@
 //! - [`bin_path`]: where the workspace's binaries are.
 //! - [`Coordinator`]: a running coordinator with its data dir, URL and token.
 //! - [`skyctl`]: run the skyctl binary against a coordinator.
+//! - [`netns`]: network-namespace clusters (SPEC §9) for the end-to-end
+//!   tests of meshd; needs root.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use std::path::{Path, PathBuf};
@@ -18,6 +20,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+pub mod mesh;
+pub mod netns;
 
 /// Path of a workspace binary (`coordinator`, `skyctl`, `meshd`) next to the
 /// running test executable.
@@ -204,26 +209,8 @@ pub type GatewayClient = skymesh_proto::v1::gateway_client::GatewayClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
 >;
 
-/// Adds `authorization: Bearer <token>` to every request (or nothing).
-#[derive(Clone)]
-pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+pub use skymesh_proto::Bearer;
 
-impl Bearer {
-    fn new(token: Option<&str>) -> Result<Self> {
-        Ok(Bearer(
-            token.map(|t| format!("Bearer {t}").parse()).transpose()?,
-        ))
-    }
-}
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
 /// An authenticated object-API client.
 pub type ApiClient = skymesh_proto::v1::api_client::ApiClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,

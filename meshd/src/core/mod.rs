@@ -1,0 +1,6 @@
+//! The sans-IO core: pure state machines driven by bytes (and, where they
+//! need time, a clock the caller passes). No sockets, no TUN, no tasks.
+
+pub mod health;
+pub mod node;
+pub mod route;

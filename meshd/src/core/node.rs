@@ -1,0 +1,531 @@
+//! The WireGuard node: one boringtun [`Tunn`] per peer, cryptokey routing
+//! both ways, the shared handshake rate limiter, drop counters.
+//!
+//! Sans-IO: packets go in as bytes, [`Transmit`]s come out; no sockets, no
+//! TUN, no tasks. The caller (`io::device`) owns the node exclusively, so a
+//! peer's `Tunn` is never behind a mutex. boringtun reads the clock itself
+//! for its timers; everything else here is driven by the caller.
+//!
+//! Peer lookup for incoming datagrams follows the protocol: handshake
+//! initiations are matched by the initiator's static key (after the MAC and
+//! rate-limit check, so a flood costs no Diffie-Hellman), every other
+//! message by its receiver index, whose upper 24 bits are the peer's slot
+//! (boringtun shifts the index it is given left by 8).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use ipnet::Ipv4Net;
+
+use super::route::RouteTable;
+
+/// Handshakes per second across all peers before cookies are required
+/// (boringtun's device uses the same figure).
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Persistent keepalive for every peer, seconds (wg(8) suggests 25).
+pub const PERSISTENT_KEEPALIVE_S: u16 = 25;
+/// WireGuard's data message overhead: header 16 + tag 16 (whitepaper §5.4.6).
+pub const DATA_OVERHEAD: usize = 32;
+/// Largest UDP payload we handle.
+pub const MAX_DATAGRAM: usize = 65_535;
+
+/// Why a packet was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DropReason {
+    /// From the TUN: no peer's allowed IPs contain the destination.
+    NoRoute,
+    /// From the TUN: the peer has no known endpoint yet.
+    NoEndpoint,
+    /// From the TUN: not an IPv4 packet.
+    NotIpv4,
+    /// From a tunnel: the inner source is outside the peer's allowed IPs.
+    SourceNotAllowed,
+    /// From the network: not a WireGuard message.
+    Garbage,
+    /// From the network: a message for no known peer.
+    UnknownPeer,
+    /// From the network: failed authentication (MAC, AEAD, replay, ...).
+    AuthFailed,
+    /// From the network: handshake refused under load (cookie sent).
+    UnderLoad,
+}
+
+impl DropReason {
+    /// Label value for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::NoRoute => "no_route",
+            DropReason::NoEndpoint => "no_endpoint",
+            DropReason::NotIpv4 => "not_ipv4",
+            DropReason::SourceNotAllowed => "source_not_allowed",
+            DropReason::Garbage => "garbage",
+            DropReason::UnknownPeer => "unknown_peer",
+            DropReason::AuthFailed => "auth_failed",
+            DropReason::UnderLoad => "under_load",
+        }
+    }
+}
+
+/// What the node wants sent.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Transmit {
+    /// A UDP datagram to a peer.
+    Network(SocketAddr, Vec<u8>),
+    /// A decrypted IP packet for the TUN interface.
+    Tunnel(Vec<u8>),
+}
+
+/// A peer as the netmap describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// The peer's cluster name.
+    pub name: String,
+    pub public_key: [u8; 32],
+    pub preshared_key: [u8; 32],
+    /// Initial endpoint; replaced when the peer roams.
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<Ipv4Net>,
+}
+
+/// Counters and state of one peer, for status, metrics and `wg show`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PeerInfo {
+    pub name: String,
+    pub public_key: [u8; 32],
+    pub preshared_key: [u8; 32],
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<Ipv4Net>,
+    /// Wall-clock time of the latest handshake.
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    /// Completed handshakes seen (counted when the session changes).
+    pub handshakes: u64,
+}
+
+struct Peer {
+    cfg: PeerConfig,
+    tunn: Tunn,
+    endpoint: Option<SocketAddr>,
+    rx_packets: u64,
+    tx_packets: u64,
+    rx_bytes: u64,
+    tx_bytes: u64,
+    handshakes: u64,
+    last_handshake_age: Option<Duration>,
+}
+
+/// What [`Node::set_peers`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PeerDiff {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Key or pre-shared key changed: the tunnel was rebuilt.
+    pub rekeyed: Vec<String>,
+    /// Endpoint or allowed IPs changed; the session was kept.
+    pub updated: Vec<String>,
+}
+
+impl PeerDiff {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.rekeyed.is_empty()
+            && self.updated.is_empty()
+    }
+}
+
+/// The WireGuard node of one gateway.
+pub struct Node {
+    secret: StaticSecret,
+    public: PublicKey,
+    limiter: Arc<RateLimiter>,
+    peers: BTreeMap<u32, Peer>,
+    by_key: HashMap<[u8; 32], u32>,
+    by_name: BTreeMap<String, u32>,
+    routes: RouteTable<u32>,
+    next_slot: u32,
+    drops: BTreeMap<DropReason, u64>,
+    /// Scratch buffer for boringtun's output.
+    buf: Vec<u8>,
+}
+
+impl Node {
+    /// A node with this private key and no peers.
+    pub fn new(private_key: [u8; 32]) -> Self {
+        let secret = StaticSecret::from(private_key);
+        let public = PublicKey::from(&secret);
+        Node {
+            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            secret,
+            public,
+            peers: BTreeMap::new(),
+            by_key: HashMap::new(),
+            by_name: BTreeMap::new(),
+            routes: RouteTable::default(),
+            next_slot: 1,
+            drops: BTreeMap::new(),
+            buf: vec![0u8; MAX_DATAGRAM + DATA_OVERHEAD + 148],
+        }
+    }
+
+    /// This node's public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        *self.public.as_bytes()
+    }
+
+    fn new_tunn(&mut self, cfg: &PeerConfig, slot: u32) -> Tunn {
+        Tunn::new(
+            self.secret.clone(),
+            PublicKey::from(cfg.public_key),
+            Some(cfg.preshared_key),
+            Some(PERSISTENT_KEEPALIVE_S),
+            slot,
+            Some(self.limiter.clone()),
+        )
+    }
+
+    /// Makes the peer set equal to `desired` without disturbing unchanged
+    /// peers: their sessions, counters and roamed endpoints stay.
+    pub fn set_peers(&mut self, desired: Vec<PeerConfig>) -> PeerDiff {
+        let mut diff = PeerDiff::default();
+        let wanted: BTreeMap<String, PeerConfig> =
+            desired.into_iter().map(|p| (p.name.clone(), p)).collect();
+        let gone: Vec<String> = self
+            .by_name
+            .keys()
+            .filter(|n| !wanted.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(slot) = self.by_name.remove(&name)
+                && let Some(p) = self.peers.remove(&slot)
+            {
+                self.by_key.remove(&p.cfg.public_key);
+            }
+            diff.removed.push(name);
+        }
+        for (name, cfg) in wanted {
+            match self.by_name.get(&name).copied() {
+                Some(slot) => {
+                    let Some(p) = self.peers.get(&slot) else {
+                        continue;
+                    };
+                    if p.cfg == cfg {
+                        continue;
+                    }
+                    if p.cfg.public_key != cfg.public_key
+                        || p.cfg.preshared_key != cfg.preshared_key
+                    {
+                        let old_key = p.cfg.public_key;
+                        self.by_key.remove(&old_key);
+                        self.peers.remove(&slot);
+                        let slot = self.alloc_slot();
+                        self.insert(slot, cfg);
+                        diff.rekeyed.push(name);
+                    } else {
+                        let Some(p) = self.peers.get_mut(&slot) else {
+                            continue;
+                        };
+                        if p.cfg.endpoint != cfg.endpoint {
+                            p.endpoint = cfg.endpoint;
+                        }
+                        p.cfg = cfg;
+                        diff.updated.push(name);
+                    }
+                }
+                None => {
+                    let slot = self.alloc_slot();
+                    self.insert(slot, cfg);
+                    diff.added.push(name);
+                }
+            }
+        }
+        self.routes = RouteTable::new(
+            self.peers
+                .iter()
+                .flat_map(|(slot, p)| p.cfg.allowed_ips.iter().map(move |n| (*n, *slot))),
+        );
+        diff
+    }
+
+    fn alloc_slot(&mut self) -> u32 {
+        let s = self.next_slot;
+        // Slots are 24-bit (boringtun keeps the low 8 bits for sessions).
+        self.next_slot = if s >= 0x00ff_ffff { 1 } else { s + 1 };
+        s
+    }
+
+    fn insert(&mut self, slot: u32, cfg: PeerConfig) {
+        let tunn = self.new_tunn(&cfg, slot);
+        self.by_key.insert(cfg.public_key, slot);
+        self.by_name.insert(cfg.name.clone(), slot);
+        self.peers.insert(
+            slot,
+            Peer {
+                endpoint: cfg.endpoint,
+                cfg,
+                tunn,
+                rx_packets: 0,
+                tx_packets: 0,
+                rx_bytes: 0,
+                tx_bytes: 0,
+                handshakes: 0,
+                last_handshake_age: None,
+            },
+        );
+    }
+
+    fn drop_packet(&mut self, why: DropReason) {
+        *self.drops.entry(why).or_default() += 1;
+    }
+
+    /// Drops so far, by reason.
+    pub fn drops(&self) -> &BTreeMap<DropReason, u64> {
+        &self.drops
+    }
+
+    /// The peer whose allowed IPs contain `ip`.
+    pub fn route(&self, ip: Ipv4Addr) -> Option<&str> {
+        let slot = self.routes.lookup(ip)?;
+        self.peers.get(slot).map(|p| p.cfg.name.as_str())
+    }
+
+    /// A packet read from the TUN interface: encrypt it for the peer whose
+    /// allowed IPs hold its destination.
+    pub fn handle_tun(&mut self, packet: &[u8], out: &mut Vec<Transmit>) {
+        let Some(dst) = ipv4_dst(packet) else {
+            self.drop_packet(DropReason::NotIpv4);
+            return;
+        };
+        let Some(slot) = self.routes.lookup(dst).copied() else {
+            self.drop_packet(DropReason::NoRoute);
+            return;
+        };
+        self.encapsulate(slot, packet, out);
+    }
+
+    /// Encrypts `packet` for the peer in `slot`.
+    fn encapsulate(&mut self, slot: u32, packet: &[u8], out: &mut Vec<Transmit>) {
+        let Some(p) = self.peers.get_mut(&slot) else {
+            return;
+        };
+        let Some(ep) = p.endpoint else {
+            *self.drops.entry(DropReason::NoEndpoint).or_default() += 1;
+            return;
+        };
+        match p.tunn.encapsulate(packet, &mut self.buf) {
+            TunnResult::WriteToNetwork(b) => {
+                p.tx_packets += 1;
+                p.tx_bytes += packet.len() as u64;
+                out.push(Transmit::Network(ep, b.to_vec()));
+            }
+            TunnResult::Err(e) => {
+                tracing::debug!(peer = %p.cfg.name, error = ?e, "encapsulate failed")
+            }
+            TunnResult::Done
+            | TunnResult::WriteToTunnelV4(..)
+            | TunnResult::WriteToTunnelV6(..) => {}
+        }
+    }
+
+    /// A UDP datagram from the network.
+    pub fn handle_network(&mut self, src: SocketAddr, datagram: &[u8], out: &mut Vec<Transmit>) {
+        let slot = match Tunn::parse_incoming_packet(datagram) {
+            Err(_) => {
+                self.drop_packet(DropReason::Garbage);
+                return;
+            }
+            Ok(Packet::HandshakeInit(init)) => {
+                // MAC1 and load check before any Diffie-Hellman.
+                let mut cookie = [0u8; 64];
+                match self
+                    .limiter
+                    .verify_packet(Some(src.ip()), datagram, &mut cookie)
+                {
+                    Ok(_) => {}
+                    Err(TunnResult::WriteToNetwork(c)) => {
+                        out.push(Transmit::Network(src, c.to_vec()));
+                        self.drop_packet(DropReason::UnderLoad);
+                        return;
+                    }
+                    Err(_) => {
+                        self.drop_packet(DropReason::AuthFailed);
+                        return;
+                    }
+                }
+                match parse_handshake_anon(&self.secret, &self.public, &init) {
+                    Ok(half) => match self.by_key.get(&half.peer_static_public) {
+                        Some(s) => *s,
+                        None => {
+                            self.drop_packet(DropReason::UnknownPeer);
+                            return;
+                        }
+                    },
+                    Err(_) => {
+                        self.drop_packet(DropReason::AuthFailed);
+                        return;
+                    }
+                }
+            }
+            Ok(Packet::HandshakeResponse(r)) => r.receiver_idx >> 8,
+            Ok(Packet::PacketCookieReply(c)) => c.receiver_idx >> 8,
+            Ok(Packet::PacketData(d)) => d.receiver_idx >> 8,
+        };
+        let Some(p) = self.peers.get_mut(&slot) else {
+            self.drop_packet(DropReason::UnknownPeer);
+            return;
+        };
+        let mut authenticated = false;
+        let mut drop = None;
+        let mut first = true;
+        loop {
+            let input: &[u8] = if first { datagram } else { &[] };
+            first = false;
+            match p.tunn.decapsulate(Some(src.ip()), input, &mut self.buf) {
+                TunnResult::Done => break,
+                TunnResult::Err(WireGuardError::UnderLoad) => {
+                    drop = Some(DropReason::UnderLoad);
+                    break;
+                }
+                TunnResult::Err(e) => {
+                    tracing::trace!(peer = %p.cfg.name, error = ?e, "decapsulate failed");
+                    drop = Some(DropReason::AuthFailed);
+                    break;
+                }
+                TunnResult::WriteToNetwork(b) => {
+                    authenticated = true;
+                    out.push(Transmit::Network(src, b.to_vec()));
+                    // Flush packets queued while the handshake was pending.
+                }
+                TunnResult::WriteToTunnelV4(b, inner_src) => {
+                    authenticated = true;
+                    if p.cfg.allowed_ips.iter().any(|n| n.contains(&inner_src)) {
+                        p.rx_packets += 1;
+                        p.rx_bytes += b.len() as u64;
+                        out.push(Transmit::Tunnel(b.to_vec()));
+                    } else {
+                        drop = Some(DropReason::SourceNotAllowed);
+                    }
+                    break;
+                }
+                TunnResult::WriteToTunnelV6(..) => {
+                    authenticated = true;
+                    drop = Some(DropReason::NotIpv4);
+                    break;
+                }
+            }
+        }
+        if authenticated {
+            // Roaming (whitepaper §2.1): follow the peer's latest address.
+            p.endpoint = Some(src);
+        }
+        Self::track_handshake(p);
+        if let Some(why) = drop {
+            self.drop_packet(why);
+        }
+    }
+
+    fn track_handshake(p: &mut Peer) {
+        let age = p.tunn.time_since_last_handshake();
+        if let (Some(new), old) = (age, p.last_handshake_age)
+            && old.is_none_or(|o| new < o)
+        {
+            p.handshakes += 1;
+        }
+        p.last_handshake_age = age;
+    }
+
+    /// Drives WireGuard's timers (handshake retries, rekeys, keepalives).
+    /// Call every 250 ms or so; also resets the rate limiter's window.
+    pub fn handle_timers(&mut self, out: &mut Vec<Transmit>) {
+        for p in self.peers.values_mut() {
+            match p.tunn.update_timers(&mut self.buf) {
+                TunnResult::WriteToNetwork(b) => {
+                    if let Some(ep) = p.endpoint {
+                        out.push(Transmit::Network(ep, b.to_vec()));
+                    }
+                }
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {}
+                TunnResult::Err(e) => {
+                    tracing::trace!(peer = %p.cfg.name, error = ?e, "timer error")
+                }
+                TunnResult::Done
+                | TunnResult::WriteToTunnelV4(..)
+                | TunnResult::WriteToTunnelV6(..) => {}
+            }
+            Self::track_handshake(p);
+        }
+    }
+
+    /// Resets the handshake rate limiter's counting window (call each second).
+    pub fn reset_rate_limiter(&self) {
+        self.limiter.reset_count();
+    }
+
+    /// Every peer's state, in name order.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let now = SystemTime::now();
+        self.by_name
+            .values()
+            .filter_map(|slot| self.peers.get(slot))
+            .map(|p| PeerInfo {
+                name: p.cfg.name.clone(),
+                public_key: p.cfg.public_key,
+                preshared_key: p.cfg.preshared_key,
+                endpoint: p.endpoint,
+                allowed_ips: p.cfg.allowed_ips.clone(),
+                last_handshake: p
+                    .tunn
+                    .time_since_last_handshake()
+                    .and_then(|d| now.checked_sub(d)),
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+                rx_packets: p.rx_packets,
+                tx_packets: p.tx_packets,
+                handshakes: p.handshakes,
+            })
+            .collect()
+    }
+}
+
+/// The destination of an IPv4 packet.
+pub fn ipv4_dst(packet: &[u8]) -> Option<Ipv4Addr> {
+    if packet.len() < 20 || packet[0] >> 4 != 4 {
+        return None;
+    }
+    Some(Ipv4Addr::new(
+        packet[16], packet[17], packet[18], packet[19],
+    ))
+}
+
+/// The source of an IPv4 packet.
+pub fn ipv4_src(packet: &[u8]) -> Option<Ipv4Addr> {
+    if packet.len() < 20 || packet[0] >> 4 != 4 {
+        return None;
+    }
+    Some(Ipv4Addr::new(
+        packet[12], packet[13], packet[14], packet[15],
+    ))
+}
+
+/// Convenience for tests and callers holding an `IpAddr`.
+pub fn as_v4(ip: IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(v) => Some(v),
+        IpAddr::V6(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,228 @@
+//! Two nodes wired together in memory: handshake, data both ways,
+//! cryptokey routing drops, garbage, live peer changes.
+
+use super::*;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn net(s: &str) -> Ipv4Net {
+    s.parse().unwrap()
+}
+
+/// An IPv4 packet with the given source and destination (protocol 253,
+/// "experimental", payload of `len` bytes).
+fn packet(src: [u8; 4], dst: [u8; 4], len: usize) -> Vec<u8> {
+    let total = 20 + len;
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 253;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    p
+}
+
+struct Pair {
+    a: Node,
+    b: Node,
+}
+
+const A_ADDR: &str = "198.51.100.11:51820";
+const B_ADDR: &str = "198.51.100.12:51820";
+
+fn pair() -> Pair {
+    let mut a = Node::new([1u8; 32]);
+    let mut b = Node::new([2u8; 32]);
+    let psk = [7u8; 32];
+    a.set_peers(vec![PeerConfig {
+        name: "b".into(),
+        public_key: b.public_key(),
+        preshared_key: psk,
+        endpoint: Some(addr(B_ADDR)),
+        allowed_ips: vec![net("100.64.0.2/32"), net("10.2.0.0/16")],
+    }]);
+    b.set_peers(vec![PeerConfig {
+        name: "a".into(),
+        public_key: a.public_key(),
+        preshared_key: psk,
+        endpoint: Some(addr(A_ADDR)),
+        allowed_ips: vec![net("100.64.0.1/32"), net("10.1.0.0/16")],
+    }]);
+    Pair { a, b }
+}
+
+/// Delivers every network transmit to the other node until quiet; returns
+/// what each node wrote to its TUN.
+fn pump(
+    p: &mut Pair,
+    mut from_a: Vec<Transmit>,
+    mut from_b: Vec<Transmit>,
+) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let (mut tun_a, mut tun_b) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        if from_a.is_empty() && from_b.is_empty() {
+            break;
+        }
+        let mut next_a = Vec::new();
+        let mut next_b = Vec::new();
+        for t in from_a.drain(..) {
+            match t {
+                Transmit::Network(dst, d) => {
+                    assert_eq!(dst, addr(B_ADDR));
+                    p.b.handle_network(addr(A_ADDR), &d, &mut next_b);
+                }
+                Transmit::Tunnel(pk) => tun_a.push(pk),
+            }
+        }
+        for t in from_b.drain(..) {
+            match t {
+                Transmit::Network(dst, d) => {
+                    assert_eq!(dst, addr(A_ADDR));
+                    p.a.handle_network(addr(B_ADDR), &d, &mut next_a);
+                }
+                Transmit::Tunnel(pk) => tun_b.push(pk),
+            }
+        }
+        // Tunnel outputs produced while handling are collected next round.
+        from_a = next_a;
+        from_b = next_b;
+    }
+    (tun_a, tun_b)
+}
+
+fn established() -> Pair {
+    let mut p = pair();
+    let mut out = Vec::new();
+    let first = packet([10, 1, 0, 11], [10, 2, 0, 11], 100);
+    p.a.handle_tun(&first, &mut out);
+    let (_, tun_b) = pump(&mut p, out, Vec::new());
+    assert_eq!(
+        tun_b,
+        vec![first],
+        "the packet queued during the handshake arrives"
+    );
+    p
+}
+
+#[test]
+fn handshake_and_data_both_ways() {
+    let mut p = established();
+    let mut out = Vec::new();
+    let reply = packet([10, 2, 0, 11], [10, 1, 0, 11], 1400);
+    p.b.handle_tun(&reply, &mut out);
+    let (tun_a, _) = pump(&mut p, Vec::new(), out);
+    assert_eq!(tun_a, vec![reply]);
+    let a = &p.a.peers()[0];
+    assert!(a.last_handshake.is_some());
+    assert_eq!(a.rx_packets, 1);
+    assert_eq!(a.tx_packets, 1);
+    assert!(a.handshakes >= 1);
+    assert!(p.a.drops().is_empty(), "{:?}", p.a.drops());
+}
+
+#[test]
+fn inner_source_outside_allowed_ips_is_dropped_and_counted() {
+    let mut p = established();
+    // b's peer entry for a allows 10.1.0.0/16; a sends a packet claiming to
+    // come from 10.3.0.1 (a's own routing would let it out: dst is b's).
+    let spoofed = packet([10, 3, 0, 1], [10, 2, 0, 11], 60);
+    let mut out = Vec::new();
+    p.a.handle_tun(&spoofed, &mut out);
+    let (_, tun_b) = pump(&mut p, out, Vec::new());
+    assert!(tun_b.is_empty(), "spoofed packet not delivered");
+    assert_eq!(p.b.drops().get(&DropReason::SourceNotAllowed), Some(&1));
+}
+
+#[test]
+fn garbage_and_forged_datagrams_are_counted_and_harmless() {
+    let mut p = established();
+    let mut out = Vec::new();
+    p.b.handle_network(addr(A_ADDR), b"hello, not wireguard", &mut out);
+    // A data message with a valid-looking header but a bad tag.
+    let mut forged = vec![0u8; 64];
+    forged[0] = 4;
+    forged[4..8].copy_from_slice(&(1u32 << 8).to_le_bytes());
+    p.b.handle_network(addr(A_ADDR), &forged, &mut out);
+    // A handshake initiation from a stranger's key.
+    let mut stranger = Node::new([9u8; 32]);
+    stranger.set_peers(vec![PeerConfig {
+        name: "b".into(),
+        public_key: p.b.public_key(),
+        preshared_key: [0; 32],
+        endpoint: Some(addr(B_ADDR)),
+        allowed_ips: vec![net("10.2.0.0/16")],
+    }]);
+    let mut init = Vec::new();
+    stranger.handle_tun(&packet([10, 9, 0, 1], [10, 2, 0, 1], 10), &mut init);
+    for t in init {
+        if let Transmit::Network(_, d) = t {
+            p.b.handle_network(addr("198.51.100.99:1"), &d, &mut out);
+        }
+    }
+    assert!(out.is_empty(), "nothing answered: {out:?}");
+    let d = p.b.drops();
+    assert_eq!(d.get(&DropReason::Garbage), Some(&1));
+    assert_eq!(d.get(&DropReason::AuthFailed), Some(&1));
+    assert_eq!(d.get(&DropReason::UnknownPeer), Some(&1));
+    // The established tunnel still works.
+    let mut out = Vec::new();
+    let pkt = packet([10, 1, 0, 11], [10, 2, 0, 12], 10);
+    p.a.handle_tun(&pkt, &mut out);
+    let (_, tun_b) = pump(&mut p, out, Vec::new());
+    assert_eq!(tun_b, vec![pkt]);
+}
+
+#[test]
+fn unrouted_and_non_ipv4_packets_are_dropped() {
+    let mut p = pair();
+    let mut out = Vec::new();
+    p.a.handle_tun(&packet([10, 1, 0, 1], [8, 8, 8, 8], 10), &mut out);
+    p.a.handle_tun(&[0x60; 40], &mut out);
+    assert!(out.is_empty());
+    assert_eq!(p.a.drops().get(&DropReason::NoRoute), Some(&1));
+    assert_eq!(p.a.drops().get(&DropReason::NotIpv4), Some(&1));
+}
+
+#[test]
+fn peer_changes_keep_unchanged_sessions() {
+    let mut p = established();
+    let b = p.a.peers()[0].clone();
+    let third = Node::new([3u8; 32]);
+    let cfg_b = PeerConfig {
+        name: "b".into(),
+        public_key: b.public_key,
+        preshared_key: b.preshared_key,
+        endpoint: Some(addr(B_ADDR)),
+        allowed_ips: b.allowed_ips.clone(),
+    };
+    let cfg_c = PeerConfig {
+        name: "c".into(),
+        public_key: third.public_key(),
+        preshared_key: [5; 32],
+        endpoint: Some(addr("198.51.100.13:51820")),
+        allowed_ips: vec![net("10.3.0.0/16")],
+    };
+    let diff = p.a.set_peers(vec![cfg_b.clone(), cfg_c.clone()]);
+    assert_eq!(diff.added, vec!["c"]);
+    assert!(diff.removed.is_empty() && diff.rekeyed.is_empty() && diff.updated.is_empty());
+    assert_eq!(p.a.route("10.3.1.1".parse().unwrap()), Some("c"));
+    // b's session survived: data flows without a new handshake.
+    let mut out = Vec::new();
+    p.a.handle_tun(&packet([10, 1, 0, 11], [10, 2, 0, 11], 10), &mut out);
+    assert_eq!(out.len(), 1);
+    let Transmit::Network(_, d) = &out[0] else {
+        panic!()
+    };
+    assert_eq!(d[0], 4, "a data message, not a handshake initiation");
+    // Removing c, rekeying b.
+    let diff = p.a.set_peers(vec![PeerConfig {
+        preshared_key: [8; 32],
+        ..cfg_b
+    }]);
+    assert_eq!(diff.removed, vec!["c"]);
+    assert_eq!(diff.rekeyed, vec!["b"]);
+    assert_eq!(p.a.route("10.3.1.1".parse().unwrap()), None);
+}

@@ -1,0 +1,159 @@
+//! The packet loop: TUN ⇄ [`Node`] ⇄ UDP.
+//!
+//! One task owns the node, so no peer state is shared or locked. It reads
+//! from the TUN interface and the UDP socket, hands bytes to the node, and
+//! writes the node's transmits out; a 250 ms tick drives WireGuard's
+//! timers. Netmap changes arrive on a watch channel and are applied between
+//! packets as a peer diff. Once a second it publishes counters for status,
+//! metrics and `wg show`.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, UdpSocket as StdUdp};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use arc_swap::ArcSwap;
+use base64::Engine as _;
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tun_rs::AsyncDevice;
+
+use crate::core::node::{DropReason, MAX_DATAGRAM, Node, PeerConfig, PeerInfo, Transmit};
+use crate::state::NetState;
+
+/// WireGuard timer granularity (boringtun expects ~4 calls per second).
+const TIMER_TICK: Duration = Duration::from_millis(250);
+
+/// Counters published by the device loop.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceStats {
+    pub public_key: [u8; 32],
+    pub listen_port: u16,
+    pub peers: Vec<PeerInfo>,
+    pub drops: BTreeMap<DropReason, u64>,
+}
+
+/// Peer configurations from the netmap; peers with unusable fields are
+/// skipped with a warning.
+pub fn peer_configs(s: &NetState) -> Vec<PeerConfig> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let key = |v: &str| {
+        b64.decode(v)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+    };
+    s.peers
+        .values()
+        .filter_map(|p| {
+            let (Some(public_key), Some(preshared_key)) =
+                (key(&p.public_key), key(&p.preshared_key))
+            else {
+                tracing::warn!(peer = %p.cluster, "peer has an invalid key; skipped");
+                return None;
+            };
+            Some(PeerConfig {
+                name: p.cluster.clone(),
+                public_key,
+                preshared_key,
+                endpoint: p.endpoint.parse::<SocketAddr>().ok(),
+                allowed_ips: p
+                    .allowed_ips
+                    .iter()
+                    .filter_map(|a| a.parse().ok())
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+/// Binds the WireGuard UDP socket.
+pub fn bind_udp(port: u16) -> Result<UdpSocket> {
+    let std = StdUdp::bind(("0.0.0.0", port))
+        .map_err(|e| anyhow::anyhow!("failed to bind UDP port {port}: {e}"))?;
+    std.set_nonblocking(true)?;
+    Ok(UdpSocket::from_std(std)?)
+}
+
+/// Runs the packet loop until `cancel` fires.
+pub async fn run(
+    mut node: Node,
+    tun: Arc<AsyncDevice>,
+    udp: UdpSocket,
+    mut netmap: watch::Receiver<Arc<NetState>>,
+    stats: Arc<ArcSwap<DeviceStats>>,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let listen_port = udp.local_addr()?.port();
+    let mut tun_buf = vec![0u8; MAX_DATAGRAM];
+    let mut udp_buf = vec![0u8; MAX_DATAGRAM];
+    let mut out: Vec<Transmit> = Vec::with_capacity(16);
+    let mut timers = tokio::time::interval(TIMER_TICK);
+    timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut ticks: u64 = 0;
+    apply_netmap(&mut node, &netmap.borrow_and_update());
+    publish(&node, listen_port, &stats);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            changed = netmap.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let s = netmap.borrow_and_update().clone();
+                apply_netmap(&mut node, &s);
+                publish(&node, listen_port, &stats);
+            }
+            r = tun.recv(&mut tun_buf) => match r {
+                Ok(n) => node.handle_tun(&tun_buf[..n], &mut out),
+                Err(e) => tracing::warn!(error = %e, "TUN read failed"),
+            },
+            r = udp.recv_from(&mut udp_buf) => match r {
+                Ok((n, src)) => node.handle_network(src, &udp_buf[..n], &mut out),
+                // ICMP errors from peers surface here (e.g. port unreachable).
+                Err(e) => tracing::trace!(error = %e, "UDP receive failed"),
+            },
+            _ = timers.tick() => {
+                node.handle_timers(&mut out);
+                ticks += 1;
+                if ticks.is_multiple_of(4) {
+                    node.reset_rate_limiter();
+                }
+                publish(&node, listen_port, &stats);
+            }
+        }
+        for t in out.drain(..) {
+            match t {
+                Transmit::Network(dst, data) => {
+                    if let Err(e) = udp.send_to(&data, dst).await {
+                        tracing::debug!(%dst, error = %e, "UDP send failed");
+                    }
+                }
+                Transmit::Tunnel(packet) => {
+                    if let Err(e) = tun.send(&packet).await {
+                        tracing::debug!(error = %e, "TUN write failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Publishes the node's counters (every timer tick and after peer changes,
+/// so `wg show` is never more than 250 ms behind).
+fn publish(node: &Node, listen_port: u16, stats: &ArcSwap<DeviceStats>) {
+    stats.store(Arc::new(DeviceStats {
+        public_key: node.public_key(),
+        listen_port,
+        peers: node.peers(),
+        drops: node.drops().clone(),
+    }));
+}
+
+fn apply_netmap(node: &mut Node, s: &NetState) {
+    let diff = node.set_peers(peer_configs(s));
+    if !diff.is_empty() {
+        tracing::info!(added = ?diff.added, removed = ?diff.removed, rekeyed = ?diff.rekeyed, updated = ?diff.updated, "peers changed");
+    }
+}

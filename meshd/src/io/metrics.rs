@@ -1,0 +1,238 @@
+//! Prometheus metrics (text format on `--metrics-listen`, path `/metrics`):
+//! per-peer bytes, packets, handshakes, RTT and probe state; drops by
+//! reason; local job readiness. Counters advance from the device loop's
+//! published totals once a second.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use arc_swap::ArcSwap;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::device::DeviceStats;
+use super::health::{JobReadiness, PeerHealth};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    reason: String,
+}
+
+/// meshd's metrics.
+#[derive(Default)]
+pub struct Metrics {
+    rx_bytes: Family<PeerLabels, Counter>,
+    tx_bytes: Family<PeerLabels, Counter>,
+    rx_packets: Family<PeerLabels, Counter>,
+    tx_packets: Family<PeerLabels, Counter>,
+    handshakes: Family<PeerLabels, Counter>,
+    rtt: Family<PeerLabels, Gauge<f64, AtomicU64>>,
+    up: Family<PeerLabels, Gauge>,
+    drops: Family<DropLabels, Counter>,
+    jobs_ready: Gauge,
+    jobs: Gauge,
+}
+
+impl Metrics {
+    /// Registers every metric in `reg` (prefix `skymesh`).
+    pub fn register(reg: &mut Registry) -> Arc<Self> {
+        let m = Metrics::default();
+        let r = reg.sub_registry_with_prefix("skymesh");
+        r.register(
+            "peer_rx_bytes",
+            "Bytes received from a peer (decrypted)",
+            m.rx_bytes.clone(),
+        );
+        r.register(
+            "peer_tx_bytes",
+            "Bytes sent to a peer (before encryption)",
+            m.tx_bytes.clone(),
+        );
+        r.register(
+            "peer_rx_packets",
+            "Packets received from a peer",
+            m.rx_packets.clone(),
+        );
+        r.register(
+            "peer_tx_packets",
+            "Packets sent to a peer",
+            m.tx_packets.clone(),
+        );
+        r.register(
+            "peer_handshakes",
+            "Completed WireGuard handshakes with a peer",
+            m.handshakes.clone(),
+        );
+        r.register(
+            "peer_rtt_seconds",
+            "Round-trip time of the latest probe",
+            m.rtt.clone(),
+        );
+        r.register(
+            "peer_up",
+            "1 while the peer gateway answers probes",
+            m.up.clone(),
+        );
+        r.register("drops", "Packets dropped, by reason", m.drops.clone());
+        r.register(
+            "jobs_ready",
+            "Local jobs passing their health checks",
+            m.jobs_ready.clone(),
+        );
+        r.register("jobs", "Local jobs being checked", m.jobs.clone());
+        Arc::new(m)
+    }
+
+    fn advance(c: &Counter, prev: u64, now: u64) {
+        // A rebuilt peer starts again from zero: count from there.
+        c.inc_by(if now >= prev { now - prev } else { now });
+    }
+
+    /// Moves the metrics from the `prev` totals to the `now` totals.
+    fn update(
+        &self,
+        prev: &DeviceStats,
+        now: &DeviceStats,
+        health: &BTreeMap<String, PeerHealth>,
+        jobs: &JobReadiness,
+    ) {
+        let before: BTreeMap<&str, _> = prev.peers.iter().map(|p| (p.name.as_str(), p)).collect();
+        for p in &now.peers {
+            let l = PeerLabels {
+                peer: p.name.clone(),
+            };
+            let b = before.get(p.name.as_str());
+            Self::advance(
+                &self.rx_bytes.get_or_create(&l),
+                b.map_or(0, |b| b.rx_bytes),
+                p.rx_bytes,
+            );
+            Self::advance(
+                &self.tx_bytes.get_or_create(&l),
+                b.map_or(0, |b| b.tx_bytes),
+                p.tx_bytes,
+            );
+            Self::advance(
+                &self.rx_packets.get_or_create(&l),
+                b.map_or(0, |b| b.rx_packets),
+                p.rx_packets,
+            );
+            Self::advance(
+                &self.tx_packets.get_or_create(&l),
+                b.map_or(0, |b| b.tx_packets),
+                p.tx_packets,
+            );
+            Self::advance(
+                &self.handshakes.get_or_create(&l),
+                b.map_or(0, |b| b.handshakes),
+                p.handshakes,
+            );
+            let h = health.get(&p.name);
+            self.up
+                .get_or_create(&l)
+                .set(i64::from(h.is_some_and(|h| h.up)));
+            if let Some(rtt) = h.and_then(|h| h.rtt) {
+                self.rtt.get_or_create(&l).set(rtt.as_secs_f64());
+            }
+        }
+        for p in prev
+            .peers
+            .iter()
+            .filter(|p| !now.peers.iter().any(|n| n.name == p.name))
+        {
+            let l = PeerLabels {
+                peer: p.name.clone(),
+            };
+            self.up.remove(&l);
+            self.rtt.remove(&l);
+        }
+        for (reason, n) in &now.drops {
+            let l = DropLabels {
+                reason: reason.as_str().to_string(),
+            };
+            Self::advance(
+                &self.drops.get_or_create(&l),
+                prev.drops.get(reason).copied().unwrap_or(0),
+                *n,
+            );
+        }
+        self.jobs.set(i64::try_from(jobs.len()).unwrap_or(i64::MAX));
+        self.jobs_ready
+            .set(i64::try_from(jobs.values().filter(|r| **r).count()).unwrap_or(i64::MAX));
+    }
+}
+
+/// Advances the metrics once a second until `cancel` fires.
+pub async fn run_updater(
+    m: Arc<Metrics>,
+    stats: Arc<ArcSwap<DeviceStats>>,
+    health: watch::Receiver<BTreeMap<String, PeerHealth>>,
+    jobs: watch::Receiver<JobReadiness>,
+    cancel: CancellationToken,
+) {
+    let mut prev = Arc::new(DeviceStats::default());
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = stats.load_full();
+        m.update(&prev, &now, &health.borrow(), &jobs.borrow());
+        prev = now;
+    }
+}
+
+/// Serves `/metrics` on `addr` until `cancel` fires.
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut body = String::new();
+                match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                    Ok(()) => (
+                        axum::http::StatusCode::OK,
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        body,
+                    ),
+                    Err(_) => (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        [("content-type", "text/plain")],
+                        "failed to encode metrics".to_string(),
+                    ),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("failed to listen on --metrics-listen {addr}"))?;
+    tracing::info!(%addr, "metrics listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
+        .context("metrics server failed")
+}

@@ -1,0 +1,117 @@
+//! The TUN interface and the kernel routes that send mesh traffic into it.
+//!
+//! Addresses and routes are set with iproute2's `ip`, as wg-quick does;
+//! route changes are diffs between the routes we installed and the ones the
+//! netmap wants, so unchanged routes are never touched.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, Result, bail};
+use ipnet::Ipv4Net;
+use tun_rs::{AsyncDevice, DeviceBuilder};
+
+use crate::state::NetState;
+
+/// MTU of the TUN interface (SPEC §4): 1500 minus IPv4 (20), UDP (8) and
+/// WireGuard (32) overheads, rounded down as wg-quick does for IPv6 paths.
+pub const MTU: u16 = 1420;
+
+/// Creates the TUN interface `name` with `ip/prefix` and brings it up.
+pub fn create(name: &str, ip: Ipv4Addr, prefix: u8) -> Result<AsyncDevice> {
+    DeviceBuilder::new()
+        .name(name)
+        .ipv4(ip, prefix, None)
+        .mtu(MTU)
+        .build_async()
+        .with_context(|| {
+            format!(
+                "failed to create TUN interface {name} (is /dev/net/tun available and are we root?)"
+            )
+        })
+}
+
+/// Runs `ip ARGS...`.
+pub async fn ip(args: &[&str]) -> Result<()> {
+    let out = tokio::process::Command::new("ip")
+        .args(args)
+        .output()
+        .await
+        .context("failed to run `ip` (install iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Turns on IPv4 forwarding in this network namespace.
+pub fn enable_forwarding() -> Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("failed to enable IPv4 forwarding")
+}
+
+/// The routes the netmap wants through the interface: the service CIDR and
+/// every peer's allowed IPs outside the overlay (whose route comes with the
+/// interface address).
+pub fn desired_routes(s: &NetState) -> BTreeSet<Ipv4Net> {
+    let overlay: Option<Ipv4Net> = s.overlay_cidr.parse().ok();
+    let mut out = BTreeSet::new();
+    if let Ok(n) = s.service_cidr.parse::<Ipv4Net>() {
+        out.insert(n);
+    }
+    for p in s.peers.values() {
+        for a in &p.allowed_ips {
+            if let Ok(n) = a.parse::<Ipv4Net>()
+                && !overlay.is_some_and(|o| o.contains(&n))
+            {
+                out.insert(n);
+            }
+        }
+    }
+    out
+}
+
+/// The routes installed through one interface.
+#[derive(Debug)]
+pub struct Routes {
+    iface: String,
+    installed: BTreeSet<Ipv4Net>,
+}
+
+impl Routes {
+    /// No routes installed yet on `iface`.
+    pub fn new(iface: &str) -> Self {
+        Routes {
+            iface: iface.to_string(),
+            installed: BTreeSet::new(),
+        }
+    }
+
+    /// Adds and removes routes so that exactly `desired` go through the
+    /// interface. Failures are logged and retried on the next call.
+    pub async fn sync(&mut self, desired: &BTreeSet<Ipv4Net>) {
+        let remove: Vec<Ipv4Net> = self.installed.difference(desired).copied().collect();
+        let add: Vec<Ipv4Net> = desired.difference(&self.installed).copied().collect();
+        for n in remove {
+            let net = n.to_string();
+            match ip(&["route", "del", &net, "dev", &self.iface]).await {
+                Ok(()) => tracing::info!(route = %net, "route removed"),
+                Err(e) => tracing::warn!(error = %e, "route removal failed"),
+            }
+            self.installed.remove(&n);
+        }
+        for n in add {
+            let net = n.to_string();
+            match ip(&["route", "replace", &net, "dev", &self.iface]).await {
+                Ok(()) => {
+                    tracing::info!(route = %net, "route added");
+                    self.installed.insert(n);
+                }
+                Err(e) => tracing::warn!(error = %e, "route add failed"),
+            }
+        }
+    }
+}

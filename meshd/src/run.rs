@@ -1,0 +1,226 @@
+//! Start-up and wiring: key, join, netmap, TUN, routes, and every task.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use arc_swap::ArcSwap;
+use base64::Engine as _;
+use ipnet::Ipv4Net;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::node::Node;
+use crate::io::{control, device, health, metrics, tun, uapi};
+use crate::statedir::StateDir;
+
+/// meshd's configuration (its flags, SPEC §4).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub coordinator: String,
+    pub cluster: String,
+    pub join_token: Option<String>,
+    pub endpoint: Option<SocketAddr>,
+    pub listen_port: u16,
+    pub state_dir: PathBuf,
+    pub interface: String,
+    pub dns_listen: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub jobs: Option<PathBuf>,
+}
+
+/// Runs meshd until `cancel` fires or a task fails.
+pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
+    let cluster = skymesh_proto::validate::name("--cluster", &cfg.cluster)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let dir = StateDir::open(&cfg.state_dir)?;
+    let (private_key, _) = dir.private_key()?;
+    let node = Node::new(private_key);
+    let public_b64 = base64::engine::general_purpose::STANDARD.encode(node.public_key());
+    let ch = control::channel(&cfg.coordinator)?;
+
+    let credential = match dir.credential() {
+        Some(c) => c,
+        None => {
+            let Some(token) = &cfg.join_token else {
+                bail!(
+                    "first start needs --join-token (skyctl create cluster {cluster} prints one)"
+                );
+            };
+            let endpoint = match cfg.endpoint {
+                Some(e) => e,
+                None => {
+                    SocketAddr::new(control::detect_local_ip(&cfg.coordinator)?, cfg.listen_port)
+                }
+            };
+            let r =
+                control::join(ch.clone(), token, &cluster, public_b64.clone(), endpoint).await?;
+            dir.save_credential(&r.credential)?;
+            tracing::info!(%cluster, overlay_ip = %r.overlay_ip, %endpoint, public_key = %public_b64, "joined the mesh");
+            r.credential
+        }
+    };
+    let gw = control::client(ch, &credential)?;
+
+    // The netmap: from the disk cache when there is one (fail-static), and
+    // from the coordinator as soon as it answers.
+    let cached = dir.netmap().filter(|s| s.cluster == cluster);
+    if cached.is_some() {
+        tracing::info!("starting from the cached netmap");
+    }
+    let (nm_tx, mut nm_rx) = watch::channel(Arc::new(cached.clone().unwrap_or_default()));
+    tokio::spawn(control::run_netmap(
+        gw.clone(),
+        cluster.clone(),
+        cached.unwrap_or_default(),
+        nm_tx,
+        dir.clone(),
+        cancel.clone(),
+    ));
+    let first = loop {
+        let s = nm_rx.borrow_and_update().clone();
+        if !s.overlay_ip.is_empty() {
+            break s;
+        }
+        tracing::info!("waiting for the first netmap from the coordinator");
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            r = nm_rx.changed() => r.context("netmap task ended")?,
+        }
+    };
+
+    let overlay_ip: Ipv4Addr = first
+        .overlay_ip
+        .parse()
+        .context("netmap has an invalid overlay IP")?;
+    let overlay: Ipv4Net = first
+        .overlay_cidr
+        .parse()
+        .context("netmap has an invalid overlay CIDR")?;
+    let dev = Arc::new(tun::create(
+        &cfg.interface,
+        overlay_ip,
+        overlay.prefix_len(),
+    )?);
+    // Only IPv4 crosses the mesh; keep the kernel's IPv6 chatter off the TUN.
+    let _ = std::fs::write(
+        format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", cfg.interface),
+        "1",
+    );
+    tun::enable_forwarding()?;
+    tracing::info!(interface = %cfg.interface, %overlay_ip, mtu = tun::MTU, "TUN interface up");
+    let udp = device::bind_udp(cfg.listen_port)?;
+
+    let stats = Arc::new(ArcSwap::from_pointee(device::DeviceStats::default()));
+    let mut tasks = tokio::task::JoinSet::new();
+
+    tasks.spawn(device::run(
+        node,
+        dev,
+        udp,
+        nm_rx.clone(),
+        stats.clone(),
+        cancel.clone(),
+    ));
+    {
+        let mut rx = nm_rx.clone();
+        let iface = cfg.interface.clone();
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            let mut routes = tun::Routes::new(&iface);
+            loop {
+                let s = rx.borrow_and_update().clone();
+                routes.sync(&tun::desired_routes(&s)).await;
+                tokio::select! {
+                    () = cancel.cancelled() => return Ok(()),
+                    r = rx.changed() => if r.is_err() { return Ok(()) },
+                    // Retry failed route changes.
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        });
+    }
+    tasks.spawn(uapi::serve(
+        cfg.interface.clone(),
+        stats.clone(),
+        private_key,
+        cancel.clone(),
+    ));
+
+    let (peers_tx, peers_rx) = watch::channel(BTreeMap::new());
+    tasks.spawn(health::run_probes(
+        overlay_ip,
+        nm_rx.clone(),
+        peers_tx,
+        cancel.clone(),
+    ));
+    let (jobs_tx, jobs_rx) = watch::channel(BTreeMap::new());
+    {
+        let (rx, c) = (nm_rx.clone(), cancel.clone());
+        tasks.spawn(async move {
+            health::run_job_checks(rx, jobs_tx, c).await;
+            Ok(())
+        });
+    }
+    {
+        let (gw, cl, st, p, j, c) = (
+            gw.clone(),
+            cluster.clone(),
+            stats.clone(),
+            peers_rx.clone(),
+            jobs_rx.clone(),
+            cancel.clone(),
+        );
+        tasks.spawn(async move {
+            control::run_reporter(gw, cl, st, p, j, c).await;
+            Ok(())
+        });
+    }
+    if let Some(file) = cfg.jobs.clone() {
+        let (gw, cl, c) = (gw.clone(), cluster.clone(), cancel.clone());
+        tasks.spawn(async move {
+            control::run_job_sync(gw, cl, file, c).await;
+            Ok(())
+        });
+    }
+    let mut registry = prometheus_client::registry::Registry::default();
+    let m = metrics::Metrics::register(&mut registry);
+    {
+        let (st, p, j, c) = (
+            stats.clone(),
+            peers_rx.clone(),
+            jobs_rx.clone(),
+            cancel.clone(),
+        );
+        tasks.spawn(async move {
+            metrics::run_updater(m, st, p, j, c).await;
+            Ok(())
+        });
+    }
+    if let Some(addr) = cfg.dns_listen {
+        tracing::warn!(%addr, "--dns-listen is accepted but the embedded DNS server is not built into this meshd yet");
+    }
+    if let Some(addr) = cfg.metrics_listen {
+        tasks.spawn(metrics::serve(addr, Arc::new(registry), cancel.clone()));
+    }
+    tracing::info!(%cluster, "meshd running");
+
+    // The first task to fail stops everything.
+    let mut result = Ok(());
+    while let Some(r) = tasks.join_next().await {
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => Err(anyhow::anyhow!("task panicked: {e}")),
+        };
+        if let Err(e) = r {
+            if result.is_ok() {
+                result = Err(e);
+            }
+            cancel.cancel();
+        }
+    }
+    result
+}

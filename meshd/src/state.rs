@@ -1,0 +1,188 @@
+//! The netmap as meshd holds it: the coordinator's snapshot with every delta
+//! applied, keyed for lookup. Pure; also the on-disk cache format (the
+//! snapshot proto) that makes meshd fail-static across restarts.
+
+use std::collections::BTreeMap;
+
+use prost::Message as _;
+use skymesh_proto::v1::{
+    Endpoints, Job, Netmap, NetmapUpdate, Peer, Service, netmap_change::Change,
+    netmap_update::Update,
+};
+
+/// `(namespace, name)`.
+pub type Key = (String, String);
+
+fn key_of(m: &Option<skymesh_proto::v1::ObjectMeta>) -> Key {
+    m.as_ref()
+        .map(|m| (m.namespace.clone(), m.name.clone()))
+        .unwrap_or_default()
+}
+
+/// One cluster's view of the mesh.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NetState {
+    /// Revision of the last update applied.
+    pub revision: u64,
+    pub cluster: String,
+    pub overlay_ip: String,
+    pub overlay_cidr: String,
+    pub service_cidr: String,
+    pub workload_cidrs: Vec<String>,
+    pub peers: BTreeMap<String, Peer>,
+    pub services: BTreeMap<Key, Service>,
+    pub endpoints: BTreeMap<Key, Endpoints>,
+    /// Jobs of this cluster.
+    pub jobs: BTreeMap<Key, Job>,
+}
+
+impl NetState {
+    /// The state a snapshot describes.
+    pub fn from_snapshot(revision: u64, nm: Netmap) -> Self {
+        NetState {
+            revision,
+            cluster: nm.cluster,
+            overlay_ip: nm.overlay_ip,
+            overlay_cidr: nm.overlay_cidr,
+            service_cidr: nm.service_cidr,
+            workload_cidrs: nm.workload_cidrs,
+            peers: nm
+                .peers
+                .into_iter()
+                .map(|p| (p.cluster.clone(), p))
+                .collect(),
+            services: nm
+                .services
+                .into_iter()
+                .map(|s| (key_of(&s.metadata), s))
+                .collect(),
+            endpoints: nm
+                .endpoints
+                .into_iter()
+                .map(|e| (key_of(&e.metadata), e))
+                .collect(),
+            jobs: nm
+                .jobs
+                .into_iter()
+                .map(|j| (key_of(&j.metadata), j))
+                .collect(),
+        }
+    }
+
+    /// Applies one update from the netmap stream.
+    pub fn apply(&mut self, u: NetmapUpdate) {
+        match u.update {
+            Some(Update::Snapshot(nm)) => *self = NetState::from_snapshot(u.resource_version, nm),
+            Some(Update::Delta(d)) => {
+                for c in d.changes.into_iter().filter_map(|c| c.change) {
+                    match c {
+                        Change::PeerUpsert(p) => {
+                            self.peers.insert(p.cluster.clone(), p);
+                        }
+                        Change::PeerRemoved(name) => {
+                            self.peers.remove(&name);
+                        }
+                        Change::ServiceUpsert(s) => {
+                            self.services.insert(key_of(&s.metadata), s);
+                        }
+                        Change::ServiceRemoved(r) => {
+                            self.services.remove(&(r.namespace, r.name));
+                        }
+                        Change::EndpointsUpsert(e) => {
+                            self.endpoints.insert(key_of(&e.metadata), e);
+                        }
+                        Change::EndpointsRemoved(r) => {
+                            self.endpoints.remove(&(r.namespace, r.name));
+                        }
+                        Change::JobUpsert(j) => {
+                            self.jobs.insert(key_of(&j.metadata), j);
+                        }
+                        Change::JobRemoved(r) => {
+                            self.jobs.remove(&(r.namespace, r.name));
+                        }
+                    }
+                }
+                self.revision = u.resource_version;
+            }
+            None => {}
+        }
+    }
+
+    /// The state as a snapshot (for the disk cache).
+    pub fn to_snapshot(&self) -> Netmap {
+        Netmap {
+            cluster: self.cluster.clone(),
+            overlay_ip: self.overlay_ip.clone(),
+            overlay_cidr: self.overlay_cidr.clone(),
+            service_cidr: self.service_cidr.clone(),
+            workload_cidrs: self.workload_cidrs.clone(),
+            peers: self.peers.values().cloned().collect(),
+            services: self.services.values().cloned().collect(),
+            endpoints: self.endpoints.values().cloned().collect(),
+            jobs: self.jobs.values().cloned().collect(),
+        }
+    }
+
+    /// Cache encoding: a `NetmapUpdate` holding the snapshot.
+    pub fn encode(&self) -> Vec<u8> {
+        NetmapUpdate {
+            resource_version: self.revision,
+            update: Some(Update::Snapshot(self.to_snapshot())),
+        }
+        .encode_to_vec()
+    }
+
+    /// Decodes [`NetState::encode`]'s output.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let u = NetmapUpdate::decode(bytes).ok()?;
+        match u.update {
+            Some(Update::Snapshot(nm)) => Some(NetState::from_snapshot(u.resource_version, nm)),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skymesh_proto::v1::{NetmapChange, NetmapDelta, ObjectRef};
+
+    #[test]
+    fn deltas_apply_and_cache_round_trips() {
+        let mut s = NetState::default();
+        s.apply(NetmapUpdate {
+            resource_version: 5,
+            update: Some(Update::Snapshot(Netmap {
+                cluster: "a".into(),
+                peers: vec![Peer {
+                    cluster: "b".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })),
+        });
+        assert_eq!(s.peers.len(), 1);
+        s.apply(NetmapUpdate {
+            resource_version: 7,
+            update: Some(Update::Delta(NetmapDelta {
+                changes: vec![
+                    NetmapChange {
+                        change: Some(Change::PeerRemoved("b".into())),
+                    },
+                    NetmapChange {
+                        change: Some(Change::PeerUpsert(Peer {
+                            cluster: "c".into(),
+                            ..Default::default()
+                        })),
+                    },
+                    NetmapChange {
+                        change: Some(Change::ServiceRemoved(ObjectRef::default())),
+                    },
+                ],
+            })),
+        });
+        assert_eq!(s.revision, 7);
+        assert_eq!(s.peers.keys().collect::<Vec<_>>(), ["c"]);
+        assert_eq!(NetState::decode(&s.encode()), Some(s));
+    }
+}

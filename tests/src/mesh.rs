@@ -1,0 +1,273 @@
+//! A running mesh in a [`Topology`]: the real coordinator in the WAN
+//! namespace, clusters created with the real `skyctl`, and one real `meshd`
+//! per gateway namespace, joined with the printed join tokens — the way an
+//! operator brings one up.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::bin_path;
+use crate::netns::{NsProcess, Topology, wait_until};
+
+/// Port of each gateway's metrics endpoint (on the gateway's loopback).
+pub const METRICS_PORT: u16 = 9108;
+/// Port of each gateway's DNS server.
+pub const DNS_PORT: u16 = 53;
+
+/// A running mesh.
+pub struct Mesh {
+    /// Processes first: they must die before the namespaces go.
+    coordinator: Option<NsProcess>,
+    meshd: Vec<Option<NsProcess>>,
+    token: String,
+    pub topo: Topology,
+}
+
+impl Mesh {
+    /// Builds `n` clusters with `apps` app hosts each, starts the
+    /// coordinator, creates the clusters with skyctl and joins a meshd in
+    /// each gateway.
+    pub fn start(n: usize, apps: usize) -> Result<Self> {
+        let topo = Topology::new(n, apps)?;
+        let mut mesh = Mesh {
+            coordinator: None,
+            meshd: (0..n).map(|_| None).collect(),
+            token: String::new(),
+            topo,
+        };
+        mesh.start_coordinator()?;
+        for i in 1..=n {
+            let cidr = mesh.topo.workload_cidr(i);
+            let name = mesh.topo.cluster_name(i);
+            let out = mesh.skyctl(&["create", "cluster", &name, "--workload-cidr", &cidr]);
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            if !out.status.success() {
+                bail!(
+                    "skyctl create cluster {name} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let token = text
+                .split_whitespace()
+                .find(|w| w.starts_with("skyjoin_"))
+                .with_context(|| format!("no join token in skyctl output:\n{text}"))?
+                .to_string();
+            mesh.start_meshd(i, Some(&token))?;
+        }
+        Ok(mesh)
+    }
+
+    fn coordinator_dir(&self) -> PathBuf {
+        self.topo.dir().join("coordinator")
+    }
+
+    /// Starts (or restarts) the coordinator on 198.51.100.1:7400 with its
+    /// data directory.
+    pub fn start_coordinator(&mut self) -> Result<()> {
+        let dir = self.coordinator_dir();
+        let listen = self.topo.coordinator_addr().to_string();
+        let bin = bin_path("coordinator");
+        let log = self.topo.dir().join("coordinator.log");
+        let args = [
+            bin.to_str().context("binary path is UTF-8")?,
+            "--listen",
+            &listen,
+            "--data-dir",
+            dir.to_str().context("data dir is UTF-8")?,
+        ];
+        let _ = std::fs::remove_file(dir.join("listen.addr"));
+        self.coordinator = Some(self.topo.wan().spawn(&args, &log)?);
+        if !wait_until(Duration::from_secs(20), || dir.join("listen.addr").exists()) {
+            bail!(
+                "coordinator did not start:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        self.token = std::fs::read_to_string(dir.join("admin.token"))?
+            .trim()
+            .to_string();
+        Ok(())
+    }
+
+    /// Kills the coordinator (SIGKILL).
+    pub fn stop_coordinator(&mut self) {
+        if let Some(p) = self.coordinator.take() {
+            p.kill();
+        }
+    }
+
+    /// The state directory of cluster `i`'s meshd.
+    pub fn state_dir(&self, i: usize) -> PathBuf {
+        self.topo.dir().join(format!("meshd-{i}"))
+    }
+
+    /// The jobs file of cluster `i`'s meshd (`--jobs`).
+    pub fn jobs_file(&self, i: usize) -> PathBuf {
+        self.topo.dir().join(format!("jobs-{i}.toml"))
+    }
+
+    /// Starts cluster `i`'s meshd (with a join token on first start).
+    pub fn start_meshd(&mut self, i: usize, join_token: Option<&str>) -> Result<()> {
+        let bin = bin_path("meshd");
+        let url = self.topo.coordinator_url();
+        let name = self.topo.cluster_name(i);
+        let endpoint = SocketAddr::from((self.topo.gateway_wan_ip(i), 51820)).to_string();
+        let state = self.state_dir(i);
+        let iface = self.topo.iface(i);
+        let metrics = format!("127.0.0.1:{METRICS_PORT}");
+        let dns = SocketAddr::from((self.topo.gateway_lan_ip(i), DNS_PORT)).to_string();
+        let jobs = self.jobs_file(i);
+        if !jobs.exists() {
+            std::fs::write(&jobs, "")?;
+        }
+        let mut args: Vec<&str> = vec![
+            bin.to_str().context("binary path is UTF-8")?,
+            "--coordinator",
+            &url,
+            "--cluster",
+            &name,
+            "--endpoint",
+            &endpoint,
+            "--state-dir",
+            state.to_str().context("state dir is UTF-8")?,
+            "--interface",
+            &iface,
+            "--metrics-listen",
+            &metrics,
+            "--dns-listen",
+            &dns,
+            "--jobs",
+            jobs.to_str().context("jobs path is UTF-8")?,
+        ];
+        if let Some(t) = join_token {
+            args.extend(["--join-token", t]);
+        }
+        let log = self.topo.dir().join(format!("meshd-{i}.log"));
+        let mut cmd = std::process::Command::new(args[0]);
+        cmd.args(&args[1..]).env("RUST_LOG", "info,meshd=debug");
+        self.meshd[i - 1] = Some(self.topo.gateway(i).spawn_command(&cmd, &log)?);
+        Ok(())
+    }
+
+    /// Kills cluster `i`'s meshd (SIGKILL).
+    pub fn stop_meshd(&mut self, i: usize) {
+        if let Some(p) = self.meshd[i - 1].take() {
+            p.kill();
+        }
+    }
+
+    /// Cluster `i`'s meshd log.
+    pub fn meshd_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.topo.dir().join(format!("meshd-{i}.log"))).unwrap_or_default()
+    }
+
+    /// Runs skyctl (in the WAN namespace, where the coordinator is).
+    pub fn skyctl(&self, args: &[&str]) -> Output {
+        let bin = bin_path("skyctl");
+        let url = self.topo.coordinator_url();
+        let mut full: Vec<&str> = vec![
+            bin.to_str().unwrap_or("skyctl"),
+            "--coordinator",
+            &url,
+            "--token",
+            &self.token,
+        ];
+        full.extend(args);
+        self.topo.wan().exec(&full)
+    }
+
+    /// Runs skyctl and returns its stdout, failing on a non-zero exit.
+    pub fn sky(&self, args: &[&str]) -> Result<String> {
+        let out = self.skyctl(args);
+        if !out.status.success() {
+            bail!(
+                "skyctl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// `wg show <iface> DUMP_ARGS...` of cluster `i`'s meshd.
+    pub fn wg(&self, i: usize, args: &[&str]) -> Result<String> {
+        let iface = self.topo.iface(i);
+        let mut full = vec!["wg", "show", iface.as_str()];
+        full.extend(args);
+        self.topo.gateway(i).run(&full)
+    }
+
+    /// Latest handshake (unix seconds) per peer public key of cluster `i`.
+    pub fn handshakes(&self, i: usize) -> Vec<(String, u64)> {
+        self.wg(i, &["latest-handshakes"])
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Waits until every gateway has a handshake with all `n - 1` peers.
+    pub fn wait_for_tunnels(&self, timeout: Duration) -> bool {
+        let n = self.topo.n_clusters();
+        wait_until(timeout, || {
+            (1..=n).all(|i| {
+                let h = self.handshakes(i);
+                h.len() == n - 1 && h.iter().all(|(_, t)| *t > 0)
+            })
+        })
+    }
+
+    /// Cluster `i`'s metrics page.
+    pub fn metrics(&self, i: usize) -> Result<String> {
+        self.topo.gateway(i).run_in(|| -> Result<String> {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect_timeout(
+                &SocketAddr::from((Ipv4Addr::LOCALHOST, METRICS_PORT)),
+                Duration::from_secs(2),
+            )?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok(body)
+        })?
+    }
+
+    /// The value of a metric line starting with `prefix` (e.g.
+    /// `skymesh_drops_total{reason="source_not_allowed"}`), 0 if absent.
+    pub fn metric(&self, i: usize, prefix: &str) -> f64 {
+        self.metrics(i)
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for i in 1..=self.meshd.len() {
+                eprintln!("---- meshd {i} log ----\n{}", self.meshd_log(i));
+            }
+            eprintln!(
+                "---- coordinator log ----\n{}",
+                std::fs::read_to_string(self.topo.dir().join("coordinator.log"))
+                    .unwrap_or_default()
+            );
+        }
+        for p in self.meshd.iter_mut().filter_map(Option::take) {
+            p.kill();
+        }
+        self.stop_coordinator();
+    }
+}
