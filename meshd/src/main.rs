@@ -39,6 +39,10 @@ struct Args {
     /// Address of the embedded DNS server.
     #[arg(long)]
     dns_listen: Option<SocketAddr>,
+    /// Upstream resolver for names outside the mesh zones (repeatable;
+    /// default: the nameservers of /etc/resolv.conf).
+    #[arg(long = "dns-upstream", value_name = "IP:PORT")]
+    dns_upstreams: Vec<SocketAddr>,
     /// Address of the Prometheus /metrics endpoint.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -69,6 +73,7 @@ fn main() -> ExitCode {
         state_dir: a.state_dir,
         interface: a.interface,
         dns_listen: a.dns_listen,
+        dns_upstreams: a.dns_upstreams,
         metrics_listen: a.metrics_listen,
         jobs: a.jobs,
     };

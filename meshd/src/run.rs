@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::node::Node;
 use crate::io::{control, device, health, metrics, tun, uapi};
+use crate::state::NetState;
 use crate::statedir::StateDir;
 
 /// meshd's configuration (its flags, SPEC §4).
@@ -28,6 +29,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub interface: String,
     pub dns_listen: Option<SocketAddr>,
+    /// Upstream resolvers for names outside the mesh zones; empty = the
+    /// host's /etc/resolv.conf.
+    pub dns_upstreams: Vec<SocketAddr>,
     pub metrics_listen: Option<SocketAddr>,
     pub jobs: Option<PathBuf>,
 }
@@ -201,7 +205,26 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
         });
     }
     if let Some(addr) = cfg.dns_listen {
-        tracing::warn!(%addr, "--dns-listen is accepted but the embedded DNS server is not built into this meshd yet");
+        let dns_cfg = skymesh_dns::DnsConfig {
+            listen: addr,
+            service_cidr: first.service_cidr.parse().ok(),
+            upstreams: if cfg.dns_upstreams.is_empty() {
+                skymesh_dns::Upstreams::default()
+            } else {
+                skymesh_dns::Upstreams::Static(cfg.dns_upstreams.clone())
+            },
+            ..Default::default()
+        };
+        let (server, handle) = skymesh_dns::DnsServer::bind(dns_cfg, &mut registry, cancel.clone())
+            .await
+            .with_context(|| format!("failed to start DNS on --dns-listen {addr}"))?;
+        tracing::info!(addr = %server.local_addr(), "DNS listening");
+        tasks.spawn(async move { server.run().await.context("DNS server failed") });
+        let (rx, jobs, c) = (nm_rx.clone(), jobs_rx.clone(), cancel.clone());
+        tasks.spawn(async move {
+            feed_dns(handle, rx, jobs, c).await;
+            Ok(())
+        });
     }
     if let Some(addr) = cfg.metrics_listen {
         tasks.spawn(metrics::serve(addr, Arc::new(registry), cancel.clone()));
@@ -223,4 +246,37 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
         }
     }
     result
+}
+
+/// The DNS view of a netmap: its services and endpoints, and the local jobs
+/// failing their health checks (known here before the coordinator).
+pub fn dns_view(s: &NetState, jobs: &health::JobReadiness) -> skymesh_dns::MeshView {
+    skymesh_dns::MeshView {
+        cluster: s.cluster.clone(),
+        services: s.services.values().cloned().collect(),
+        endpoints: s.endpoints.values().cloned().collect(),
+        local_unready: jobs
+            .iter()
+            .filter(|(_, ready)| !**ready)
+            .map(|(k, _)| k.clone())
+            .collect(),
+    }
+}
+
+/// Rebuilds the DNS records whenever the netmap or local job health changes.
+async fn feed_dns(
+    handle: skymesh_dns::DnsHandle,
+    mut nm: watch::Receiver<Arc<NetState>>,
+    mut jobs: watch::Receiver<health::JobReadiness>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let view = dns_view(&nm.borrow_and_update(), &jobs.borrow_and_update());
+        handle.update(&view);
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            r = nm.changed() => if r.is_err() { return },
+            r = jobs.changed() => if r.is_err() { return },
+        }
+    }
 }
