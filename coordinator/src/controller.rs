@@ -35,6 +35,9 @@ use crate::registry::{
 pub const CLUSTER_STALE_AFTER_S: i64 = 30;
 /// Longest time between passes without any change.
 const RESYNC: Duration = Duration::from_secs(5);
+/// After a change, wait this long so a burst of writes (e.g. status
+/// reports of many gateways) costs one pass, not one pass per write.
+const DEBOUNCE: Duration = Duration::from_millis(50);
 
 /// What one pass wants written.
 #[derive(Debug, Default, PartialEq)]
@@ -321,7 +324,12 @@ pub async fn run(reg: Registry, cancel: CancellationToken) {
         };
         let mut changes = reg.store().watch(REGISTRY_PREFIX, rev);
         tokio::select! {
-            _ = changes.next() => {}
+            _ = changes.next() => {
+                tokio::select! {
+                    () = tokio::time::sleep(DEBOUNCE) => {}
+                    () = cancel.cancelled() => return,
+                }
+            }
             () = tokio::time::sleep(RESYNC) => {}
             () = cancel.cancelled() => return,
         }

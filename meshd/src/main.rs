@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// The coordinator's URL, e.g. http://10.0.0.5:7400.
+    /// The coordinator's URL, e.g. http://10.0.0.5:7400; several replicas
+    /// comma-separated.
     #[arg(long, env = "MESHD_COORDINATOR")]
     coordinator: String,
     /// This cluster's name (as created with `skyctl create cluster`).

@@ -39,17 +39,35 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// NotReady after 30 s of silence).
 const REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
-/// A channel to the coordinator that connects on first use and reconnects
-/// by itself.
-pub fn channel(url: &str) -> Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("invalid --coordinator URL {url:?}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_keepalive(Some(Duration::from_secs(10)))
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+/// The coordinator URLs of `--coordinator` (comma-separated).
+pub fn urls(arg: &str) -> Vec<&str> {
+    arg.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+/// A channel to the coordinator(s) that connects on first use and
+/// reconnects by itself. With several URLs (coordinator replicas sharing
+/// one etcd) requests go to whichever replica is reachable.
+pub fn channel(arg: &str) -> Result<Channel> {
+    let endpoints = urls(arg)
+        .into_iter()
+        .map(|url| {
+            Ok(Endpoint::from_shared(url.to_string())
+                .with_context(|| format!("invalid --coordinator URL {url:?}"))?
+                .connect_timeout(Duration::from_secs(3))
+                .tcp_keepalive(Some(Duration::from_secs(10)))
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .keep_alive_while_idle(true))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    match endpoints.as_slice() {
+        [] => bail!("--coordinator needs at least one URL"),
+        [one] => Ok(one.connect_lazy()),
+        _ => Ok(Channel::balance_list(endpoints.into_iter())),
+    }
 }
 
 /// A gateway client presenting `token`.
