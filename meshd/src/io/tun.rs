@@ -48,9 +48,15 @@ pub async fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Turns on IPv4 forwarding in this network namespace.
+/// Turns on IPv4 forwarding in this network namespace (nothing to do when
+/// it is on already, e.g. on a Kubernetes node where /proc/sys is
+/// read-only inside the container).
 pub fn enable_forwarding() -> Result<()> {
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("failed to enable IPv4 forwarding")
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(PATH).is_ok_and(|v| v.trim() == "1") {
+        return Ok(());
+    }
+    std::fs::write(PATH, "1").context("failed to enable IPv4 forwarding (net.ipv4.ip_forward)")
 }
 
 /// The routes the netmap wants through the interface: the service CIDR and
