@@ -3,7 +3,8 @@
 //! through them.
 //!
 //! # Layout
-//! - [`core`]: sans-IO WireGuard node, routing, health state machines.
+//! - [`core`]: sans-IO WireGuard node, routing, health state machines, and
+//!   the service VIP balancer (`core::lb`: NAT, flow table, Maglev).
 //! - [`state`]: the netmap as applied from the coordinator's stream.
 //! - [`statedir`]: private key, credential, netmap cache (0600 files).
 //! - [`io`]: TUN, UDP packet loop, coordinator client, API socket, probes,

@@ -13,6 +13,7 @@ use ipnet::Ipv4Net;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::lb::{Health, Lb, LbConfig, LbTable};
 use crate::core::node::Node;
 use crate::io::{control, device, health, metrics, tun, uapi};
 use crate::state::NetState;
@@ -121,11 +122,39 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     let stats = Arc::new(ArcSwap::from_pointee(device::DeviceStats::default()));
     let mut tasks = tokio::task::JoinSet::new();
 
-    tasks.spawn(device::run(
+    // Health first: the balancer's table depends on it.
+    let (peers_tx, peers_rx) = watch::channel(BTreeMap::new());
+    let (jobs_tx, jobs_rx) = watch::channel(BTreeMap::new());
+    let lb_cfg =
+        LbConfig::from_state(&first, rand::random()).context("netmap has no valid service CIDR")?;
+    let (lb_tx, lb_rx) = watch::channel(Arc::new(LbTable::build(
+        &first,
+        &lb_cfg,
+        &Health::default(),
+    )));
+    {
+        let (cfg, nm, p, j, c) = (
+            lb_cfg.clone(),
+            nm_rx.clone(),
+            peers_rx.clone(),
+            jobs_rx.clone(),
+            cancel.clone(),
+        );
+        tasks.spawn(async move {
+            run_lb_tables(cfg, nm, p, j, lb_tx, c).await;
+            Ok(())
+        });
+    }
+    let engine = device::Engine {
         node,
+        lb: Lb::new(lb_cfg),
+    };
+    tasks.spawn(device::run(
+        engine,
         dev,
         udp,
         nm_rx.clone(),
+        lb_rx,
         stats.clone(),
         cancel.clone(),
     ));
@@ -154,14 +183,12 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
         cancel.clone(),
     ));
 
-    let (peers_tx, peers_rx) = watch::channel(BTreeMap::new());
     tasks.spawn(health::run_probes(
         overlay_ip,
         nm_rx.clone(),
         peers_tx,
         cancel.clone(),
     ));
-    let (jobs_tx, jobs_rx) = watch::channel(BTreeMap::new());
     {
         let (rx, c) = (nm_rx.clone(), cancel.clone());
         tasks.spawn(async move {
@@ -278,5 +305,50 @@ async fn feed_dns(
             r = nm.changed() => if r.is_err() { return },
             r = jobs.changed() => if r.is_err() { return },
         }
+    }
+}
+
+/// The balancer's health input: peers whose gateway stopped answering
+/// probes, local jobs failing their checks.
+pub fn lb_health(
+    peers: &BTreeMap<String, health::PeerHealth>,
+    jobs: &health::JobReadiness,
+) -> Health {
+    Health {
+        peers_down: peers
+            .iter()
+            .filter(|(_, h)| !h.up)
+            .map(|(n, _)| n.clone())
+            .collect(),
+        local_unready: jobs
+            .iter()
+            .filter(|(_, r)| !**r)
+            .map(|(k, _)| k.clone())
+            .collect(),
+    }
+}
+
+/// Rebuilds the balancer's table whenever the netmap or health changes (off
+/// the packet loop: Maglev tables of unchanged services are reused).
+async fn run_lb_tables(
+    cfg: LbConfig,
+    mut nm: watch::Receiver<Arc<NetState>>,
+    mut peers: watch::Receiver<BTreeMap<String, health::PeerHealth>>,
+    mut jobs: watch::Receiver<health::JobReadiness>,
+    out: watch::Sender<Arc<LbTable>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            r = nm.changed() => if r.is_err() { return },
+            r = peers.changed() => if r.is_err() { return },
+            r = jobs.changed() => if r.is_err() { return },
+        }
+        let state = nm.borrow_and_update().clone();
+        let h = lb_health(&peers.borrow_and_update(), &jobs.borrow_and_update());
+        let prev = out.borrow().clone();
+        let t = LbTable::rebuild(Some(&prev), &state, &cfg, &h);
+        out.send_replace(Arc::new(t));
     }
 }

@@ -2,5 +2,6 @@
 //! need time, a clock the caller passes). No sockets, no TUN, no tasks.
 
 pub mod health;
+pub mod lb;
 pub mod node;
 pub mod route;

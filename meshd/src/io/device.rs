@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tun_rs::AsyncDevice;
 
+use crate::core::lb::{Lb, LbStats, LbTable, Verdict};
 use crate::core::node::{DropReason, MAX_DATAGRAM, Node, PeerConfig, PeerInfo, Transmit};
 use crate::state::NetState;
 
@@ -33,6 +34,7 @@ pub struct DeviceStats {
     pub listen_port: u16,
     pub peers: Vec<PeerInfo>,
     pub drops: BTreeMap<DropReason, u64>,
+    pub lb: LbStats,
 }
 
 /// Peer configurations from the netmap; peers with unusable fields are
@@ -76,24 +78,41 @@ pub fn bind_udp(port: u16) -> Result<UdpSocket> {
     Ok(UdpSocket::from_std(std)?)
 }
 
+/// The packet loop's state: the WireGuard node and the VIP balancer, owned
+/// by the loop alone.
+pub struct Engine {
+    pub node: Node,
+    pub lb: Lb,
+}
+
 /// Runs the packet loop until `cancel` fires.
+///
+/// Every packet from the TUN goes through the balancer first (it
+/// recognises replies of its own SNAT flows, answers pings and refusals for
+/// VIPs, and rewrites new VIP flows), then to the node for encryption when
+/// it must cross a tunnel. Every packet a tunnel delivers goes through the
+/// balancer's reverse translation before it is written to the TUN.
 pub async fn run(
-    mut node: Node,
+    engine: Engine,
     tun: Arc<AsyncDevice>,
     udp: UdpSocket,
     mut netmap: watch::Receiver<Arc<NetState>>,
+    mut lb_table: watch::Receiver<Arc<LbTable>>,
     stats: Arc<ArcSwap<DeviceStats>>,
     cancel: CancellationToken,
 ) -> Result<()> {
+    let Engine { mut node, mut lb } = engine;
     let listen_port = udp.local_addr()?.port();
     let mut tun_buf = vec![0u8; MAX_DATAGRAM];
     let mut udp_buf = vec![0u8; MAX_DATAGRAM];
     let mut out: Vec<Transmit> = Vec::with_capacity(16);
+    let mut reply: Vec<u8> = Vec::with_capacity(1500);
     let mut timers = tokio::time::interval(TIMER_TICK);
     timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut ticks: u64 = 0;
     apply_netmap(&mut node, &netmap.borrow_and_update());
-    publish(&node, listen_port, &stats);
+    lb.set_table(lb_table.borrow_and_update().clone());
+    publish(&node, &lb, listen_port, &stats);
     loop {
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
@@ -103,24 +122,46 @@ pub async fn run(
                 }
                 let s = netmap.borrow_and_update().clone();
                 apply_netmap(&mut node, &s);
-                publish(&node, listen_port, &stats);
+                publish(&node, &lb, listen_port, &stats);
+            }
+            changed = lb_table.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                lb.set_table(lb_table.borrow_and_update().clone());
             }
             r = tun.recv(&mut tun_buf) => match r {
-                Ok(n) => node.handle_tun(&tun_buf[..n], &mut out),
+                Ok(n) => {
+                    let packet = &mut tun_buf[..n];
+                    match lb.outbound(packet, &mut reply, std::time::Instant::now()) {
+                        Verdict::Pass | Verdict::ToTunnel => node.handle_tun(packet, &mut out),
+                        Verdict::ToTun => out.push(Transmit::Tunnel(packet.to_vec())),
+                        Verdict::Reply => out.push(Transmit::Tunnel(reply.clone())),
+                        Verdict::Drop(_) => {}
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "TUN read failed"),
             },
             r = udp.recv_from(&mut udp_buf) => match r {
-                Ok((n, src)) => node.handle_network(src, &udp_buf[..n], &mut out),
+                Ok((n, src)) => {
+                    node.handle_network(src, &udp_buf[..n], &mut out);
+                    let now = std::time::Instant::now();
+                    out.retain_mut(|t| match t {
+                        Transmit::Tunnel(p) => matches!(lb.inbound(p, now), Verdict::Pass | Verdict::ToTun),
+                        Transmit::Network(..) => true,
+                    });
+                }
                 // ICMP errors from peers surface here (e.g. port unreachable).
                 Err(e) => tracing::trace!(error = %e, "UDP receive failed"),
             },
             _ = timers.tick() => {
                 node.handle_timers(&mut out);
+                lb.handle_timeout(std::time::Instant::now());
                 ticks += 1;
                 if ticks.is_multiple_of(4) {
                     node.reset_rate_limiter();
                 }
-                publish(&node, listen_port, &stats);
+                publish(&node, &lb, listen_port, &stats);
             }
         }
         for t in out.drain(..) {
@@ -142,12 +183,13 @@ pub async fn run(
 
 /// Publishes the node's counters (every timer tick and after peer changes,
 /// so `wg show` is never more than 250 ms behind).
-fn publish(node: &Node, listen_port: u16, stats: &ArcSwap<DeviceStats>) {
+fn publish(node: &Node, lb: &Lb, listen_port: u16, stats: &ArcSwap<DeviceStats>) {
     stats.store(Arc::new(DeviceStats {
         public_key: node.public_key(),
         listen_port,
         peers: node.peers(),
         drops: node.drops().clone(),
+        lb: lb.stats(),
     }));
 }
 

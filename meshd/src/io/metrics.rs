@@ -32,6 +32,17 @@ struct DropLabels {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    service: String,
+    backend: String,
+}
+
 /// meshd's metrics.
 #[derive(Default)]
 pub struct Metrics {
@@ -45,6 +56,11 @@ pub struct Metrics {
     drops: Family<DropLabels, Counter>,
     jobs_ready: Gauge,
     jobs: Gauge,
+    connections: Family<ServiceLabels, Counter>,
+    backend_connections: Family<BackendLabels, Counter>,
+    active_flows: Gauge,
+    lb_drops: Family<DropLabels, Counter>,
+    lb_replies: Family<DropLabels, Counter>,
 }
 
 impl Metrics {
@@ -94,6 +110,31 @@ impl Metrics {
             m.jobs_ready.clone(),
         );
         r.register("jobs", "Local jobs being checked", m.jobs.clone());
+        r.register(
+            "service_connections",
+            "New connections (flows) to a service VIP",
+            m.connections.clone(),
+        );
+        r.register(
+            "backend_connections",
+            "New connections (flows) sent to a backend of a service",
+            m.backend_connections.clone(),
+        );
+        r.register(
+            "active_flows",
+            "Flows in the VIP flow table",
+            m.active_flows.clone(),
+        );
+        r.register(
+            "lb_drops",
+            "Packets to VIPs dropped, by reason",
+            m.lb_drops.clone(),
+        );
+        r.register(
+            "lb_replies",
+            "Answers generated for VIPs (echo replies, resets, unreachables)",
+            m.lb_replies.clone(),
+        );
         Arc::new(m)
     }
 
@@ -167,6 +208,50 @@ impl Metrics {
             Self::advance(
                 &self.drops.get_or_create(&l),
                 prev.drops.get(reason).copied().unwrap_or(0),
+                *n,
+            );
+        }
+        for (svc, st) in &now.lb.services {
+            let before = prev.lb.services.get(svc);
+            let l = ServiceLabels {
+                service: svc.clone(),
+            };
+            Self::advance(
+                &self.connections.get_or_create(&l),
+                before.map_or(0, |b| b.connections),
+                st.connections,
+            );
+            for (backend, n) in &st.backends {
+                let l = BackendLabels {
+                    service: svc.clone(),
+                    backend: backend.clone(),
+                };
+                let b = before
+                    .and_then(|b| b.backends.get(backend))
+                    .copied()
+                    .unwrap_or(0);
+                Self::advance(&self.backend_connections.get_or_create(&l), b, *n);
+            }
+        }
+        self.active_flows
+            .set(i64::try_from(now.lb.active_flows).unwrap_or(i64::MAX));
+        for (reason, n) in &now.lb.drops {
+            let l = DropLabels {
+                reason: reason.as_str().to_string(),
+            };
+            Self::advance(
+                &self.lb_drops.get_or_create(&l),
+                prev.lb.drops.get(reason).copied().unwrap_or(0),
+                *n,
+            );
+        }
+        for (kind, n) in &now.lb.replies {
+            let l = DropLabels {
+                reason: kind.as_str().to_string(),
+            };
+            Self::advance(
+                &self.lb_replies.get_or_create(&l),
+                prev.lb.replies.get(kind).copied().unwrap_or(0),
                 *n,
             );
         }

@@ -1,0 +1,392 @@
+//! End-to-end service VIPs (SPEC §5): three clusters, two replicas each,
+//! every replica answering with its own name; connections to the VIP from
+//! app hosts, balanced by the real meshd of the client's cluster.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use skymesh_tests::mesh::Mesh;
+use skymesh_tests::netns::{Netns, wait_until};
+
+const TCP_PORT: u16 = 8080;
+const UDP_PORT: u16 = 9090;
+
+/// A replica: answers every TCP connection with its name and a newline,
+/// then echoes lines; answers every UDP datagram with its name. Stops
+/// (closes its listeners) when `alive` turns false.
+struct Replica {
+    alive: Arc<AtomicBool>,
+}
+
+impl Replica {
+    fn start(ns: &Netns, ip: Ipv4Addr, name: &str) -> Replica {
+        let alive = Arc::new(AtomicBool::new(true));
+        let (tcp, udp) = ns
+            .run_in(move || {
+                (
+                    TcpListener::bind((ip, TCP_PORT)).unwrap(),
+                    UdpSocket::bind((ip, UDP_PORT)).unwrap(),
+                )
+            })
+            .unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let (n1, a1) = (name.to_string(), alive.clone());
+        std::thread::spawn(move || {
+            while a1.load(Ordering::SeqCst) {
+                match tcp.accept() {
+                    Ok((mut c, _)) => {
+                        let n = n1.clone();
+                        let a = a1.clone();
+                        std::thread::spawn(move || {
+                            c.set_nonblocking(false).unwrap();
+                            c.set_read_timeout(Some(Duration::from_millis(200)))
+                                .unwrap();
+                            let _ = c.write_all(format!("{n}\n").as_bytes());
+                            let mut r = BufReader::new(c.try_clone().unwrap());
+                            let mut line = String::new();
+                            while a.load(Ordering::SeqCst) {
+                                line.clear();
+                                match r.read_line(&mut line) {
+                                    Ok(0) => return,
+                                    Ok(_) => {
+                                        let _ = c.write_all(line.as_bytes());
+                                    }
+                                    Err(_) => {}
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        let (n2, a2) = (name.to_string(), alive.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while a2.load(Ordering::SeqCst) {
+                if let Ok((_, src)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(n2.as_bytes(), src);
+                }
+            }
+        });
+        Replica { alive }
+    }
+
+    fn stop(&self) {
+        self.alive.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Three clusters, two replicas each (`web-<c>-<k>` on app host k of
+/// cluster c), registered through each gateway's `--jobs` file.
+fn mesh_with_replicas() -> (Mesh, Vec<Replica>) {
+    let mesh = Mesh::start(3, 2).unwrap();
+    let mut replicas = Vec::new();
+    for c in 1..=3 {
+        let mut jobs = String::new();
+        for k in 1..=2 {
+            let ip = mesh.topo.app_ip(c, k);
+            let name = format!("web-{c}-{k}");
+            replicas.push(Replica::start(mesh.topo.app(c, k), ip, &name));
+            jobs.push_str(&format!(
+                "[[job]]\nname = \"{name}\"\nip = \"{ip}\"\nlabels = {{ app = \"web\" }}\nports = [\"http:{TCP_PORT}\", \"dns:{UDP_PORT}/UDP\"]\n\n"
+            ));
+        }
+        std::fs::write(mesh.jobs_file(c), jobs).unwrap();
+    }
+    assert!(mesh.wait_for_tunnels(Duration::from_secs(20)));
+    (mesh, replicas)
+}
+
+fn vip_of(mesh: &Mesh, svc: &str) -> Ipv4Addr {
+    let json = mesh.sky(&["get", "service", svc, "-o", "json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    v.pointer("/status/cluster_ip")
+        .and_then(|i| i.as_str())
+        .unwrap_or_else(|| panic!("no VIP in {json}"))
+        .parse()
+        .unwrap()
+}
+
+/// Opens `n` TCP connections from `ns` to `dst` and counts the names that
+/// answer (errors are counted under "<error>").
+fn tcp_names(ns: &Netns, dst: SocketAddr, n: usize) -> BTreeMap<String, usize> {
+    ns.run_in(move || {
+        let mut seen = BTreeMap::new();
+        for _ in 0..n {
+            let name = (|| -> std::io::Result<String> {
+                let s = TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut line = String::new();
+                BufReader::new(s).read_line(&mut line)?;
+                Ok(line.trim().to_string())
+            })()
+            .unwrap_or_else(|e| format!("<error: {}>", e.kind()));
+            *seen.entry(name).or_insert(0) += 1;
+        }
+        seen
+    })
+    .unwrap()
+}
+
+/// Sends one datagram from each of `n` fresh sockets (distinct flows) and
+/// counts the names that answer.
+fn udp_names(ns: &Netns, dst: SocketAddr, n: usize) -> BTreeMap<String, usize> {
+    ns.run_in(move || {
+        let mut seen = BTreeMap::new();
+        for _ in 0..n {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let _ = s.send_to(b"who?", dst);
+            let mut buf = [0u8; 64];
+            let name = match s.recv(&mut buf) {
+                Ok(n) => String::from_utf8_lossy(&buf[..n]).to_string(),
+                Err(e) => format!("<error: {}>", e.kind()),
+            };
+            *seen.entry(name).or_insert(0) += 1;
+        }
+        seen
+    })
+    .unwrap()
+}
+
+fn all_ready(mesh: &Mesh, svc: &str, n: usize) -> bool {
+    wait_until(Duration::from_secs(15), || {
+        let ep = mesh
+            .sky(&["get", "endpoints", svc, "-o", "json"])
+            .unwrap_or_default();
+        ep.matches("\"ready\": true").count() + ep.matches("\"ready\":true").count() >= n
+    })
+}
+
+#[test]
+fn vip_balances_across_every_replica_and_fails_over() {
+    let (mut mesh, replicas) = mesh_with_replicas();
+    mesh.sky(&[
+        "create",
+        "service",
+        "web",
+        "-s",
+        "app=web",
+        "-p",
+        "http:80:8080",
+        "-p",
+        "dns:53:9090/UDP",
+    ])
+    .unwrap();
+    assert!(
+        all_ready(&mesh, "web", 6),
+        "{}",
+        mesh.sky(&["get", "endpoints", "web", "-o", "wide"])
+            .unwrap()
+    );
+    let vip = vip_of(&mesh, "web");
+    let client = mesh.topo.app(1, 1);
+
+    // ping to the VIP is answered by meshd.
+    assert!(
+        wait_until(Duration::from_secs(3), || client.ping(vip)),
+        "ping {vip}"
+    );
+
+    // 120 TCP connections reach all 6 replicas, none fewer than 8.
+    let seen = tcp_names(client, SocketAddr::from((vip, 80)), 120);
+    eprintln!("TCP spread: {seen:?}");
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    assert!(seen.values().all(|n| *n >= 8), "{seen:?}");
+    // The same for UDP flows.
+    let seen = udp_names(client, SocketAddr::from((vip, 53)), 120);
+    eprintln!("UDP spread: {seen:?}");
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    assert!(seen.values().all(|n| *n >= 8), "{seen:?}");
+    // Connections per service and per backend are exported.
+    assert!(
+        wait_until(Duration::from_secs(3), || mesh.metric(
+            1,
+            r#"skymesh_service_connections_total{service="default/web"}"#
+        ) >= 120.0),
+        "{}",
+        mesh.metrics(1).unwrap_or_default()
+    );
+    assert!(
+        mesh.metric(
+            1,
+            r#"skymesh_backend_connections_total{service="default/web",backend="c2/web-2-1"}"#
+        ) >= 8.0
+    );
+    // A port the service does not define is refused at once.
+    let refused = client
+        .run_in(move || {
+            TcpStream::connect_timeout(&SocketAddr::from((vip, 81)), Duration::from_secs(2))
+                .map(|_| ())
+        })
+        .unwrap();
+    assert_eq!(
+        refused.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+
+    // A long-lived connection to a replica that stays alive (cluster 2).
+    let long = client
+        .run_in(move || {
+            for _ in 0..50 {
+                let s = TcpStream::connect_timeout(
+                    &SocketAddr::from((vip, 80)),
+                    Duration::from_secs(2),
+                )
+                .unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                if line.trim() == "web-2-1" {
+                    return (s, r);
+                }
+            }
+            panic!("no connection landed on web-2-1");
+        })
+        .unwrap();
+
+    // Kill one replica (c1's second) and take cluster 3's gateway down.
+    replicas[1].stop();
+    mesh.stop_meshd(3);
+    std::thread::sleep(Duration::from_secs(3));
+    let seen = tcp_names(mesh.topo.app(1, 1), SocketAddr::from((vip, 80)), 100);
+    eprintln!("after failures: {seen:?}");
+    assert_eq!(seen.values().sum::<usize>(), 100);
+    for dead in ["web-1-2", "web-3-1", "web-3-2"] {
+        assert!(!seen.contains_key(dead), "{dead} got connections: {seen:?}");
+    }
+    assert!(
+        seen.keys().all(|k| k.starts_with("web-")),
+        "all 100 succeed: {seen:?}"
+    );
+    // The long-lived connection is undisturbed.
+    let (mut s, mut r) = long;
+    s.write_all(b"still there?\n").unwrap();
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line, "still there?\n");
+}
+
+#[test]
+fn traffic_policies_affinity_and_user_endpoints() {
+    let (mesh, _replicas) = mesh_with_replicas();
+    let client = mesh.topo.app(1, 1);
+    mesh.sky(&[
+        "create",
+        "service",
+        "near",
+        "-s",
+        "app=web",
+        "-p",
+        "80:8080",
+        "--traffic-policy",
+        "PreferLocal",
+    ])
+    .unwrap();
+    mesh.sky(&[
+        "create",
+        "service",
+        "here",
+        "-s",
+        "app=web",
+        "-p",
+        "80:8080",
+        "--traffic-policy",
+        "Local",
+    ])
+    .unwrap();
+    mesh.sky(&[
+        "create",
+        "service",
+        "sticky",
+        "-s",
+        "app=web",
+        "-p",
+        "80:8080",
+        "--session-affinity",
+        "ClientIP",
+    ])
+    .unwrap();
+    for s in ["near", "here", "sticky"] {
+        assert!(all_ready(&mesh, s, 6));
+    }
+    for s in ["near", "here"] {
+        let seen = tcp_names(client, SocketAddr::from((vip_of(&mesh, s), 80)), 40);
+        eprintln!("{s}: {seen:?}");
+        assert!(
+            seen.keys().all(|k| k.starts_with("web-1-")),
+            "{s} stays local: {seen:?}"
+        );
+        assert_eq!(seen.len(), 2, "{s} uses both local replicas: {seen:?}");
+    }
+    let seen = tcp_names(client, SocketAddr::from((vip_of(&mesh, "sticky"), 80)), 30);
+    assert_eq!(seen.len(), 1, "ClientIP pins the client: {seen:?}");
+
+    // A service without a selector uses user-made Endpoints.
+    mesh.sky(&["create", "service", "solo", "-p", "80:8080"])
+        .unwrap();
+    mesh.sky(&[
+        "create",
+        "endpoints",
+        "solo",
+        "--num_endpoints",
+        "1",
+        "--exposed",
+        "--primary_cluster",
+        "c2",
+        "-s",
+        "app=web",
+    ])
+    .unwrap();
+    let vip = vip_of(&mesh, "solo");
+    assert!(all_ready(&mesh, "solo", 1));
+    let seen = tcp_names(client, SocketAddr::from((vip, 80)), 20);
+    assert_eq!(
+        seen.len(),
+        1,
+        "every connection to the single job: {seen:?}"
+    );
+    assert!(seen.keys().all(|k| k.starts_with("web-2-")), "{seen:?}");
+    // Without --exposed, clients in c1 are refused.
+    mesh.sky(&["create", "service", "private", "-p", "80:8080"])
+        .unwrap();
+    mesh.sky(&[
+        "create",
+        "endpoints",
+        "private",
+        "--num_endpoints",
+        "1",
+        "--primary_cluster",
+        "c2",
+        "-s",
+        "app=web",
+    ])
+    .unwrap();
+    let vip = vip_of(&mesh, "private");
+    std::thread::sleep(Duration::from_secs(1));
+    let seen = tcp_names(client, SocketAddr::from((vip, 80)), 5);
+    assert!(
+        seen.keys().all(|k| k.starts_with("<error")),
+        "refused in c1: {seen:?}"
+    );
+    let local = tcp_names(mesh.topo.app(2, 1), SocketAddr::from((vip, 80)), 5);
+    assert!(
+        local.keys().all(|k| k.starts_with("web-2-")),
+        "reachable in c2: {local:?}"
+    );
+}
