@@ -598,11 +598,7 @@ impl Builder {
                     .ports
                     .iter()
                     .map(|p| {
-                        let target = if p.target_port == 0 {
-                            p.port
-                        } else {
-                            p.target_port
-                        };
+                        let target = p.effective_target_port();
                         (p.name.as_str(), p.protocol(), target)
                     })
                     .collect(),

@@ -102,6 +102,18 @@ impl Object {
     }
 }
 
+impl v1::ServicePort {
+    /// The port on the replicas: `target_port`, or `port` when it is 0
+    /// (validation fills it in, but objects from elsewhere may not have it).
+    pub fn effective_target_port(&self) -> u32 {
+        if self.target_port == 0 {
+            self.port
+        } else {
+            self.target_port
+        }
+    }
+}
+
 macro_rules! into_object {
     ($($t:ident),*) => {$(
         impl From<v1::$t> for Object {

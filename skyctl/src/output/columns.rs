@@ -133,11 +133,7 @@ fn service(s: &Service, wide: bool, now: i64) -> Vec<String> {
         .ports
         .iter()
         .map(|p| {
-            let target = if p.target_port == 0 {
-                p.port
-            } else {
-                p.target_port
-            };
+            let target = p.effective_target_port();
             format!(
                 "{}:{}/{}",
                 p.port,

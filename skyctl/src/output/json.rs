@@ -78,11 +78,7 @@ fn service(s: &Service) -> Value {
             let mut out = Map::new();
             put_str(&mut out, "name", &p.name);
             out.insert("port".into(), json!(p.port));
-            let target = if p.target_port == 0 {
-                p.port
-            } else {
-                p.target_port
-            };
+            let target = p.effective_target_port();
             out.insert("target_port".into(), json!(target));
             out.insert(
                 "protocol".into(),

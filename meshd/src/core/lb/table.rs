@@ -218,11 +218,7 @@ fn vip_service(
         let Ok(port) = u16::try_from(p.port) else {
             continue;
         };
-        let target = if p.target_port == 0 {
-            port
-        } else {
-            u16::try_from(p.target_port).unwrap_or(0)
-        };
+        let target = u16::try_from(p.effective_target_port()).unwrap_or(0);
         if port != 0 && target != 0 {
             ports.insert((proto, port), target);
         }
