@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::lb::{Health, Lb, LbConfig, LbTable};
 use crate::core::node::Node;
-use crate::io::{control, device, health, metrics, tun, uapi};
+use crate::io::{control, device, health, metrics, nodeport, tun, uapi};
 use crate::state::NetState;
 use crate::statedir::StateDir;
 
@@ -174,6 +174,18 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
                     () = tokio::time::sleep(Duration::from_secs(5)) => {}
                 }
             }
+        });
+    }
+    // NodePort/LoadBalancer services on the underlay address.
+    let underlay = match cfg.endpoint {
+        Some(e) => e.ip(),
+        None => control::detect_local_ip(&cfg.coordinator)?,
+    };
+    {
+        let (rx, c) = (nm_rx.clone(), cancel.clone());
+        tasks.spawn(async move {
+            nodeport::run(underlay, rx, c).await;
+            Ok(())
         });
     }
     tasks.spawn(uapi::serve(

@@ -390,3 +390,55 @@ fn traffic_policies_affinity_and_user_endpoints() {
         "reachable in c2: {local:?}"
     );
 }
+
+#[test]
+fn nodeport_services_are_reachable_from_outside_the_mesh() {
+    let (mesh, _replicas) = mesh_with_replicas();
+    mesh.sky(&[
+        "create",
+        "service",
+        "edge",
+        "-t",
+        "NodePort",
+        "-s",
+        "app=web",
+        "-p",
+        "8443:8080",
+        "-p",
+        "5353:9090/UDP",
+        "-c",
+        "c1",
+    ])
+    .unwrap();
+    assert!(all_ready(&mesh, "edge", 6));
+    let gw1 = mesh.topo.gateway_wan_ip(1);
+    // The coordinator lists the exposing gateway's underlay address.
+    assert!(
+        wait_until(Duration::from_secs(5), || mesh
+            .sky(&["get", "service", "edge"])
+            .unwrap_or_default()
+            .contains(&gw1.to_string())),
+        "{}",
+        mesh.sky(&["get", "service", "edge"]).unwrap()
+    );
+    // A client outside the mesh (the WAN) reaches replicas in every cluster.
+    let outside = mesh.topo.wan();
+    assert!(wait_until(Duration::from_secs(5), || {
+        tcp_names(outside, SocketAddr::from((gw1, 8443)), 1)
+            .keys()
+            .all(|k| k.starts_with("web-"))
+    }));
+    let seen = tcp_names(outside, SocketAddr::from((gw1, 8443)), 60);
+    eprintln!("NodePort TCP from outside: {seen:?}");
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    let seen = udp_names(outside, SocketAddr::from((gw1, 5353)), 30);
+    eprintln!("NodePort UDP from outside: {seen:?}");
+    assert!(seen.keys().all(|k| k.starts_with("web-")), "{seen:?}");
+    // Not exposed on c2's gateway.
+    let gw2 = mesh.topo.gateway_wan_ip(2);
+    let refused = tcp_names(outside, SocketAddr::from((gw2, 8443)), 1);
+    assert!(
+        refused.keys().all(|k| k.starts_with("<error")),
+        "{refused:?}"
+    );
+}

@@ -7,5 +7,6 @@ pub mod device;
 pub mod health;
 pub mod jobs;
 pub mod metrics;
+pub mod nodeport;
 pub mod tun;
 pub mod uapi;
