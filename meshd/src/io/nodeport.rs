@@ -165,37 +165,40 @@ async fn relay_udp(sock: UdpSocket, vip: Ipv4Addr, port: u16, stop: Cancellation
                 Err(_) => continue,
             },
         };
-        if !clients.contains_key(&from) {
-            let Ok(up) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await else {
-                continue;
-            };
-            if up.connect((vip, port)).await.is_err() {
-                continue;
-            }
-            let up = Arc::new(up);
-            let child = stop.child_token();
-            let (down, up2, gone, c) = (sock.clone(), up.clone(), gone_tx.clone(), child.clone());
-            // Replies from the VIP go back to this client until it idles out.
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65_535];
-                loop {
-                    tokio::select! {
-                        () = c.cancelled() => break,
-                        r = tokio::time::timeout(UDP_IDLE, up2.recv(&mut buf)) => match r {
-                            Ok(Ok(n)) => {
-                                let _ = down.send_to(&buf[..n], from).await;
-                            }
-                            _ => break,
-                        },
-                    }
+        let up = match clients.entry(from) {
+            std::collections::btree_map::Entry::Occupied(e) => e.get().0.clone(),
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                let Ok(up) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await else {
+                    continue;
+                };
+                if up.connect((vip, port)).await.is_err() {
+                    continue;
                 }
-                let _ = gone.send(from);
-            });
-            clients.insert(from, (up, child));
-        }
-        if let Some((up, _)) = clients.get(&from) {
-            let _ = up.send(&buf[..n]).await;
-        }
+                let up = Arc::new(up);
+                let child = stop.child_token();
+                let (down, up2, gone, c) =
+                    (sock.clone(), up.clone(), gone_tx.clone(), child.clone());
+                // Replies from the VIP go back to this client until it idles out.
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65_535];
+                    loop {
+                        tokio::select! {
+                            () = c.cancelled() => break,
+                            r = tokio::time::timeout(UDP_IDLE, up2.recv(&mut buf)) => match r {
+                                Ok(Ok(n)) => {
+                                    let _ = down.send_to(&buf[..n], from).await;
+                                }
+                                _ => break,
+                            },
+                        }
+                    }
+                    let _ = gone.send(from);
+                });
+                slot.insert((up.clone(), child));
+                up
+            }
+        };
+        let _ = up.send(&buf[..n]).await;
     }
 }
 
