@@ -156,11 +156,14 @@ prereqs() {
   [ "$(id -u)" -eq 0 ] || die "run as root: the demo creates network namespaces (sudo $SELF up)"
   [ -c /dev/net/tun ] || die "/dev/net/tun is missing: meshd needs TUN devices (modprobe tun; in a container, pass --device /dev/net/tun)"
   local -A pkg_of=([ip]=iproute2 [wg]=wireguard-tools [dig]=bind9-dnsutils
-    [ping]=iputils-ping [curl]=curl [setsid]=util-linux [flock]=util-linux)
+    [ping]=iputils-ping [curl]=curl [setsid]=util-linux [flock]=util-linux
+    [protoc]=protobuf-compiler)
   local missing=() c
-  for c in ip wg dig ping curl setsid flock; do
+  for c in ip wg dig ping curl setsid flock protoc; do
     command -v "$c" >/dev/null 2>&1 || missing+=("${pkg_of[$c]}")
   done
+  # The etcd client's generated code needs protoc's well-known types.
+  [ -f /usr/include/google/protobuf/timestamp.proto ] || missing+=(libprotobuf-dev)
   if [ ${#missing[@]} -gt 0 ]; then
     mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
     info "installing missing Debian packages: ${missing[*]}"
@@ -172,7 +175,7 @@ prereqs() {
     fi
   fi
   ip netns list >/dev/null 2>&1 || die "'ip netns' does not work here (is this iproute2 too old, or /run/netns not writable?)"
-  ok "root, /dev/net/tun, ip, wg, dig, ping, curl"
+  ok "root, /dev/net/tun, ip, wg, dig, ping, curl, protoc"
 }
 
 # ---------------------------------------------------------------- processes

@@ -3,7 +3,9 @@
 //! constant-time.
 //!
 //! - Admin token: written once to `<data-dir>/admin.token` (0600); required
-//!   by the object API (checked by [`AdminAuth`], an interceptor).
+//!   by the object API (checked by [`AdminAuth`], an interceptor). With a
+//!   shared store (etcd) every coordinator uses the one token the first
+//!   created (see [`init_admin`]).
 //! - Join token: made with a cluster, expires, deleted by the join that uses
 //!   it (`/auth/join/<hash>` → `cluster\nexpiry`).
 //! - Cluster credential: returned by a successful join; meshd presents it
@@ -16,7 +18,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
-use skymesh_store::{KeyValue, Op, Store};
+use skymesh_store::{Compare, KeyValue, Op, Store};
 use subtle::ConstantTimeEq as _;
 
 use crate::error::{Error, Result};
@@ -50,33 +52,122 @@ pub fn bearer(md: &tonic::metadata::MetadataMap) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Makes sure an admin token exists: reuses `<data_dir>/admin.token` when
-/// its hash is the stored one, else writes a new token (0600) and stores its
-/// hash. Returns the hash.
-pub async fn init_admin(store: &dyn Store, data_dir: &Path) -> Result<[u8; 32]> {
+/// Where [`init_admin`] takes the admin token from.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AdminTokenSource<'a> {
+    /// A token file named by the operator (`--admin-token-file`), e.g. a
+    /// secret mounted into every replica.
+    pub file: Option<&'a Path>,
+    /// Whether other coordinators share the store (etcd): the stored hash is
+    /// then created once, by whichever replica comes first, and never
+    /// replaced.
+    pub shared: bool,
+}
+
+/// Makes sure an admin token exists and returns its hash; afterwards
+/// `<data_dir>/admin.token` (0600) holds the token this coordinator accepts.
+///
+/// - Own store (embedded): a token from `src.file` becomes the admin token.
+///   Otherwise `<data_dir>/admin.token` is reused when its hash is the
+///   stored one, else a new token is written there and its hash stored.
+/// - Shared store (etcd): every replica must accept the same token. The
+///   token is `src.file`'s, else `<data_dir>/admin.token`'s, else (only
+///   when the store has none yet) a new one. When the store holds no hash,
+///   it is created with a create-if-absent transaction, so of replicas
+///   starting together exactly one token wins. When it holds a hash, the
+///   replica's token must match it: a replica is never allowed to replace
+///   the token the others use, and one without the token refuses to start,
+///   saying how to give it the token (copy `admin.token` from the first
+///   replica, or pass the same `--admin-token-file` to all).
+pub async fn init_admin(
+    store: &dyn Store,
+    data_dir: &Path,
+    src: AdminTokenSource<'_>,
+) -> Result<[u8; 32]> {
     let path = data_dir.join(ADMIN_TOKEN_FILE);
+    let given = src.file.map(read_token_file).transpose()?;
+    let local = std::fs::read_to_string(&path)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty());
     let stored = store.get(ADMIN_KEY).await?;
-    if let (Some(kv), Ok(token)) = (&stored, std::fs::read_to_string(&path)) {
-        let h = hash(token.trim());
-        if bool::from(h.ct_eq(kv.value.as_slice())) {
+    let holds = |token: &str| {
+        stored
+            .as_ref()
+            .is_some_and(|kv| bool::from(hash(token).ct_eq(kv.value.as_slice())))
+    };
+    if src.shared {
+        let candidate = given.clone().or_else(|| local.clone());
+        if stored.is_some() {
+            return match candidate {
+                Some(token) if holds(&token) => {
+                    if local.as_deref() != Some(token.as_str()) {
+                        write_token_file(data_dir, &token)?;
+                    }
+                    tracing::info!(path = %path.display(), "admin token matches the one shared by the coordinators");
+                    Ok(hash(&token))
+                }
+                other => Err(shared_token_refused(&path, src.file, other.is_some())),
+            };
+        }
+        let fresh = candidate.is_none();
+        let token = candidate.unwrap_or_else(|| new_token("skyadm_"));
+        // The file first: a crash before the store write leaves a token
+        // that the next start offers again, never a hash without its token.
+        if local.as_deref() != Some(token.as_str()) {
+            write_token_file(data_dir, &token)?;
+        }
+        let h = hash(&token);
+        let created = store
+            .txn(
+                vec![Compare::Absent(ADMIN_KEY.into())],
+                vec![Op::Put {
+                    key: ADMIN_KEY.into(),
+                    value: h.to_vec(),
+                }],
+            )
+            .await?;
+        if created.succeeded {
+            tracing::info!(path = %path.display(), "created the admin token shared by the coordinators on this store");
             return Ok(h);
+        }
+        // Another replica created one at the same moment.
+        let now = store.get(ADMIN_KEY).await?;
+        if now.is_some_and(|kv| bool::from(h.ct_eq(kv.value.as_slice()))) {
+            return Ok(h);
+        }
+        if fresh {
+            let _ = std::fs::remove_file(&path);
+        }
+        return Err(shared_token_refused(&path, src.file, !fresh));
+    }
+    if let Some(token) = given {
+        if local.as_deref() != Some(token.as_str()) {
+            write_token_file(data_dir, &token)?;
+        }
+        let h = hash(&token);
+        if !holds(&token) {
+            store
+                .txn(
+                    vec![],
+                    vec![Op::Put {
+                        key: ADMIN_KEY.into(),
+                        value: h.to_vec(),
+                    }],
+                )
+                .await?;
+            tracing::info!(path = %path.display(), "admin token set from --admin-token-file");
+        }
+        return Ok(h);
+    }
+    if let (Some(_), Some(token)) = (&stored, &local) {
+        if holds(token) {
+            return Ok(hash(token));
         }
         tracing::warn!(path = %path.display(), "admin token file does not match the stored hash; issuing a new admin token");
     }
     let token = new_token("skyadm_");
-    let tmp = data_dir.join(".admin.token.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(format!("{token}\n").as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    };
-    write().map_err(|e| Error::Internal(format!("failed to write {}: {e}", path.display())))?;
+    write_token_file(data_dir, &token)?;
     let h = hash(&token);
     store
         .txn(
@@ -89,6 +180,59 @@ pub async fn init_admin(store: &dyn Store, data_dir: &Path) -> Result<[u8; 32]> 
         .await?;
     tracing::info!(path = %path.display(), "wrote a new admin token");
     Ok(h)
+}
+
+/// Reads a token file named by the operator.
+fn read_token_file(file: &Path) -> Result<String> {
+    let token = std::fs::read_to_string(file)
+        .map_err(|e| {
+            Error::Internal(format!(
+                "cannot read --admin-token-file {}: {e}",
+                file.display()
+            ))
+        })?
+        .trim()
+        .to_string();
+    if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::Internal(format!(
+            "--admin-token-file {} must hold one token (non-empty, no spaces)",
+            file.display()
+        )));
+    }
+    Ok(token)
+}
+
+/// Writes `<data_dir>/admin.token` (0600) atomically.
+fn write_token_file(data_dir: &Path, token: &str) -> Result<()> {
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    let tmp = data_dir.join(".admin.token.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(format!("{token}\n").as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().map_err(|e| Error::Internal(format!("failed to write {}: {e}", path.display())))
+}
+
+fn shared_token_refused(path: &Path, file: Option<&Path>, had_token: bool) -> Error {
+    let what = match (file, had_token) {
+        (Some(f), _) => format!("the token in --admin-token-file {} is not it", f.display()),
+        (None, true) => format!("{} holds a different token", path.display()),
+        (None, false) => format!("{} does not exist", path.display()),
+    };
+    Error::Precondition(format!(
+        "the shared store already has an admin token (created by the first coordinator on it) and {what}: \
+         every coordinator on one store must use the same token: copy admin.token from a running \
+         coordinator's --data-dir to {} (mode 0600), or start every coordinator with the same \
+         --admin-token-file",
+        path.display()
+    ))
 }
 
 /// Interceptor requiring the admin token.
@@ -217,4 +361,156 @@ pub async fn expired_join_tokens(store: &dyn Store, ops: &mut Vec<Op>) -> Result
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skymesh_store::embedded::EmbeddedStore;
+    use std::sync::Arc;
+
+    fn store(dir: &tempfile::TempDir) -> Arc<EmbeddedStore> {
+        Arc::new(EmbeddedStore::open(&dir.path().join("store.redb")).unwrap())
+    }
+
+    fn token_in(dir: &Path) -> Option<String> {
+        std::fs::read_to_string(dir.join(ADMIN_TOKEN_FILE))
+            .ok()
+            .map(|t| t.trim().to_string())
+    }
+
+    async fn stored(s: &EmbeddedStore) -> Vec<u8> {
+        s.get(ADMIN_KEY).await.unwrap().unwrap().value
+    }
+
+    const OWN: AdminTokenSource<'static> = AdminTokenSource {
+        file: None,
+        shared: false,
+    };
+    const SHARED: AdminTokenSource<'static> = AdminTokenSource {
+        file: None,
+        shared: true,
+    };
+
+    #[tokio::test]
+    async fn own_store_reuses_the_token_and_reissues_a_lost_one() {
+        let (db, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let s = store(&db);
+        let h1 = init_admin(s.as_ref(), data.path(), OWN).await.unwrap();
+        let t1 = token_in(data.path()).unwrap();
+        assert_eq!(hash(&t1), h1);
+        assert_eq!(init_admin(s.as_ref(), data.path(), OWN).await.unwrap(), h1);
+        std::fs::remove_file(data.path().join(ADMIN_TOKEN_FILE)).unwrap();
+        let h2 = init_admin(s.as_ref(), data.path(), OWN).await.unwrap();
+        assert_ne!(h2, h1, "a lost token file means a new token");
+        assert_eq!(stored(&s).await, h2.to_vec());
+    }
+
+    #[tokio::test]
+    async fn own_store_takes_the_token_file_given() {
+        let (db, data, other) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        let s = store(&db);
+        init_admin(s.as_ref(), data.path(), OWN).await.unwrap();
+        let file = other.path().join("secret");
+        std::fs::write(&file, "skyadm_given\n").unwrap();
+        let src = AdminTokenSource {
+            file: Some(&file),
+            shared: false,
+        };
+        let h = init_admin(s.as_ref(), data.path(), src).await.unwrap();
+        assert_eq!(h, hash("skyadm_given"));
+        assert_eq!(token_in(data.path()).as_deref(), Some("skyadm_given"));
+        assert_eq!(stored(&s).await, h.to_vec());
+        std::fs::write(&file, "two words").unwrap();
+        let err = init_admin(s.as_ref(), data.path(), src).await.unwrap_err();
+        assert!(err.to_string().contains("one token"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn shared_store_keeps_the_first_token_and_refuses_others() {
+        let db = tempfile::tempdir().unwrap();
+        let s = store(&db);
+        let (first, second, third) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        let h = init_admin(s.as_ref(), first.path(), SHARED).await.unwrap();
+
+        // Without the token: refused, nothing changed, no file left.
+        let err = init_admin(s.as_ref(), second.path(), SHARED)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("already has an admin token"), "{err}");
+        assert!(err.contains("does not exist"), "{err}");
+        assert_eq!(token_in(second.path()), None);
+        assert_eq!(stored(&s).await, h.to_vec());
+
+        // With the first one's token file: accepted and copied.
+        let file = first.path().join(ADMIN_TOKEN_FILE);
+        let with = AdminTokenSource {
+            file: Some(&file),
+            shared: true,
+        };
+        assert_eq!(
+            init_admin(s.as_ref(), second.path(), with).await.unwrap(),
+            h
+        );
+        assert_eq!(token_in(second.path()), token_in(first.path()));
+        // ... and later starts need no flag.
+        assert_eq!(
+            init_admin(s.as_ref(), second.path(), SHARED).await.unwrap(),
+            h
+        );
+
+        // Another token, in the data dir or given: refused, never replaces.
+        std::fs::write(third.path().join(ADMIN_TOKEN_FILE), "skyadm_mine\n").unwrap();
+        let err = init_admin(s.as_ref(), third.path(), SHARED)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("holds a different token"), "{err}");
+        let wrong = third.path().join(ADMIN_TOKEN_FILE);
+        let err = init_admin(
+            s.as_ref(),
+            second.path(),
+            AdminTokenSource {
+                file: Some(&wrong),
+                shared: true,
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("is not it"), "{err}");
+        assert_eq!(stored(&s).await, h.to_vec());
+        assert_eq!(token_in(second.path()), token_in(first.path()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shared_store_replicas_starting_together_agree_on_one_token() {
+        let db = tempfile::tempdir().unwrap();
+        let s = store(&db);
+        let dirs: Vec<tempfile::TempDir> = (0..8).map(|_| tempfile::tempdir().unwrap()).collect();
+        let results = futures::future::join_all(
+            dirs.iter()
+                .map(|d| init_admin(s.as_ref(), d.path(), SHARED)),
+        )
+        .await;
+        let winners: Vec<usize> = (0..8).filter(|&i| results[i].is_ok()).collect();
+        assert_eq!(winners.len(), 1, "exactly one fresh token wins");
+        let w = winners[0];
+        let token = token_in(dirs[w].path()).unwrap();
+        assert_eq!(stored(&s).await, hash(&token).to_vec());
+        for (i, d) in dirs.iter().enumerate() {
+            if i != w {
+                assert_eq!(token_in(d.path()), None, "a losing replica leaves no token");
+            }
+        }
+    }
 }

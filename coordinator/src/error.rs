@@ -75,9 +75,12 @@ impl From<Error> for tonic::Status {
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Store(skymesh_store::Error::Compacted { .. }) => Code::OutOfRange,
-            Error::Store(_) | Error::Decode { .. } | Error::Internal(_) => Code::Internal,
+            // The store (e.g. etcd) is unreachable: another coordinator
+            // replica may serve the request.
+            Error::Store(skymesh_store::Error::Backend(_) | skymesh_store::Error::Closed) => Code::Unavailable,
+            Error::Decode { .. } | Error::Internal(_) => Code::Internal,
         };
-        if code == Code::Internal {
+        if matches!(code, Code::Internal | Code::Unavailable) {
             tracing::error!(error = %e, "internal error");
         }
         tonic::Status::new(code, e.to_string())

@@ -6,6 +6,8 @@
 //! - [`ipam`]: overlay IPs, service VIPs, pair keys (pure choice; store txns make it stick).
 //! - [`auth`]: admin token, join tokens, cluster credentials (hashed).
 //! - [`controller`]: endpoints, service status and cluster phase reconciliation.
+//! - [`election`]: which replica runs the controllers (an etcd lease when
+//!   several coordinators share one etcd).
 //! - [`netmap`]: what one gateway needs, as snapshot or changes.
 //! - [`api`], [`gateway`]: the gRPC services.
 //! - [`server`]: wiring for the binary.
@@ -14,6 +16,7 @@
 pub mod api;
 pub mod auth;
 pub mod controller;
+pub mod election;
 pub mod error;
 pub mod gateway;
 pub mod ipam;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
-use coordinator::server::{Config, run};
+use clap::{CommandFactory as _, Parser, ValueEnum};
+use coordinator::server::{Config, StoreConfig, run};
 use ipnet::Ipv4Net;
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +31,90 @@ struct Args {
     /// Lifetime of join tokens, in seconds.
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
     join_token_ttl: u64,
+    /// Where the mesh's state lives: `embedded` (a file in --data-dir; one
+    /// coordinator) or `etcd` (an etcd cluster shared by any number of
+    /// coordinator replicas; needs --etcd-endpoints).
+    #[arg(long, value_enum, default_value_t = StoreKind::Embedded)]
+    store: StoreKind,
+    /// etcd client URLs, comma-separated (e.g.
+    /// http://10.0.0.1:2379,http://10.0.0.2:2379); with --store etcd.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix of this mesh in etcd (default /skymesh); with --store etcd.
+    /// Coordinators of one mesh must use the same prefix.
+    #[arg(long)]
+    etcd_prefix: Option<String>,
+    /// File holding the admin token to use instead of generating one
+    /// (copied to <data-dir>/admin.token). With --store etcd, give every
+    /// replica the same file, or copy the first replica's admin.token into
+    /// the others' data dirs.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StoreKind {
+    Embedded,
+    Etcd,
+}
+
+/// The store configuration, or why the flags do not make one.
+fn store_config(args: &Args) -> Result<StoreConfig, String> {
+    match args.store {
+        StoreKind::Embedded => {
+            if !args.etcd_endpoints.is_empty() {
+                return Err(
+                    "--etcd-endpoints needs --store etcd (the default store is embedded)".into(),
+                );
+            }
+            if args.etcd_prefix.is_some() {
+                return Err(
+                    "--etcd-prefix needs --store etcd (the default store is embedded)".into(),
+                );
+            }
+            Ok(StoreConfig::Embedded)
+        }
+        StoreKind::Etcd => {
+            let endpoints: Vec<String> = args
+                .etcd_endpoints
+                .iter()
+                .map(|e| e.trim().to_string())
+                .filter(|e| !e.is_empty())
+                .collect();
+            if endpoints.is_empty() {
+                return Err(
+                    "--store etcd needs --etcd-endpoints URL[,URL...] (e.g. http://127.0.0.1:2379)"
+                        .into(),
+                );
+            }
+            for e in &endpoints {
+                let hostport = e
+                    .strip_prefix("http://")
+                    .or_else(|| e.strip_prefix("https://"))
+                    .unwrap_or(e);
+                if e.starts_with("https://") {
+                    return Err(format!(
+                        "--etcd-endpoints: {e}: TLS to etcd is not supported yet; use http://"
+                    ));
+                }
+                if hostport.is_empty() || hostport.contains('/') || !hostport.contains(':') {
+                    return Err(format!(
+                        "--etcd-endpoints: {e:?} is not a URL like http://host:2379"
+                    ));
+                }
+            }
+            let prefix = args
+                .etcd_prefix
+                .clone()
+                .unwrap_or_else(|| "/skymesh".into());
+            if !prefix.is_empty() && !prefix.starts_with('/') {
+                return Err(format!(
+                    "--etcd-prefix {prefix:?} must start with '/' (e.g. /skymesh)"
+                ));
+            }
+            Ok(StoreConfig::Etcd { endpoints, prefix })
+        }
+    }
 }
 
 fn parse_cidr(s: &str) -> Result<Ipv4Net, String> {
@@ -46,12 +130,22 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let store = match store_config(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            Args::command()
+                .error(clap::error::ErrorKind::ArgumentConflict, e)
+                .exit();
+        }
+    };
     let cfg = Config {
         listen: args.listen,
         data_dir: args.data_dir,
         overlay_cidr: args.overlay_cidr,
         service_cidr: args.service_cidr,
         join_token_ttl: Duration::from_secs(args.join_token_ttl),
+        store,
+        admin_token_file: args.admin_token_file,
     };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

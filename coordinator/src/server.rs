@@ -1,5 +1,6 @@
-//! Wiring: opens the store, makes sure the admin token and the default
-//! namespace exist, starts the controllers and serves both gRPC services.
+//! Wiring: opens the store (embedded, or etcd shared with other replicas),
+//! makes sure the admin token and the default namespace exist, runs the
+//! controllers (on the elected replica) and serves both gRPC services.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,13 +10,29 @@ use std::time::Duration;
 use anyhow::Context as _;
 use ipnet::Ipv4Net;
 use skymesh_proto::v1::{api_server::ApiServer, gateway_server::GatewayServer};
+use skymesh_store::Store;
 use skymesh_store::embedded::EmbeddedStore;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::ApiService;
-use crate::auth::{self, AdminAuth};
+use crate::auth::{self, AdminAuth, AdminTokenSource};
+use crate::election::Election;
 use crate::gateway::GatewayService;
 use crate::registry::Registry;
+
+/// Which store backend the coordinator uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// `<data-dir>/store.redb`: one coordinator.
+    Embedded,
+    /// An etcd cluster, shared by any number of coordinator replicas.
+    Etcd {
+        /// Client URLs (`http://host:2379`).
+        endpoints: Vec<String>,
+        /// Key prefix of this mesh in etcd (e.g. `/skymesh`).
+        prefix: String,
+    },
+}
 
 /// Coordinator configuration (the binary's flags).
 #[derive(Debug, Clone)]
@@ -25,6 +42,10 @@ pub struct Config {
     pub overlay_cidr: Ipv4Net,
     pub service_cidr: Ipv4Net,
     pub join_token_ttl: Duration,
+    pub store: StoreConfig,
+    /// The admin token to use (`--admin-token-file`), instead of the one in
+    /// the data directory.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// Runs the coordinator until `cancel` fires.
@@ -39,15 +60,18 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         );
     }
     create_private_dir(&cfg.data_dir)?;
-    let path = cfg.data_dir.join(skymesh_store::embedded::DB_FILE_NAME);
-    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&path))
-        .await
-        .context("store open task failed")?
-        .context("failed to open the store")?;
-    let store: Arc<dyn skymesh_store::Store> = Arc::new(store);
-    let admin = auth::init_admin(store.as_ref(), &cfg.data_dir).await?;
+    let (store, shared) = open_store(&cfg).await?;
+    let admin = auth::init_admin(
+        store.as_dyn(),
+        &cfg.data_dir,
+        AdminTokenSource {
+            file: cfg.admin_token_file.as_deref(),
+            shared,
+        },
+    )
+    .await?;
     let reg = Registry::new(
-        store,
+        store.as_arc(),
         cfg.overlay_cidr,
         cfg.service_cidr,
         cfg.join_token_ttl,
@@ -61,9 +85,26 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     // Tell scripts and tests where we listen (useful with port 0).
     std::fs::write(cfg.data_dir.join("listen.addr"), format!("{local}\n"))
         .context("failed to write listen.addr")?;
-    tracing::info!(addr = %local, data_dir = %cfg.data_dir.display(), overlay = %cfg.overlay_cidr, services = %cfg.service_cidr, "coordinator listening");
+    tracing::info!(addr = %local, data_dir = %cfg.data_dir.display(), overlay = %cfg.overlay_cidr, services = %cfg.service_cidr, store = store.describe(), "coordinator listening");
 
-    let controllers = tokio::spawn(crate::controller::run(reg.clone(), cancel.clone()));
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let election = store.election(format!(
+        "{local} pid {} host {}",
+        std::process::id(),
+        host.trim()
+    ));
+    let controllers = {
+        let (reg, store) = (reg.clone(), store.clone());
+        tokio::spawn(election.run(cancel.clone(), move |lost| {
+            let (reg, store) = (reg.clone(), store.clone());
+            async move {
+                tokio::join!(
+                    crate::controller::run(reg, lost.clone()),
+                    store.leader_duties(lost)
+                );
+            }
+        }))
+    };
     let admin_auth = AdminAuth::new(admin);
     let api = ApiServer::with_interceptor(ApiService::new(reg.clone()), admin_auth.clone());
     let gw = GatewayServer::new(GatewayService::new(reg, admin_auth));
@@ -82,6 +123,131 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     cancel.cancel();
     let _ = controllers.await;
     Ok(())
+}
+
+/// The opened store, with what only some backends have.
+#[derive(Clone)]
+enum OpenStore {
+    Embedded(Arc<EmbeddedStore>),
+    #[cfg(feature = "etcd")]
+    Etcd(skymesh_store::etcd::EtcdStore),
+}
+
+impl OpenStore {
+    fn as_arc(&self) -> Arc<dyn Store> {
+        match self {
+            OpenStore::Embedded(s) => s.clone(),
+            #[cfg(feature = "etcd")]
+            OpenStore::Etcd(s) => Arc::new(s.clone()),
+        }
+    }
+
+    fn as_dyn(&self) -> &dyn Store {
+        match self {
+            OpenStore::Embedded(s) => s.as_ref(),
+            #[cfg(feature = "etcd")]
+            OpenStore::Etcd(s) => s,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            OpenStore::Embedded(s) => format!("embedded {}", s.path().display()),
+            #[cfg(feature = "etcd")]
+            OpenStore::Etcd(s) => format!("etcd {} prefix {}", s.endpoints().join(","), s.prefix()),
+        }
+    }
+
+    /// How this replica decides whether it runs the controllers.
+    fn election(&self, identity: String) -> Election {
+        match self {
+            OpenStore::Embedded(_) => {
+                let _ = identity;
+                Election::Single
+            }
+            #[cfg(feature = "etcd")]
+            OpenStore::Etcd(s) => Election::etcd(s.clone(), identity),
+        }
+    }
+
+    /// What the elected replica does besides the controllers: on etcd,
+    /// compacting old history (the embedded store compacts itself).
+    async fn leader_duties(self, cancel: CancellationToken) {
+        match self {
+            OpenStore::Embedded(_) => {}
+            #[cfg(feature = "etcd")]
+            OpenStore::Etcd(s) => compact_etcd(s, cancel).await,
+        }
+        let _ = cancel;
+    }
+}
+
+/// Opens the configured store; `true` when other coordinators may share it.
+async fn open_store(cfg: &Config) -> anyhow::Result<(OpenStore, bool)> {
+    match &cfg.store {
+        StoreConfig::Embedded => {
+            let path = cfg.data_dir.join(skymesh_store::embedded::DB_FILE_NAME);
+            let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&path))
+                .await
+                .context("store open task failed")?
+                .context("failed to open the store")?;
+            Ok((OpenStore::Embedded(Arc::new(store)), false))
+        }
+        #[cfg(feature = "etcd")]
+        StoreConfig::Etcd { endpoints, prefix } => {
+            let store = skymesh_store::etcd::EtcdStore::connect(endpoints, prefix)
+                .await
+                .context("failed to connect to etcd (--etcd-endpoints)")?;
+            Ok((OpenStore::Etcd(store), true))
+        }
+        #[cfg(not(feature = "etcd"))]
+        StoreConfig::Etcd { .. } => anyhow::bail!(
+            "--store etcd: this coordinator was built without etcd support (cargo feature `etcd`)"
+        ),
+    }
+}
+
+/// How often the leader considers compacting etcd.
+#[cfg(feature = "etcd")]
+const COMPACT_EVERY: Duration = Duration::from_secs(300);
+
+/// Compacts etcd's history as the embedded store does its own: every
+/// [`COMPACT_EVERY`], up to the revision seen one period earlier, always
+/// keeping the last [`skymesh_store::embedded::DEFAULT_HISTORY_REVISIONS`]
+/// revisions, so a watcher has at least that long and that many revisions
+/// to resume. (etcd compaction applies to the whole etcd cluster, as
+/// Kubernetes' does.)
+#[cfg(feature = "etcd")]
+async fn compact_etcd(store: skymesh_store::etcd::EtcdStore, cancel: CancellationToken) {
+    let mut previous: Option<u64> = None;
+    let mut compacted = 0;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(COMPACT_EVERY) => {}
+            () = cancel.cancelled() => return,
+        }
+        let now = match store.current_revision().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "etcd compaction: cannot read the revision");
+                continue;
+            }
+        };
+        if let Some(p) = previous {
+            let target =
+                p.min(now.saturating_sub(skymesh_store::embedded::DEFAULT_HISTORY_REVISIONS));
+            if target > compacted {
+                match store.compact(target).await {
+                    Ok(()) => {
+                        compacted = target;
+                        tracing::info!(revision = target, "compacted etcd history");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "etcd compaction failed"),
+                }
+            }
+        }
+        previous = Some(now);
+    }
 }
 
 fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {

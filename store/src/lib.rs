@@ -11,11 +11,15 @@
 //!
 //! # Layout
 //! - `embedded`: the default backend, a crash-safe `redb` file.
+//! - `etcd` (feature `etcd`): the etcd backend, for several coordinators
+//!   sharing one replicated store.
 //! - `testsuite` (feature `testsuite`): conformance tests for any backend.
 
 use futures::stream::BoxStream;
 
 pub mod embedded;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
 

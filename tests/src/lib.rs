@@ -11,6 +11,8 @@
 //! - [`bin_path`]: where the workspace's binaries are.
 //! - [`Coordinator`]: a running coordinator with its data dir, URL and token.
 //! - [`skyctl`]: run the skyctl binary against a coordinator.
+//! - [`etcd`]: a real multi-member etcd cluster on loopback, and
+//!   coordinators sharing it.
 //! - [`netns`]: network-namespace clusters (SPEC §9) for the end-to-end
 //!   tests of meshd; needs root.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -21,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod etcd;
 pub mod mesh;
 pub mod netns;
 
