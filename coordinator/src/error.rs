@@ -77,7 +77,9 @@ impl From<Error> for tonic::Status {
             Error::Store(skymesh_store::Error::Compacted { .. }) => Code::OutOfRange,
             // The store (e.g. etcd) is unreachable: another coordinator
             // replica may serve the request.
-            Error::Store(skymesh_store::Error::Backend(_) | skymesh_store::Error::Closed) => Code::Unavailable,
+            Error::Store(skymesh_store::Error::Backend(_) | skymesh_store::Error::Closed) => {
+                Code::Unavailable
+            }
             Error::Decode { .. } | Error::Internal(_) => Code::Internal,
         };
         if matches!(code, Code::Internal | Code::Unavailable) {

@@ -29,7 +29,8 @@ pub(crate) struct Cli {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Global options")]
 pub(crate) struct GlobalArgs {
-    /// Coordinator URL.
+    /// Coordinator URL; several replicas comma-separated (the first that
+    /// answers is used).
     #[arg(
         long,
         global = true,

@@ -5,12 +5,11 @@
 use std::path::Path;
 use std::time::Duration;
 
+use skymesh_proto::Bearer;
 use skymesh_proto::v1::api_client::ApiClient;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
+use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Status};
 
 use crate::cli::{GlobalArgs, OutputFormat};
 use crate::error::{self, Exit};
@@ -23,19 +22,8 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 /// How long a PING may go unanswered before the connection is dropped.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Adds the admin token to every request.
-#[derive(Clone)]
-pub(crate) struct Auth(MetadataValue<Ascii>);
-
-impl Interceptor for Auth {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
-}
-
 /// An authenticated object-API client.
-pub(crate) type Api = ApiClient<InterceptedService<Channel, Auth>>;
+pub(crate) type Api = ApiClient<InterceptedService<Channel, Bearer>>;
 
 /// What every subcommand that talks to the coordinator gets.
 pub(crate) struct Ctx {
@@ -91,28 +79,63 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Checks the connection flags, reads the token and connects to the
-/// coordinator.
+/// coordinator. `--coordinator` may list several replicas (comma-separated):
+/// the first one that answers is used, and a watch that loses its replica
+/// reconnects to another.
 pub(crate) async fn connect(global: &GlobalArgs) -> Result<Ctx, Exit> {
-    let url = normalize_url(&global.coordinator);
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| Exit::usage(format!("invalid --coordinator URL {url:?}: {e}")))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true);
+    let urls: Vec<String> = global
+        .coordinator
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(normalize_url)
+        .collect();
+    let url = urls.join(",");
+    if urls.is_empty() {
+        return Err(Exit::usage("--coordinator needs at least one URL"));
+    }
+    let endpoints = urls
+        .iter()
+        .map(|u| {
+            Ok(Endpoint::from_shared(u.clone())
+                .map_err(|e| Exit::usage(format!("invalid --coordinator URL {u:?}: {e}")))?
+                .connect_timeout(CONNECT_TIMEOUT)
+                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
+                .tcp_nodelay(true))
+        })
+        .collect::<Result<Vec<_>, Exit>>()?;
     let token = resolve_token(global.token.as_deref(), &global.token_file)?;
-    let header: MetadataValue<Ascii> = format!("Bearer {token}").parse().map_err(|_| {
+    let auth = Bearer::new(Some(&token)).map_err(|_| {
         Exit::usage(
             "the admin token holds characters that cannot be sent in a header; check --token",
         )
     })?;
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| error::unreachable(&url, &root_cause(&e)))?;
+    let channel = if let [one] = endpoints.as_slice() {
+        one.connect()
+            .await
+            .map_err(|e| error::unreachable(&url, &root_cause(&e)))?
+    } else {
+        // Fail early, naming every replica, when none answers.
+        let mut last = String::new();
+        let mut any = false;
+        for e in &endpoints {
+            match e.connect().await {
+                Ok(_) => {
+                    any = true;
+                    break;
+                }
+                Err(err) => last = root_cause(&err),
+            }
+        }
+        if !any {
+            return Err(error::unreachable(&url, &last));
+        }
+        Channel::balance_list(endpoints.into_iter())
+    };
     Ok(Ctx {
-        api: ApiClient::with_interceptor(channel, Auth(header)),
+        api: ApiClient::with_interceptor(channel, auth),
         url,
         output: global.output,
     })

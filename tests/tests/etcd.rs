@@ -460,3 +460,32 @@ async fn coordinators_keep_serving_when_an_etcd_member_dies() {
     assert_eq!(seen_set.len(), seen.len(), "no event twice");
     assert_eq!(seen_set, expected.iter().collect::<BTreeSet<_>>());
 }
+
+#[test]
+fn skyctl_fails_over_between_coordinator_replicas() {
+    let (_etcd, mut a, b) = two_coordinators();
+    let both = format!("{},{}", a.url(), b.url());
+    let token = a.token();
+    let run = |args: &[&str]| skymesh_tests::skyctl(&both, &token, args);
+    let out = run(&["create", "service", "web", "-p", "80:8080"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    a.kill9();
+    let out = run(&["create", "service", "api", "-p", "80:8080"]);
+    assert!(
+        out.status.success(),
+        "with replica A dead: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["get", "services"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("web") && text.contains("api"), "{text}");
+    drop(b);
+    let out = run(&["get", "services"]);
+    assert_eq!(out.status.code(), Some(1), "no replica left");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
