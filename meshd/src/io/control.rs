@@ -37,7 +37,7 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Status reports at least this often (the coordinator marks a gateway
 /// NotReady after 30 s of silence).
-const REPORT_INTERVAL: Duration = Duration::from_secs(5);
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The coordinator URLs of `--coordinator` (comma-separated).
 pub fn urls(arg: &str) -> Vec<&str> {

@@ -1,5 +1,5 @@
 //! Everything skyctl prints on stdout: tables ([`table`], [`columns`]),
-//! documents ([`json`]) and human units ([`human`]). A [`Printer`] turns
+//! documents ([`json`](mod@json)) and human units ([`human`]). A [`Printer`] turns
 //! objects and watch events into text for the chosen `-o` format; [`emit`]
 //! writes and flushes it. Nothing here talks to the coordinator.
 
