@@ -243,10 +243,13 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(48))]
+        #![proptest_config(ProptestConfig::with_cases(200))]
 
         /// Removing any backend from any set moves all of its flows and
-        /// only a few percent of the others.
+        /// far fewer of the others than naive `hash mod n` would. The
+        /// share that moves shrinks with the table size per backend
+        /// (Maglev paper §3.4); with tiny sets (2-3 backends, M ≈ 100·n)
+        /// it reaches ~10%, where `mod n` moves ~50%.
         #[test]
         fn minimal_disruption_on_removal(
             ids in proptest::collection::btree_set(0u32..10_000, 2..24),
@@ -262,7 +265,13 @@ mod tests {
                 &|h| rest[t2.lookup(h).unwrap()].clone(),
                 &removed,
             );
-            prop_assert!(d < 0.05, "moved {d}");
+            let naive = disruption(
+                &|h| all[(h % all.len() as u64) as usize].clone(),
+                &|h| rest[(h % rest.len() as u64) as usize].clone(),
+                &removed,
+            );
+            prop_assert!(d < 0.15, "moved {d}");
+            prop_assert!(d <= naive / 2.0, "moved {d}, naive modulo {naive}");
             for f in 0..2_000u64 {
                 let h = mix(f);
                 prop_assert_ne!(&rest[t2.lookup(h).unwrap()], &removed);
