@@ -80,8 +80,7 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Checks the connection flags, reads the token and connects to the
 /// coordinator. `--coordinator` may list several replicas (comma-separated):
-/// the first one that answers is used, and a watch that loses its replica
-/// reconnects to another.
+/// the first one that answers serves this invocation.
 pub(crate) async fn connect(global: &GlobalArgs) -> Result<Ctx, Exit> {
     let urls: Vec<String> = global
         .coordinator
@@ -112,27 +111,20 @@ pub(crate) async fn connect(global: &GlobalArgs) -> Result<Ctx, Exit> {
             "the admin token holds characters that cannot be sent in a header; check --token",
         )
     })?;
-    let channel = if let [one] = endpoints.as_slice() {
-        one.connect()
-            .await
-            .map_err(|e| error::unreachable(&url, &root_cause(&e)))?
-    } else {
-        // Fail early, naming every replica, when none answers.
-        let mut last = String::new();
-        let mut any = false;
-        for e in &endpoints {
-            match e.connect().await {
-                Ok(_) => {
-                    any = true;
-                    break;
-                }
-                Err(err) => last = root_cause(&err),
+    // The first replica that answers serves this invocation.
+    let mut last = String::new();
+    let mut channel = None;
+    for e in &endpoints {
+        match e.connect().await {
+            Ok(c) => {
+                channel = Some(c);
+                break;
             }
+            Err(err) => last = root_cause(&err),
         }
-        if !any {
-            return Err(error::unreachable(&url, &last));
-        }
-        Channel::balance_list(endpoints.into_iter())
+    }
+    let Some(channel) = channel else {
+        return Err(error::unreachable(&url, &last));
     };
     Ok(Ctx {
         api: ApiClient::with_interceptor(channel, auth),
