@@ -209,16 +209,26 @@ fn reference_examples_work_verbatim() {
     let t = cells(&out);
     assert_eq!(t[0], ["NAME", "NAMESPACE", "ENDPOINTS", "AGE"], "{out}");
     assert_eq!(row(&t, "myendpoints")[1], "default");
-    let out = ok(
-        &c,
-        &[
-            "get",
-            "endpoints",
-            "myEndpoints",
-            "--namespace",
-            "myNamespace",
-        ],
-    );
+    // The addresses are filled in by the coordinator's endpoints
+    // controller, a moment after the create.
+    let get = || {
+        ok(
+            &c,
+            &[
+                "get",
+                "endpoints",
+                "myEndpoints",
+                "--namespace",
+                "myNamespace",
+            ],
+        )
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut out = get();
+    while !out.contains("mycluster: ") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        out = get();
+    }
     let r = row(&cells(&out), "myendpoints").to_vec();
     assert_eq!(r[1], "mynamespace", "{out}");
     assert!(
