@@ -1,0 +1,304 @@
+//! `skymesh-bench`: measures skymesh against its peers in one run and
+//! prints (and writes as markdown) a table of medians and ratios.
+//!
+//! ```text
+//! cargo build --release -p meshd -p coordinator -p skyctl -p skymesh-bench
+//! cargo run --release -p skymesh-bench -- [--quick] [--out BENCHMARKS.md]
+//! ```
+//!
+//! Needs root (network namespaces). Installs missing peers first (Debian
+//! packages with apt-get, `boringtun-cli` with `cargo install --locked`).
+//! Exits non-zero when a measurement fails outright; rows that cannot be
+//! measured yet say `n/a (why)`.
+//!
+//! # Sections
+//! - [`tunnel`]: throughput (1) and latency (2) against wireguard-go,
+//!   boringtun-cli and raw veth.
+//! - [`vip`]: service VIP overhead (3); [`control`]: control plane (5)
+//!   and failover (6) (all three share one 4-cluster mesh).
+//! - [`dns`]: DNS against dnsmasq (4) and scale (7) of the coordinator.
+//!
+//! Everything runs in the test harness's namespaces (`skymesh-tests`),
+//! dropped at the end, also on error or panic; [`cleanup`] covers signals.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, ValueEnum};
+
+mod cleanup;
+mod control;
+mod dns;
+mod install;
+mod report;
+mod tools;
+mod tunnel;
+mod vip;
+
+use report::{Cell, Row, Table};
+
+/// A section of the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Section {
+    /// 1-2: tunnel throughput and latency.
+    Tunnel,
+    /// 3: service VIP overhead.
+    Vip,
+    /// 4: DNS (and 7: scale, which reuses its 10,000 services).
+    Dns,
+    /// 5: control plane propagation and join.
+    Control,
+    /// 6: failover.
+    Failover,
+    /// 7: scale (needs the DNS section's services; runs it if needed).
+    Scale,
+}
+
+/// skymesh benchmarks: meshd against wireguard-go, boringtun-cli, dnsmasq
+/// and a raw veth, measured in the same run.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Short runs (3 of each, shorter durations): under 3 minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the markdown report.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+    /// Runs per measurement (default: 3 with --quick, else 5).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Only these sections (comma-separated); default all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<Section>,
+    /// Services held by the DNS servers and the coordinator (default 10000).
+    #[arg(long)]
+    services: Option<usize>,
+    /// Do not install missing peers (fail instead).
+    #[arg(long)]
+    no_install: bool,
+}
+
+/// Sizes and durations of the measurements.
+#[derive(Debug, Clone)]
+pub struct Cfg {
+    pub quick: bool,
+    pub runs: usize,
+    /// iperf3 `-t`.
+    pub iperf_secs: u32,
+    /// Pings per latency run (10 ms apart).
+    pub pings: u32,
+    /// dnsperf `-l`.
+    pub dnsperf_secs: u32,
+    /// Services held by the DNS servers and the coordinator at scale.
+    pub services: usize,
+    /// Clusters at scale (one real, the rest simulated).
+    pub clusters: usize,
+    /// Services timed from create to resolvable.
+    pub propagation: usize,
+    /// Seconds per connection-rate run.
+    pub conn_secs: f64,
+}
+
+impl Cfg {
+    fn new(args: &Args) -> Cfg {
+        let runs = args.runs.unwrap_or(if args.quick { 3 } else { 5 }).max(1);
+        let mut cfg = Cfg::preset(args.quick, runs);
+        if let Some(n) = args.services {
+            cfg.services = n.max(1);
+        }
+        cfg
+    }
+
+    fn preset(quick: bool, runs: usize) -> Cfg {
+        if quick {
+            Cfg {
+                quick: true,
+                runs,
+                iperf_secs: 1,
+                pings: 100,
+                dnsperf_secs: 2,
+                services: 1_000,
+                clusters: 100,
+                propagation: 20,
+                conn_secs: 1.0,
+            }
+        } else {
+            Cfg {
+                quick: false,
+                runs,
+                iperf_secs: 5,
+                pings: 200,
+                dnsperf_secs: 5,
+                services: 10_000,
+                clusters: 100,
+                propagation: 100,
+                conn_secs: 3.0,
+            }
+        }
+    }
+}
+
+/// The harness (`skymesh_tests::bin_path`) looks for the workspace's
+/// binaries in the parent of the running executable's directory, as for a
+/// test executable in `target/<profile>/deps/`. This binary runs from
+/// `target/release/`, so it re-executes itself from a hard link in
+/// `target/release/deps/`, where the harness finds `target/release/meshd`.
+fn relocate_for_harness() -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let exe = std::env::current_exe().context("where is this executable?")?;
+    let dir = exe.parent().context("the executable has a directory")?;
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        return Ok(());
+    }
+    for b in ["meshd", "coordinator", "skyctl"] {
+        if !dir.join(b).is_file() {
+            bail!(
+                "{} not found next to {}: build everything first with \
+                 `cargo build --release -p meshd -p coordinator -p skyctl -p skymesh-bench`",
+                b,
+                exe.display()
+            );
+        }
+    }
+    let deps = dir.join("deps");
+    std::fs::create_dir_all(&deps)?;
+    let link = deps.join("skymesh-bench-harness");
+    let _ = std::fs::remove_file(&link);
+    if std::fs::hard_link(&exe, &link).is_err() {
+        std::fs::copy(&exe, &link).with_context(|| format!("copying to {}", link.display()))?;
+    }
+    let err = std::process::Command::new(&link)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    Err(err).with_context(|| format!("re-executing {}", link.display()))
+}
+
+/// Runs `f`, turning an error or a panic into a one-row failed table.
+fn guarded(title: &str, f: impl FnOnce() -> Result<Vec<Table>>) -> Vec<Table> {
+    let failed = |msg: String| {
+        eprintln!("[{title}] FAILED: {msg}");
+        let mut t = Table::new(title, "skymesh", &[], String::new());
+        t.rows.push(Row::solo(
+            "section",
+            report::Unit::Count,
+            report::Better::Higher,
+            Cell::Failed(msg),
+        ));
+        vec![t]
+    };
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => failed(format!("{e:#}")),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into());
+            failed(format!("panicked: {msg}"))
+        }
+    }
+}
+
+/// [`guarded`] for a section that makes one table.
+pub fn guarded_one(title: &str, f: impl FnOnce() -> Result<Table>) -> Table {
+    let mut v = guarded(title, || f().map(|t| vec![t]));
+    v.swap_remove(0)
+}
+
+fn workspace_dir() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("skymesh-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let args = Args::parse();
+    relocate_for_harness()?;
+    cleanup::install()?;
+    skymesh_tests::netns::require_root()?;
+    if args.no_install {
+        for p in [
+            "iperf3",
+            "wireguard-go",
+            "wg",
+            "dnsperf",
+            "dnsmasq",
+            "boringtun-cli",
+        ] {
+            if install::which(p).is_none() {
+                bail!("{p} is missing (run without --no-install to install it)");
+            }
+        }
+    } else {
+        install::ensure_peers()?;
+    }
+    let cfg = Cfg::new(&args);
+    let want = |s: Section| args.only.is_empty() || args.only.contains(&s);
+    let t0 = Instant::now();
+    eprintln!(
+        "skymesh-bench: {} mode, {} runs per measurement",
+        if cfg.quick { "quick" } else { "full" },
+        cfg.runs
+    );
+    let mut tables: Vec<Table> = Vec::new();
+    if want(Section::Tunnel) {
+        tables.extend(guarded("1-2. Tunnels", || Ok(tunnel::run(&cfg))));
+    }
+    let (w_vip, w_ctl, w_fo) = (
+        want(Section::Vip),
+        want(Section::Control),
+        want(Section::Failover),
+    );
+    if w_vip || w_ctl || w_fo {
+        tables.extend(guarded("3, 5, 6. Mesh", || {
+            control::run(&cfg, w_vip, w_ctl, w_fo)
+        }));
+    }
+    if want(Section::Dns) || want(Section::Scale) {
+        tables.extend(guarded("4, 7. DNS and scale", || dns::run(&cfg)));
+    }
+    tables.sort_by(|a, b| a.title.cmp(&b.title));
+    for t in &tables {
+        println!("{}", t.text());
+    }
+    let mut machine = install::machine(workspace_dir());
+    machine.push((
+        "benchmark wall time".into(),
+        format!("{:.0} s", t0.elapsed().as_secs_f64()),
+    ));
+    let mode = format!(
+        "{} ({} runs per figure){}",
+        if cfg.quick { "--quick" } else { "full" },
+        cfg.runs,
+        if args.only.is_empty() {
+            String::new()
+        } else {
+            format!(", only {:?}", args.only)
+        }
+    );
+    let md = report::markdown(&machine, &install::versions(), &tables, &mode);
+    std::fs::write(&args.out, md).with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!(
+        "skymesh-bench: wrote {} in {:.0} s",
+        args.out.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    let failures: Vec<String> = tables.iter().flat_map(Table::failures).collect();
+    if !failures.is_empty() {
+        for f in &failures {
+            eprintln!("FAILED: {f}");
+        }
+        bail!("{} measurement(s) failed", failures.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,364 @@
+//! Sections 1 and 2: tunnel throughput (iperf3 TCP ×1, TCP ×4, UDP) and
+//! latency (ping RTT p50/p99) between two gateway namespaces on the
+//! harness's WAN bridge, through
+//!
+//! - meshd (a 2-cluster [`Mesh`]: gateway overlay IP to gateway overlay IP),
+//! - a wireguard-go pair and a boringtun-cli pair, each configured with
+//!   `wg set` through its UAPI socket (keys from `wg genkey`, a pair PSK
+//!   from `wg genpsk`, MTU 1420 like meshd),
+//! - the bare veth/bridge WAN (no tunnel) as the ceiling.
+//!
+//! All four labs are up at once and measured in turns (run 1 of every lab,
+//! then run 2, ...), so slow drifts of the machine's load hit every peer
+//! alike.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use skymesh_tests::mesh::Mesh;
+use skymesh_tests::netns::{Netns, NsProcess, Topology, wait_until};
+
+use crate::Cfg;
+use crate::install::which;
+use crate::report::{Better, Cell, Row, Table, Unit, percentile};
+use crate::tools::{self, Iperf};
+
+/// Which tunnel a lab runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Meshd,
+    WireguardGo,
+    Boringtun,
+    Veth,
+}
+
+impl Kind {
+    const ALL: [Kind; 4] = [Kind::Meshd, Kind::WireguardGo, Kind::Boringtun, Kind::Veth];
+
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Meshd => "meshd",
+            Kind::WireguardGo => "wireguard-go",
+            Kind::Boringtun => "boringtun-cli",
+            Kind::Veth => "raw veth (no tunnel)",
+        }
+    }
+}
+
+enum Holder {
+    Mesh(Box<Mesh>),
+    Topo(Topology),
+}
+
+/// Two namespaces joined by one kind of tunnel, with an iperf3 server on
+/// the far side. Field order matters: processes die before namespaces.
+struct Lab {
+    _procs: Vec<NsProcess>,
+    holder: Holder,
+    target: Ipv4Addr,
+}
+
+const IPERF_PORT: u16 = 5201;
+
+impl Lab {
+    fn topo(&self) -> &Topology {
+        match &self.holder {
+            Holder::Mesh(m) => &m.topo,
+            Holder::Topo(t) => t,
+        }
+    }
+
+    fn a(&self) -> &Netns {
+        self.topo().gateway(1)
+    }
+
+    fn b(&self) -> &Netns {
+        self.topo().gateway(2)
+    }
+
+    fn start(kind: Kind) -> Result<Lab> {
+        let mut lab = match kind {
+            Kind::Meshd => {
+                let mesh = Mesh::start(2, 0)?;
+                crate::cleanup::register(&mesh.topo);
+                ensure!(
+                    mesh.wait_for_tunnels(Duration::from_secs(30)),
+                    "meshd tunnels did not come up within 30 s"
+                );
+                let target = tools::iface_ip(mesh.topo.gateway(2), &mesh.topo.iface(2))?;
+                Lab {
+                    _procs: Vec::new(),
+                    holder: Holder::Mesh(Box::new(mesh)),
+                    target,
+                }
+            }
+            Kind::Veth => {
+                let topo = Topology::new(2, 0)?;
+                crate::cleanup::register(&topo);
+                let target = topo.gateway_wan_ip(2);
+                Lab {
+                    _procs: Vec::new(),
+                    holder: Holder::Topo(topo),
+                    target,
+                }
+            }
+            Kind::WireguardGo | Kind::Boringtun => wg_pair(kind)?,
+        };
+        ensure!(
+            wait_until(Duration::from_secs(15), || lab.a().ping(lab.target)),
+            "{} lab: {} does not answer pings",
+            kind.label(),
+            lab.target
+        );
+        let log = lab.topo().dir().join("iperf3-server.log");
+        let server = tools::iperf_server(lab.b(), lab.target, IPERF_PORT, &log)?;
+        lab._procs.push(server);
+        Ok(lab)
+    }
+}
+
+/// A stock WireGuard pair (wireguard-go or boringtun-cli) between the two
+/// gateways of a fresh topology, configured with `wg`.
+fn wg_pair(kind: Kind) -> Result<Lab> {
+    let topo = Topology::new(2, 0)?;
+    crate::cleanup::register(&topo);
+    let dir = topo.dir().to_path_buf();
+    let psk = topo.gateway(1).run(&["wg", "genpsk"])?;
+    let psk_file = dir.join("pair.psk");
+    std::fs::write(&psk_file, psk)?;
+    let mut keys = Vec::new();
+    for i in 1..=2 {
+        let gw = topo.gateway(i);
+        let private = gw.run(&["wg", "genkey"])?;
+        let file = dir.join(format!("gw{i}.key"));
+        std::fs::write(&file, &private)?;
+        let public = gw.sh(&format!("wg pubkey < {}", file.display()));
+        ensure!(public.status.success(), "wg pubkey failed");
+        keys.push((
+            file,
+            String::from_utf8_lossy(&public.stdout).trim().to_string(),
+        ));
+    }
+    let mut procs = Vec::new();
+    for i in 1..=2 {
+        let gw = topo.gateway(i);
+        let iface = topo.iface_named(&format!("w{i}"));
+        let log = dir.join(format!("{}-{i}.log", kind.label()));
+        let mut cmd = match kind {
+            Kind::WireguardGo => {
+                let mut c = Command::new(which("wireguard-go").context("wireguard-go not found")?);
+                c.args(["-f", &iface])
+                    .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1");
+                c
+            }
+            _ => {
+                let mut c =
+                    Command::new(which("boringtun-cli").context("boringtun-cli not found")?);
+                let bt_log = dir.join(format!("boringtun-{i}.out"));
+                c.args(["-f", "--disable-drop-privileges", "-l"])
+                    .arg(bt_log)
+                    .arg(&iface);
+                c
+            }
+        };
+        cmd.env("LOG_LEVEL", "error");
+        procs.push(gw.spawn_command(&cmd, &log)?);
+        ensure!(
+            wait_until(Duration::from_secs(10), || gw
+                .exec(&["wg", "show", &iface])
+                .status
+                .success()),
+            "{} did not open its UAPI socket: {}",
+            kind.label(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        let j = 3 - i;
+        let (key, _) = &keys[i - 1];
+        let (_, peer_pub) = &keys[j - 1];
+        gw.run(&[
+            "wg",
+            "set",
+            &iface,
+            "private-key",
+            &key.to_string_lossy(),
+            "listen-port",
+            "51820",
+            "peer",
+            peer_pub,
+            "preshared-key",
+            &psk_file.to_string_lossy(),
+            "endpoint",
+            &format!("{}:51820", topo.gateway_wan_ip(j)),
+            "allowed-ips",
+            &format!("10.200.0.{j}/32"),
+        ])?;
+        gw.ip(&["addr", "add", &format!("10.200.0.{i}/24"), "dev", &iface])?;
+        gw.ip(&["link", "set", &iface, "mtu", "1420", "up"])?;
+    }
+    Ok(Lab {
+        _procs: procs,
+        holder: Holder::Topo(topo),
+        target: Ipv4Addr::new(10, 200, 0, 2),
+    })
+}
+
+/// The tests of section 1, in the order they run.
+const TESTS: [(&str, Iperf); 3] = [
+    ("TCP, 1 stream", Iperf::Tcp(1)),
+    ("TCP, 4 streams (-P 4)", Iperf::Tcp(4)),
+    ("UDP received (10 Gbit/s offered)", Iperf::Udp),
+];
+
+#[derive(Default)]
+struct Samples {
+    tput: HashMap<(Kind, usize), Vec<f64>>,
+    loss: HashMap<Kind, Vec<f64>>,
+    p50: HashMap<Kind, Vec<f64>>,
+    p99: HashMap<Kind, Vec<f64>>,
+    errors: HashMap<Kind, String>,
+}
+
+/// Runs sections 1 and 2; returns their tables.
+pub fn run(cfg: &Cfg) -> Vec<Table> {
+    let mut labs: Vec<(Kind, Lab)> = Vec::new();
+    let mut s = Samples::default();
+    for kind in Kind::ALL {
+        eprintln!("[tunnel] starting the {} lab", kind.label());
+        match Lab::start(kind) {
+            Ok(l) => labs.push((kind, l)),
+            Err(e) => {
+                eprintln!("[tunnel] {} lab failed: {e:#}", kind.label());
+                s.errors.insert(kind, format!("setup: {e:#}"));
+            }
+        }
+    }
+    for run in 0..cfg.runs {
+        for (kind, lab) in &labs {
+            if s.errors.contains_key(kind) {
+                continue;
+            }
+            for (t, (name, mode)) in TESTS.iter().enumerate() {
+                match tools::iperf(lab.a(), lab.target, IPERF_PORT, *mode, cfg.iperf_secs) {
+                    Ok(r) => {
+                        eprintln!(
+                            "[tunnel] run {}/{} {:<22} {name}: {:.2} Gbit/s{}",
+                            run + 1,
+                            cfg.runs,
+                            kind.label(),
+                            r.gbps,
+                            if *mode == Iperf::Udp {
+                                format!(", loss {:.1} %", r.loss_pct)
+                            } else {
+                                String::new()
+                            }
+                        );
+                        s.tput.entry((*kind, t)).or_default().push(r.gbps);
+                        if *mode == Iperf::Udp {
+                            s.loss.entry(*kind).or_default().push(r.loss_pct);
+                            // Let the flood's queues drain before the next test.
+                            std::thread::sleep(Duration::from_millis(300));
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("[tunnel] {} {name}: {e:#}", kind.label());
+                        s.errors.insert(*kind, format!("{name}: {e:#}"));
+                        break;
+                    }
+                }
+            }
+            if s.errors.contains_key(kind) {
+                continue;
+            }
+            match tools::ping_rtts(lab.a(), lab.target, cfg.pings, 10) {
+                Ok(rtts) => {
+                    let (p50, p99) = (
+                        percentile(&rtts, 50.0).unwrap_or(f64::NAN),
+                        percentile(&rtts, 99.0).unwrap_or(f64::NAN),
+                    );
+                    eprintln!(
+                        "[tunnel] run {}/{} {:<22} ping p50 {p50:.3} ms, p99 {p99:.3} ms",
+                        run + 1,
+                        cfg.runs,
+                        kind.label()
+                    );
+                    s.p50.entry(*kind).or_default().push(p50);
+                    s.p99.entry(*kind).or_default().push(p99);
+                }
+                Err(e) => {
+                    s.errors.insert(*kind, format!("ping: {e:#}"));
+                }
+            }
+        }
+    }
+    drop(labs);
+    tables(cfg, &s)
+}
+
+fn tables(cfg: &Cfg, s: &Samples) -> Vec<Table> {
+    let peers: Vec<&str> = Kind::ALL[1..].iter().map(|k| k.label()).collect();
+    let cell = |k: Kind, v: Option<&Vec<f64>>| match (s.errors.get(&k), v) {
+        (_, Some(v)) if v.len() == cfg.runs => Cell::from_samples(v),
+        (Some(e), _) => Cell::Failed(e.clone()),
+        (None, Some(v)) => Cell::from_samples(v),
+        (None, None) => Cell::Failed("not measured".into()),
+    };
+    let row = |metric: &str, unit, better, get: &dyn Fn(Kind) -> Option<Vec<f64>>| Row {
+        metric: metric.into(),
+        unit,
+        better,
+        skymesh: cell(Kind::Meshd, get(Kind::Meshd).as_ref()),
+        peers: Kind::ALL[1..]
+            .iter()
+            .map(|k| cell(*k, get(*k).as_ref()))
+            .collect(),
+    };
+    let mut tput = Table::new(
+        "1. Tunnel throughput",
+        "meshd",
+        &peers,
+        format!(
+            "iperf3 between two gateway namespaces on a veth/bridge WAN, {} s per run, \
+             median of {} runs, tunnels measured in turns. meshd: a 2-cluster mesh, \
+             gateway overlay IP to gateway overlay IP; wireguard-go and boringtun-cli: \
+             a pair configured with `wg set` (keys and PSK from `wg genkey`/`wg genpsk`, \
+             MTU 1420); raw veth: the same WAN without a tunnel (the ceiling). UDP: \
+             `-u -b 10G -l {}` (datagrams fit the tunnel MTU); the received rate counts \
+             only what arrived. Client, server and both tunnel ends share the machine's \
+             cores.",
+            cfg.iperf_secs,
+            cfg.runs,
+            tools::UDP_PAYLOAD
+        ),
+    );
+    for (t, (name, _)) in TESTS.iter().enumerate() {
+        tput.rows.push(row(name, Unit::Gbps, Better::Higher, &|k| {
+            s.tput.get(&(k, t)).cloned()
+        }));
+    }
+    tput.rows
+        .push(row("UDP loss", Unit::Pct, Better::Lower, &|k| {
+            s.loss.get(&k).cloned()
+        }));
+    let mut lat = Table::new(
+        "2. Tunnel latency",
+        "meshd",
+        &peers,
+        format!(
+            "{} pings at 10 ms intervals per run through each tunnel (same labs as \
+             section 1, idle), p50 and p99 of each run, median of {} runs.",
+            cfg.pings, cfg.runs
+        ),
+    );
+    lat.rows
+        .push(row("ping RTT p50", Unit::Ms, Better::Lower, &|k| {
+            s.p50.get(&k).cloned()
+        }));
+    lat.rows
+        .push(row("ping RTT p99", Unit::Ms, Better::Lower, &|k| {
+            s.p99.get(&k).cloned()
+        }));
+    vec![tput, lat]
+}
