@@ -230,6 +230,21 @@ impl Lb {
             };
         }
         if !ours {
+            // A new TCP connection straight to a backend from a client
+            // port that an earlier VIP flow used (now closing or closed):
+            // that flow's mapping is stale, and keeping it would rewrite
+            // this connection's replies to come from the VIP.
+            if h.proto == packet::IPPROTO_TCP
+                && let Some(l4) = packet::parse_l4(packet, &h, Proto::Tcp)
+                && l4.flags & (packet::TCP_SYN | packet::TCP_ACK) == packet::TCP_SYN
+            {
+                let outside = Outside(FiveTuple {
+                    proto: Proto::Tcp,
+                    src: SocketAddrV4::new(h.src, l4.src_port),
+                    dst: SocketAddrV4::new(h.dst, l4.dst_port),
+                });
+                self.nat.remove_outside(&outside);
+            }
             return Verdict::Pass;
         }
         let Some(proto) = Proto::from_number(h.proto) else {

@@ -233,6 +233,12 @@ impl NatTable {
         self.get_mut(&inside, now)
     }
 
+    /// Removes the flow (live or lingering) whose outside tuple this is.
+    pub fn remove_outside(&mut self, outside: &Outside) -> Option<Flow> {
+        let inside = *self.by_outside.get(outside)?;
+        self.remove(&inside)
+    }
+
     /// Whether a live flow holds this outside tuple.
     pub fn outside_taken(&self, outside: &Outside, now: Instant) -> bool {
         self.by_outside

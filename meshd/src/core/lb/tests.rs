@@ -385,6 +385,57 @@ fn remote_reply_is_reverse_translated() {
 }
 
 #[test]
+fn a_direct_connection_reusing_a_closed_flows_port_is_left_alone() {
+    // Found by the benchmark: after ~10k VIP connections, a direct
+    // connection to a replica reused a client port of a closed VIP flow,
+    // and its SYN-ACK was rewritten to come from the VIP.
+    let mut lb = lb(&web_state(TrafficPolicy::Spread), &Health::default());
+    let now = Instant::now();
+    let (c, backend) = (0..50)
+        .map(|i| sa(CLIENT, 44_000 + i))
+        .find_map(|c| {
+            let (v, p) = out(&mut lb, syn(c, sa(VIP, 80)), now);
+            (v == Verdict::ToTunnel).then(|| (c, checked(&p).dst))
+        })
+        .unwrap();
+    let (v, _) = inb(
+        &mut lb,
+        tcp(backend, c, TCP_SYN | TCP_ACK, 9, 1001, &[]),
+        now,
+    );
+    assert_eq!(v, Verdict::ToTun);
+    // The VIP connection closes (FIN both ways), its entry lingers.
+    let (v, _) = out(
+        &mut lb,
+        tcp(c, sa(VIP, 80), TCP_FIN | TCP_ACK, 1001, 10, &[]),
+        now,
+    );
+    assert_eq!(v, Verdict::ToTunnel);
+    let (v, _) = inb(
+        &mut lb,
+        tcp(backend, c, TCP_FIN | TCP_ACK, 10, 1002, &[]),
+        now,
+    );
+    assert_eq!(v, Verdict::ToTun);
+    // Later the client connects to the replica directly, same port.
+    let later = now + Duration::from_secs(1);
+    let (v, p) = out(&mut lb, syn(c, backend), later);
+    assert_eq!(v, Verdict::Pass);
+    assert_eq!(checked(&p).dst, backend, "untouched");
+    let (v, p) = inb(
+        &mut lb,
+        tcp(backend, c, TCP_SYN | TCP_ACK, 50, 1, &[]),
+        later,
+    );
+    assert_eq!(
+        v,
+        Verdict::Pass,
+        "the direct connection's SYN-ACK is not translated"
+    );
+    assert_eq!(checked(&p).src, backend);
+}
+
+#[test]
 fn local_reply_to_the_snat_address_is_translated_back() {
     let mut s = mesh();
     add(
