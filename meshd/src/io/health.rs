@@ -22,8 +22,10 @@ use crate::state::{Key, NetState};
 
 /// UDP port of peer probes on overlay addresses.
 pub const PROBE_PORT: u16 = 51899;
-/// Interval of job checks and peer probes (SPEC §4).
+/// Interval of job checks (SPEC §4).
 pub const INTERVAL: Duration = Duration::from_secs(1);
+/// Resolution of the probe clock (probe pacing is in core::health).
+const PROBE_CLOCK: Duration = Duration::from_millis(100);
 const MAGIC: &[u8; 4] = b"SKYP";
 const REQUEST: u8 = 0;
 const REPLY: u8 = 1;
@@ -109,7 +111,8 @@ fn decode(b: &[u8]) -> Option<(u8, u64)> {
     Some((b[4], u64::from_be_bytes(b[5..13].try_into().ok()?)))
 }
 
-/// Answers probes and probes every peer once per [`INTERVAL`].
+/// Answers probes and probes every peer (once a second while it answers,
+/// faster after a miss: see [`crate::core::health::PeerProbe`]).
 pub async fn run_probes(
     overlay_ip: Ipv4Addr,
     netmap: watch::Receiver<Arc<NetState>>,
@@ -120,7 +123,9 @@ pub async fn run_probes(
         .await
         .with_context(|| format!("failed to bind probe socket {overlay_ip}:{PROBE_PORT}"))?;
     let mut state: BTreeMap<String, PeerProbe> = BTreeMap::new();
-    let mut tick = tokio::time::interval(INTERVAL);
+    // The state machines decide when a probe is due or missed; this clock
+    // only has to be fine enough for their deadlines.
+    let mut tick = tokio::time::interval(PROBE_CLOCK);
     let mut buf = [0u8; 64];
     loop {
         tokio::select! {
@@ -132,11 +137,13 @@ pub async fn run_probes(
                 for (name, peer) in &nm.peers {
                     let Ok(ip) = peer.overlay_ip.parse::<Ipv4Addr>() else { continue };
                     let p = state.entry(name.clone()).or_default();
-                    let (seq, changed) = p.send(now);
+                    let (seq, changed) = p.poll(now);
                     if changed {
                         tracing::warn!(peer = %name, "peer gateway missed 3 probes: down");
                     }
-                    let _ = sock.send_to(&encode(REQUEST, seq), (ip, PROBE_PORT)).await;
+                    if let Some(seq) = seq {
+                        let _ = sock.send_to(&encode(REQUEST, seq), (ip, PROBE_PORT)).await;
+                    }
                 }
                 publish(&state, &out);
             }
