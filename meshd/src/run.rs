@@ -77,12 +77,16 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
         tracing::info!("starting from the cached netmap");
     }
     let (nm_tx, mut nm_rx) = watch::channel(Arc::new(cached.clone().unwrap_or_default()));
+    tokio::spawn(control::run_cache_writer(
+        nm_tx.subscribe(),
+        dir.clone(),
+        cancel.clone(),
+    ));
     tokio::spawn(control::run_netmap(
         gw.clone(),
         cluster.clone(),
         cached.unwrap_or_default(),
         nm_tx,
-        dir.clone(),
         cancel.clone(),
     ));
     let first = loop {

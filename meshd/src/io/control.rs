@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
 use arc_swap::ArcSwap;
+use futures::{FutureExt as _, StreamExt as _};
 use skymesh_proto::Bearer;
 use skymesh_proto::v1::{
     JobHealth, JoinRequest, JoinResponse, NetmapRequest, PeerHealth as ProtoPeerHealth,
@@ -34,6 +35,8 @@ use crate::statedir::StateDir;
 pub type Gateway = GatewayClient<InterceptedService<Channel, Bearer>>;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// Longest time the netmap cache lags behind the applied netmap.
+pub const CACHE_INTERVAL: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Status reports at least this often (the coordinator marks a gateway
 /// NotReady after 30 s of silence).
@@ -117,13 +120,12 @@ pub async fn join(
 }
 
 /// Follows the netmap stream forever (until `cancel`), publishing every
-/// applied state and caching it.
+/// applied state.
 pub async fn run_netmap(
     mut gw: Gateway,
     cluster: String,
     mut state: NetState,
     tx: watch::Sender<Arc<NetState>>,
-    dir: StateDir,
     cancel: CancellationToken,
 ) {
     let mut backoff = BACKOFF_MIN;
@@ -149,8 +151,12 @@ pub async fn run_netmap(
                         Ok(Some(u)) => {
                             backoff = BACKOFF_MIN;
                             state.apply(u);
-                            if let Err(e) = dir.save_netmap(&state) {
-                                tracing::warn!(error = %e, "failed to cache the netmap");
+                            // Apply every update already received before
+                            // publishing: a burst costs one rebuild of the
+                            // DNS records and balancer tables, not one per
+                            // update.
+                            while let Some(Some(Ok(u))) = stream.next().now_or_never() {
+                                state.apply(u);
                             }
                             tx.send_replace(Arc::new(state.clone()));
                         }
@@ -219,6 +225,29 @@ pub fn report(
                 ready: *ready,
             })
             .collect(),
+    }
+}
+
+/// Keeps the on-disk netmap cache (fail-static across restarts) at most
+/// [`CACHE_INTERVAL`] behind the applied netmap.
+pub async fn run_cache_writer(
+    mut rx: watch::Receiver<Arc<NetState>>,
+    dir: StateDir,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+        let s = rx.borrow_and_update().clone();
+        if let Err(e) = dir.save_netmap(&s) {
+            tracing::warn!(error = %e, "failed to cache the netmap");
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(CACHE_INTERVAL) => {}
+        }
     }
 }
 
