@@ -22,8 +22,14 @@ pub const DNS_PORT: u16 = 53;
 pub struct Mesh {
     /// Processes first: they must die before the namespaces go.
     coordinator: Option<NsProcess>,
+    /// etcd and further coordinator replicas (etcd mode).
+    others: Vec<NsProcess>,
     meshd: Vec<Option<NsProcess>>,
     token: String,
+    /// What meshd and skyctl get as `--coordinator`.
+    urls: String,
+    /// Extra coordinator flags (etcd mode).
+    store_args: Vec<String>,
     pub topo: Topology,
 }
 
@@ -32,14 +38,33 @@ impl Mesh {
     /// coordinator, creates the clusters with skyctl and joins a meshd in
     /// each gateway.
     pub fn start(n: usize, apps: usize) -> Result<Self> {
+        Self::start_inner(n, apps, false)
+    }
+
+    /// Like [`Mesh::start`], but with two coordinator replicas
+    /// (198.51.100.1:7400 and :7401) sharing one etcd that runs in the WAN
+    /// namespace; meshd and skyctl are given both.
+    pub fn start_on_etcd(n: usize, apps: usize) -> Result<Self> {
+        Self::start_inner(n, apps, true)
+    }
+
+    fn start_inner(n: usize, apps: usize, etcd: bool) -> Result<Self> {
         let topo = Topology::new(n, apps)?;
+        let urls = topo.coordinator_url();
         let mut mesh = Mesh {
             coordinator: None,
+            others: Vec::new(),
             meshd: (0..n).map(|_| None).collect(),
             token: String::new(),
+            urls,
+            store_args: Vec::new(),
             topo,
         };
-        mesh.start_coordinator()?;
+        if etcd {
+            mesh.start_etcd_replicas()?;
+        } else {
+            mesh.start_coordinator()?;
+        }
         for i in 1..=n {
             let cidr = mesh.topo.workload_cidr(i);
             let name = mesh.topo.cluster_name(i);
@@ -65,6 +90,62 @@ impl Mesh {
         self.topo.dir().join("coordinator")
     }
 
+    /// etcd (one member, on the WAN namespace's loopback) and two
+    /// coordinators on it sharing one admin token.
+    fn start_etcd_replicas(&mut self) -> Result<()> {
+        let data = self.topo.dir().join("etcd");
+        let log = self.topo.dir().join("etcd.log");
+        let etcd = self.topo.wan().spawn(
+            &[
+                "etcd",
+                "--data-dir",
+                data.to_str().context("etcd dir is UTF-8")?,
+                "--listen-client-urls",
+                "http://127.0.0.1:2379",
+                "--advertise-client-urls",
+                "http://127.0.0.1:2379",
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+            ],
+            &log,
+        )?;
+        self.others.push(etcd);
+        self.store_args = [
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            "http://127.0.0.1:2379",
+        ]
+        .map(String::from)
+        .to_vec();
+        self.start_coordinator()?;
+        // The second replica, with the first one's admin token.
+        let dir = self.topo.dir().join("coordinator-b");
+        let token_file = self.coordinator_dir().join("admin.token");
+        let bin = bin_path("coordinator");
+        let listen = SocketAddr::from((crate::netns::COORDINATOR_IP, 7401)).to_string();
+        let log = self.topo.dir().join("coordinator-b.log");
+        let mut args: Vec<&str> = vec![
+            bin.to_str().context("binary path is UTF-8")?,
+            "--listen",
+            &listen,
+            "--data-dir",
+            dir.to_str().context("data dir is UTF-8")?,
+            "--admin-token-file",
+            token_file.to_str().context("token path is UTF-8")?,
+        ];
+        args.extend(self.store_args.iter().map(String::as_str));
+        self.others.push(self.topo.wan().spawn(&args, &log)?);
+        if !wait_until(Duration::from_secs(20), || dir.join("listen.addr").exists()) {
+            bail!(
+                "second coordinator did not start:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        self.urls = format!("{},http://{listen}", self.topo.coordinator_url());
+        Ok(())
+    }
+
     /// Starts (or restarts) the coordinator on 198.51.100.1:7400 with its
     /// data directory.
     pub fn start_coordinator(&mut self) -> Result<()> {
@@ -80,6 +161,8 @@ impl Mesh {
             dir.to_str().context("data dir is UTF-8")?,
         ];
         let _ = std::fs::remove_file(dir.join("listen.addr"));
+        let mut args: Vec<&str> = args.to_vec();
+        args.extend(self.store_args.iter().map(String::as_str));
         self.coordinator = Some(self.topo.wan().spawn(&args, &log)?);
         if !wait_until(Duration::from_secs(20), || dir.join("listen.addr").exists()) {
             bail!(
@@ -113,7 +196,7 @@ impl Mesh {
     /// Starts cluster `i`'s meshd (with a join token on first start).
     pub fn start_meshd(&mut self, i: usize, join_token: Option<&str>) -> Result<()> {
         let bin = bin_path("meshd");
-        let url = self.topo.coordinator_url();
+        let url = self.urls.clone();
         let name = self.topo.cluster_name(i);
         let endpoint = SocketAddr::from((self.topo.gateway_wan_ip(i), 51820)).to_string();
         let state = self.state_dir(i);
@@ -168,7 +251,7 @@ impl Mesh {
     /// Runs skyctl (in the WAN namespace, where the coordinator is).
     pub fn skyctl(&self, args: &[&str]) -> Output {
         let bin = bin_path("skyctl");
-        let url = self.topo.coordinator_url();
+        let url = self.urls.clone();
         let mut full: Vec<&str> = vec![
             bin.to_str().unwrap_or("skyctl"),
             "--coordinator",
@@ -269,5 +352,8 @@ impl Drop for Mesh {
             p.kill();
         }
         self.stop_coordinator();
+        for p in self.others.drain(..) {
+            p.kill();
+        }
     }
 }

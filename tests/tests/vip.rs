@@ -93,7 +93,10 @@ impl Drop for Replica {
 /// Three clusters, two replicas each (`web-<c>-<k>` on app host k of
 /// cluster c), registered through each gateway's `--jobs` file.
 fn mesh_with_replicas() -> (Mesh, Vec<Replica>) {
-    let mesh = Mesh::start(3, 2).unwrap();
+    with_replicas(Mesh::start(3, 2).unwrap())
+}
+
+fn with_replicas(mesh: Mesh) -> (Mesh, Vec<Replica>) {
     let mut replicas = Vec::new();
     for c in 1..=3 {
         let mut jobs = String::new();
@@ -441,4 +444,52 @@ fn nodeport_services_are_reachable_from_outside_the_mesh() {
         refused.keys().all(|k| k.starts_with("<error")),
         "{refused:?}"
     );
+}
+
+#[test]
+fn vips_keep_working_with_two_coordinators_on_etcd_when_one_dies() {
+    let (mut mesh, _replicas) = with_replicas(Mesh::start_on_etcd(3, 2).unwrap());
+    mesh.sky(&["create", "service", "web", "-s", "app=web", "-p", "80:8080"])
+        .unwrap();
+    assert!(all_ready(&mesh, "web", 6));
+    let vip = vip_of(&mesh, "web");
+    let seen = tcp_names(mesh.topo.app(1, 1), SocketAddr::from((vip, 80)), 60);
+    assert_eq!(seen.len(), 6, "{seen:?}");
+
+    // Kill the first coordinator mid-test; skyctl and every meshd were
+    // given both.
+    mesh.stop_coordinator();
+    mesh.sky(&["create", "service", "api", "-s", "app=web", "-p", "81:8080"])
+        .unwrap();
+    // Endpoints need the controllers, which may have to move to the
+    // survivor (lease of 5 s).
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let ep = mesh
+                .sky(&["get", "endpoints", "api", "-o", "json"])
+                .unwrap_or_default();
+            ep.matches("\"ready\": true").count() >= 6
+        }),
+        "{}",
+        mesh.sky(&["get", "endpoints", "api", "-o", "wide"])
+            .unwrap_or_default()
+    );
+    let vip2 = vip_of(&mesh, "api");
+    assert_ne!(vip, vip2);
+    // The new service reaches meshd through the surviving replica.
+    let client = mesh.topo.app(1, 1);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            tcp_names(client, SocketAddr::from((vip2, 81)), 1)
+                .keys()
+                .all(|k| k.starts_with("web-"))
+        }),
+        "new VIP works after losing a coordinator"
+    );
+    let seen = tcp_names(client, SocketAddr::from((vip2, 81)), 60);
+    eprintln!("after losing a coordinator: {seen:?}");
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    // And the old one still balances.
+    let seen = tcp_names(client, SocketAddr::from((vip, 80)), 30);
+    assert!(seen.keys().all(|k| k.starts_with("web-")), "{seen:?}");
 }
