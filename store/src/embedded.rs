@@ -580,32 +580,8 @@ mod tests {
         (dir, store)
     }
 
-    /// One `#[tokio::test]` per conformance test, each on a fresh store.
-    macro_rules! conformance {
-        ($($name:ident),* $(,)?) => {$(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let (_dir, store) = temp_store(DEFAULT_HISTORY_REVISIONS);
-                testsuite::$name(&store).await;
-            }
-        )*};
-    }
-
-    conformance!(
-        revision_per_txn,
-        create_if_absent,
-        cas_mod_revision,
-        cas_create_revision,
-        revision_bookkeeping,
-        delete_absent_is_noop,
-        range_by_prefix,
-        watch_replays_from_zero,
-        watch_resume_exactly_once,
-        watch_large_history,
-        watch_live_after_history,
-        watch_txn_in_one_batch,
-        watch_delete_carries_prev,
-    );
+    // One test per conformance test of the shared suite, each on a fresh store.
+    crate::conformance_tests!(async { temp_store(DEFAULT_HISTORY_REVISIONS) });
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_cas_counter() {

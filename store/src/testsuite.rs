@@ -869,3 +869,36 @@ pub async fn concurrent_cas_counter<S: Store + ?Sized>(store: Arc<S>) {
     let expected: Vec<Vec<u8>> = (1..=total).map(|n| n.to_string().into_bytes()).collect();
     assert_eq!(values, expected, "increments in revision order");
 }
+
+/// One `#[tokio::test]` per single-store conformance test, each on a fresh
+/// store. `$fresh` is a future yielding `(guard, store)`; the guard (a temp
+/// dir, a test cluster) lives as long as the test. Every backend invokes
+/// this once, so the list of tests lives here and a test added to the suite
+/// runs against every backend.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($fresh:expr) => {
+        $crate::conformance_tests!(@each $fresh;
+            revision_per_txn,
+            create_if_absent,
+            cas_mod_revision,
+            cas_create_revision,
+            revision_bookkeeping,
+            delete_absent_is_noop,
+            range_by_prefix,
+            watch_replays_from_zero,
+            watch_resume_exactly_once,
+            watch_large_history,
+            watch_live_after_history,
+            watch_txn_in_one_batch,
+            watch_delete_carries_prev,
+        );
+    };
+    (@each $fresh:expr; $($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let (_guard, store) = $fresh.await;
+            $crate::testsuite::$name(&store).await;
+        }
+    )*};
+}
