@@ -118,16 +118,7 @@ pub async fn init_admin(
             write_token_file(data_dir, &token)?;
         }
         let h = hash(&token);
-        let created = store
-            .txn(
-                vec![Compare::Absent(ADMIN_KEY.into())],
-                vec![Op::Put {
-                    key: ADMIN_KEY.into(),
-                    value: h.to_vec(),
-                }],
-            )
-            .await?;
-        if created.succeeded {
+        if put_admin_hash(store, &h, true).await? {
             tracing::info!(path = %path.display(), "created the admin token shared by the coordinators on this store");
             return Ok(h);
         }
@@ -147,15 +138,7 @@ pub async fn init_admin(
         }
         let h = hash(&token);
         if !holds(&token) {
-            store
-                .txn(
-                    vec![],
-                    vec![Op::Put {
-                        key: ADMIN_KEY.into(),
-                        value: h.to_vec(),
-                    }],
-                )
-                .await?;
+            put_admin_hash(store, &h, false).await?;
             tracing::info!(path = %path.display(), "admin token set from --admin-token-file");
         }
         return Ok(h);
@@ -169,17 +152,24 @@ pub async fn init_admin(
     let token = new_token("skyadm_");
     write_token_file(data_dir, &token)?;
     let h = hash(&token);
-    store
-        .txn(
-            vec![],
-            vec![Op::Put {
-                key: ADMIN_KEY.into(),
-                value: h.to_vec(),
-            }],
-        )
-        .await?;
+    put_admin_hash(store, &h, false).await?;
     tracing::info!(path = %path.display(), "wrote a new admin token");
     Ok(h)
+}
+
+/// Stores the admin token's hash (only if none is stored, when
+/// `only_if_absent`); returns whether it was written.
+async fn put_admin_hash(store: &dyn Store, h: &[u8; 32], only_if_absent: bool) -> Result<bool> {
+    let compares = if only_if_absent {
+        vec![Compare::Absent(ADMIN_KEY.into())]
+    } else {
+        Vec::new()
+    };
+    let ops = vec![Op::Put {
+        key: ADMIN_KEY.into(),
+        value: h.to_vec(),
+    }];
+    Ok(store.txn(compares, ops).await?.succeeded)
 }
 
 /// Reads a token file named by the operator.
