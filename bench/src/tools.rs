@@ -61,7 +61,9 @@ pub fn iperf_server(ns: &Netns, ip: Ipv4Addr, port: u16, log: &Path) -> Result<N
 }
 
 /// Runs an iperf3 client in `ns` against `server:port` for `secs` seconds,
-/// retrying while the server is still busy with the previous test.
+/// retrying while the server is still busy with the previous test, and a
+/// few times when the control connection fails transiently (a tunnel still
+/// draining the previous run's UDP flood can reset it).
 pub fn iperf(
     ns: &Netns,
     server: Ipv4Addr,
@@ -69,16 +71,32 @@ pub fn iperf(
     mode: Iperf,
     secs: u32,
 ) -> Result<IperfResult> {
-    let mut attempt = 0;
+    let (mut busy, mut transient) = (0, 0);
     loop {
         match iperf_once(ns, server, port, mode, secs) {
-            Err(e) if attempt < 8 && format!("{e:#}").contains("busy") => {
-                attempt += 1;
+            Err(e) if busy < 8 && format!("{e:#}").contains("busy") => {
+                busy += 1;
                 std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) if transient < 3 && is_transient(&format!("{e:#}")) => {
+                transient += 1;
+                std::thread::sleep(Duration::from_millis(500));
             }
             r => return r,
         }
     }
+}
+
+/// iperf3 failures worth one more try.
+fn is_transient(msg: &str) -> bool {
+    [
+        "unable to connect",
+        "Connection reset",
+        "Connection refused",
+        "control socket has closed",
+    ]
+    .iter()
+    .any(|m| msg.contains(m))
 }
 
 fn iperf_once(
