@@ -80,6 +80,13 @@ struct Args {
     /// Do not install missing peers (fail instead).
     #[arg(long)]
     no_install: bool,
+    /// Another meshd binary (e.g. built from an older commit) to measure
+    /// beside this one in the tunnel sections, for before/after figures.
+    #[arg(long, value_name = "PATH")]
+    baseline_meshd: Option<PathBuf>,
+    /// Column label of --baseline-meshd.
+    #[arg(long, value_name = "TEXT", default_value = "meshd before")]
+    baseline_label: String,
 }
 
 /// Sizes and durations of the measurements.
@@ -101,6 +108,8 @@ pub struct Cfg {
     pub propagation: usize,
     /// Seconds per connection-rate run.
     pub conn_secs: f64,
+    /// Another meshd build measured beside this one (tunnel sections).
+    pub baseline: Option<&'static tunnel::Baseline>,
 }
 
 impl Cfg {
@@ -110,6 +119,13 @@ impl Cfg {
         if let Some(n) = args.services {
             cfg.services = n.max(1);
         }
+        cfg.baseline = args.baseline_meshd.as_ref().map(|bin| {
+            // One per run, needed for the whole run: labels are &'static.
+            &*Box::leak(Box::new(tunnel::Baseline {
+                bin: bin.clone(),
+                label: args.baseline_label.clone(),
+            }))
+        });
         cfg
     }
 
@@ -125,6 +141,7 @@ impl Cfg {
                 clusters: 100,
                 propagation: 20,
                 conn_secs: 1.0,
+                baseline: None,
             }
         } else {
             Cfg {
@@ -137,6 +154,7 @@ impl Cfg {
                 clusters: 100,
                 propagation: 100,
                 conn_secs: 3.0,
+                baseline: None,
             }
         }
     }
@@ -222,7 +240,15 @@ fn main() {
 }
 
 fn real_main() -> Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(bin) = &args.baseline_meshd {
+        let abs = std::fs::canonicalize(bin)
+            .with_context(|| format!("--baseline-meshd: {} not found", bin.display()))?;
+        if !abs.is_file() {
+            bail!("--baseline-meshd: {} is not a file", bin.display());
+        }
+        args.baseline_meshd = Some(abs);
+    }
     relocate_for_harness()?;
     cleanup::install()?;
     skymesh_tests::netns::require_root()?;

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -32,17 +33,34 @@ pub enum Kind {
     Meshd,
     WireguardGo,
     Boringtun,
+    /// Another meshd build (`--baseline-meshd`), e.g. an older commit's,
+    /// measured in the same run for a before/after comparison.
+    Baseline(&'static Baseline),
     Veth,
 }
 
+/// A meshd binary to compare with, and its column's label.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Baseline {
+    pub bin: PathBuf,
+    pub label: String,
+}
+
 impl Kind {
-    const ALL: [Kind; 4] = [Kind::Meshd, Kind::WireguardGo, Kind::Boringtun, Kind::Veth];
+    /// The labs of this run, meshd first (the others are its peers).
+    fn all(cfg: &Cfg) -> Vec<Kind> {
+        let mut v = vec![Kind::Meshd, Kind::WireguardGo, Kind::Boringtun];
+        v.extend(cfg.baseline.map(Kind::Baseline));
+        v.push(Kind::Veth);
+        v
+    }
 
     fn label(self) -> &'static str {
         match self {
             Kind::Meshd => "meshd",
             Kind::WireguardGo => "wireguard-go",
             Kind::Boringtun => "boringtun-cli",
+            Kind::Baseline(b) => &b.label,
             Kind::Veth => "raw veth (no tunnel)",
         }
     }
@@ -81,8 +99,11 @@ impl Lab {
 
     fn start(kind: Kind) -> Result<Lab> {
         let mut lab = match kind {
-            Kind::Meshd => {
-                let mesh = Mesh::start(2, 0)?;
+            Kind::Meshd | Kind::Baseline(_) => {
+                let mesh = match kind {
+                    Kind::Baseline(b) => Mesh::start_with_meshd(2, 0, b.bin.clone())?,
+                    _ => Mesh::start(2, 0)?,
+                };
                 crate::cleanup::register(&mesh.topo);
                 ensure!(
                     mesh.wait_for_tunnels(Duration::from_secs(30)),
@@ -225,7 +246,7 @@ struct Samples {
 pub fn run(cfg: &Cfg) -> Vec<Table> {
     let mut labs: Vec<(Kind, Lab)> = Vec::new();
     let mut s = Samples::default();
-    for kind in Kind::ALL {
+    for kind in Kind::all(cfg) {
         eprintln!("[tunnel] starting the {} lab", kind.label());
         match Lab::start(kind) {
             Ok(l) => labs.push((kind, l)),
@@ -298,7 +319,8 @@ pub fn run(cfg: &Cfg) -> Vec<Table> {
 }
 
 fn tables(cfg: &Cfg, s: &Samples) -> Vec<Table> {
-    let peers: Vec<&str> = Kind::ALL[1..].iter().map(|k| k.label()).collect();
+    let kinds = Kind::all(cfg);
+    let peers: Vec<&str> = kinds[1..].iter().map(|k| k.label()).collect();
     let cell = |k: Kind, v: Option<&Vec<f64>>| match (s.errors.get(&k), v) {
         (_, Some(v)) if v.len() == cfg.runs => Cell::from_samples(v),
         (Some(e), _) => Cell::Failed(e.clone()),
@@ -310,7 +332,7 @@ fn tables(cfg: &Cfg, s: &Samples) -> Vec<Table> {
         unit,
         better,
         skymesh: cell(Kind::Meshd, get(Kind::Meshd).as_ref()),
-        peers: Kind::ALL[1..]
+        peers: kinds[1..]
             .iter()
             .map(|k| cell(*k, get(*k).as_ref()))
             .collect(),
@@ -327,10 +349,11 @@ fn tables(cfg: &Cfg, s: &Samples) -> Vec<Table> {
              MTU 1420); raw veth: the same WAN without a tunnel (the ceiling). UDP: \
              `-u -b 10G -l {}` (datagrams fit the tunnel MTU); the received rate counts \
              only what arrived. Client, server and both tunnel ends share the machine's \
-             cores.",
+             cores.{}",
             cfg.iperf_secs,
             cfg.runs,
-            tools::UDP_PAYLOAD
+            tools::UDP_PAYLOAD,
+            baseline_note(cfg)
         ),
     );
     for (t, (name, _)) in TESTS.iter().enumerate() {
@@ -348,8 +371,10 @@ fn tables(cfg: &Cfg, s: &Samples) -> Vec<Table> {
         &peers,
         format!(
             "{} pings at 10 ms intervals per run through each tunnel (same labs as \
-             section 1, idle), p50 and p99 of each run, median of {} runs.",
-            cfg.pings, cfg.runs
+             section 1, idle), p50 and p99 of each run, median of {} runs.{}",
+            cfg.pings,
+            cfg.runs,
+            baseline_note(cfg)
         ),
     );
     lat.rows
@@ -361,4 +386,15 @@ fn tables(cfg: &Cfg, s: &Samples) -> Vec<Table> {
             s.p99.get(&k).cloned()
         }));
     vec![tput, lat]
+}
+
+/// What the baseline column is, for the tables' notes.
+fn baseline_note(cfg: &Cfg) -> String {
+    cfg.baseline.map_or(String::new(), |b| {
+        format!(
+            " {}: the meshd lab again with another meshd build (`--baseline-meshd`), \
+             for a before/after comparison in one run.",
+            b.label
+        )
+    })
 }

@@ -30,6 +30,8 @@ pub struct Mesh {
     urls: String,
     /// Extra coordinator flags (etcd mode).
     store_args: Vec<String>,
+    /// The meshd binary gateways run.
+    meshd_bin: PathBuf,
     pub topo: Topology,
 }
 
@@ -38,17 +40,23 @@ impl Mesh {
     /// coordinator, creates the clusters with skyctl and joins a meshd in
     /// each gateway.
     pub fn start(n: usize, apps: usize) -> Result<Self> {
-        Self::start_inner(n, apps, false)
+        Self::start_inner(n, apps, false, bin_path("meshd"))
+    }
+
+    /// Like [`Mesh::start`], with another meshd binary in the gateways
+    /// (the benchmark compares a build of an older commit with this one).
+    pub fn start_with_meshd(n: usize, apps: usize, meshd: PathBuf) -> Result<Self> {
+        Self::start_inner(n, apps, false, meshd)
     }
 
     /// Like [`Mesh::start`], but with two coordinator replicas
     /// (198.51.100.1:7400 and :7401) sharing one etcd that runs in the WAN
     /// namespace; meshd and skyctl are given both.
     pub fn start_on_etcd(n: usize, apps: usize) -> Result<Self> {
-        Self::start_inner(n, apps, true)
+        Self::start_inner(n, apps, true, bin_path("meshd"))
     }
 
-    fn start_inner(n: usize, apps: usize, etcd: bool) -> Result<Self> {
+    fn start_inner(n: usize, apps: usize, etcd: bool, meshd_bin: PathBuf) -> Result<Self> {
         let topo = Topology::new(n, apps)?;
         let urls = topo.coordinator_url();
         let mut mesh = Mesh {
@@ -58,6 +66,7 @@ impl Mesh {
             token: String::new(),
             urls,
             store_args: Vec::new(),
+            meshd_bin,
             topo,
         };
         if etcd {
@@ -195,7 +204,7 @@ impl Mesh {
 
     /// Starts cluster `i`'s meshd (with a join token on first start).
     pub fn start_meshd(&mut self, i: usize, join_token: Option<&str>) -> Result<()> {
-        let bin = bin_path("meshd");
+        let bin = self.meshd_bin.clone();
         let url = self.urls.clone();
         let name = self.topo.cluster_name(i);
         let endpoint = SocketAddr::from((self.topo.gateway_wan_ip(i), 51820)).to_string();
