@@ -109,11 +109,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
         .overlay_cidr
         .parse()
         .context("netmap has an invalid overlay CIDR")?;
-    let dev = Arc::new(tun::create(
-        &cfg.interface,
-        overlay_ip,
-        overlay.prefix_len(),
-    )?);
+    let dev = tun::create(&cfg.interface, overlay_ip, overlay.prefix_len())?;
     // Only IPv4 crosses the mesh; keep the kernel's IPv6 chatter off the TUN.
     let _ = std::fs::write(
         format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", cfg.interface),
@@ -153,7 +149,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
         node,
         lb: Lb::new(lb_cfg),
     };
-    tasks.spawn(device::run(
+    tasks.spawn(device::spawn(
         engine,
         dev,
         udp,
@@ -161,7 +157,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
         lb_rx,
         stats.clone(),
         cancel.clone(),
-    ));
+    )?);
     {
         let mut rx = nm_rx.clone();
         let iface = cfg.interface.clone();

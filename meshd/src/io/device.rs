@@ -21,7 +21,7 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::core::lb::{Lb, LbStats, LbTable, Verdict};
 use crate::core::node::{DropReason, MAX_DATAGRAM, Node, PeerConfig, PeerInfo, Transmit};
@@ -74,11 +74,54 @@ pub fn peer_configs(s: &NetState) -> Vec<PeerConfig> {
 }
 
 /// Binds the WireGuard UDP socket.
-pub fn bind_udp(port: u16) -> Result<UdpSocket> {
+pub fn bind_udp(port: u16) -> Result<StdUdp> {
     let std = StdUdp::bind(("0.0.0.0", port))
         .map_err(|e| anyhow::anyhow!("failed to bind UDP port {port}: {e}"))?;
     std.set_nonblocking(true)?;
-    Ok(UdpSocket::from_std(std)?)
+    Ok(std)
+}
+
+/// Runs the packet loop ([`run`]) on a thread of its own, with a
+/// single-threaded runtime that owns the TUN and UDP sockets; the returned
+/// future ends with the loop.
+///
+/// On the shared multi-threaded runtime every readiness event went through
+/// the I/O driver of whichever worker polled it and often a wakeup of
+/// another worker; here the thread that waits in `epoll` is the one that
+/// encrypts, and the control plane's tasks never queue in front of
+/// packets.
+pub fn spawn(
+    engine: Engine,
+    tun: SyncDevice,
+    udp: StdUdp,
+    netmap: watch::Receiver<Arc<NetState>>,
+    lb_table: watch::Receiver<Arc<LbTable>>,
+    stats: Arc<ArcSwap<DeviceStats>>,
+    cancel: CancellationToken,
+) -> Result<impl Future<Output = Result<()>>> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("meshd-packets".into())
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(async move {
+                        let tun = Arc::new(AsyncDevice::new(tun)?);
+                        let udp = UdpSocket::from_std(udp)?;
+                        run(engine, tun, udp, netmap, lb_table, stats, cancel).await
+                    })
+                });
+            let _ = done_tx.send(result);
+        })
+        .map_err(|e| anyhow::anyhow!("failed to start the packet thread: {e}"))?;
+    Ok(async move {
+        done_rx
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the packet thread panicked")))
+    })
 }
 
 /// The packet loop's state: the WireGuard node and the VIP balancer, owned
@@ -225,6 +268,11 @@ const UDP_BATCH: usize = 8;
 /// coalesces at most 64 KiB).
 const UDP_BUFFER: usize = 65_536;
 
+/// Room for one packet of a TUN read: segments are at most the interface
+/// MTU (1420, see [`super::tun::MTU`]); this leaves room for jumbo frames
+/// should an operator raise it.
+const TUN_PACKET: usize = 9216 + 256;
+
 /// Bytes kept free in front of every packet written to the TUN, for the
 /// virtio-net header that offloading TUN writes carry.
 const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN;
@@ -284,7 +332,7 @@ impl BatchIo {
             udp,
             udp_state,
             tun_raw: vec![0u8; VIRTIO_NET_HDR_LEN + MAX_DATAGRAM],
-            tun_bufs: vec![vec![0u8; MAX_DATAGRAM]; IDEAL_BATCH_SIZE],
+            tun_bufs: vec![vec![0u8; TUN_PACKET]; IDEAL_BATCH_SIZE],
             tun_sizes: vec![0; IDEAL_BATCH_SIZE],
             udp_bufs: vec![vec![0u8; UDP_BUFFER]; UDP_BATCH],
             udp_meta: vec![RecvMeta::default(); UDP_BATCH],

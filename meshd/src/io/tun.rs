@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result, bail};
 use ipnet::Ipv4Net;
-use tun_rs::{AsyncDevice, DeviceBuilder};
+use tun_rs::{DeviceBuilder, SyncDevice};
 
 use crate::state::NetState;
 
@@ -25,14 +25,17 @@ pub const MTU: u16 = 1420;
 /// batch, and decrypted packets of one flow are coalesced into one write.
 /// Kernels without TUN offloads get a plain interface (one packet per
 /// read and write).
-pub fn create(name: &str, ip: Ipv4Addr, prefix: u8) -> Result<AsyncDevice> {
+///
+/// The device is returned unregistered: the packet thread registers it
+/// with its own runtime ([`super::device::spawn`]).
+pub fn create(name: &str, ip: Ipv4Addr, prefix: u8) -> Result<SyncDevice> {
     let build = |offload: bool| {
         DeviceBuilder::new()
             .name(name)
             .ipv4(ip, prefix, None)
             .mtu(MTU)
             .offload(offload)
-            .build_async()
+            .build_sync()
     };
     let dev = match build(true) {
         Ok(dev) => dev,
