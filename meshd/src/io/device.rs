@@ -1,11 +1,22 @@
 //! The packet loop: TUN ⇄ [`Node`] ⇄ UDP.
 //!
-//! One task owns the node, so no peer state is shared or locked. It reads
-//! from the TUN interface and the UDP socket, hands bytes to the node, and
-//! writes the node's transmits out; a 250 ms tick drives WireGuard's
-//! timers. Netmap changes arrive on a watch channel and are applied between
-//! packets as a peer diff. Once a second it publishes counters for status,
+//! One thread owns the node and the balancer, so no peer state is shared
+//! or locked. It reads from the TUN interface and the UDP socket in
+//! batches, hands packets to the balancer and the node, and writes their
+//! transmits out in batches; a 250 ms tick drives WireGuard's timers.
+//! Netmap changes arrive on a watch channel and are applied between
+//! batches as a peer diff. Every tick it publishes counters for status,
 //! metrics and `wg show`.
+//!
+//! Why one thread and not crypto on every core (as DESIGN.md planned):
+//! boringtun's `Tunn` takes `&mut self` for both directions, so one
+//! peer's encryption and decryption serialise whatever the threading, and
+//! on the benchmark's 2-core machine the cores are busy with the kernel's
+//! TCP stacks and iperf3 anyway. What made the tunnel fast was batching
+//! (TUN offloads, UDP GSO/GRO, `recvmmsg`); boringtun-cli, which is
+//! boringtun's device module (4 threads, a mutex per peer, one packet per
+//! syscall), measures far below this loop in the same run
+//! (`BENCHMARKS.md`).
 
 use std::collections::BTreeMap;
 use std::io::{self, IoSliceMut};
@@ -142,7 +153,7 @@ pub struct Engine {
 /// I/O is batched both ways, which is where a userspace tunnel spends its
 /// time: one TUN read returns a whole TSO segment (split here into
 /// MTU-sized packets), whose datagrams leave in one UDP GSO send; one
-/// `recvmmsg` returns up to [`UDP_BATCH`] buffers, each possibly holding
+/// `recvmmsg` returns up to `UDP_BATCH` buffers, each possibly holding
 /// many GRO-coalesced datagrams, and the decrypted packets are coalesced
 /// per flow into few TUN writes.
 pub async fn run(
