@@ -230,16 +230,20 @@ impl Lb {
             };
         }
         if !ours {
-            // A new TCP connection straight to a backend from a client
-            // port that an earlier VIP flow used (now closing or closed):
-            // that flow's mapping is stale, and keeping it would rewrite
-            // this connection's replies to come from the VIP.
-            if h.proto == packet::IPPROTO_TCP
-                && let Some(l4) = packet::parse_l4(packet, &h, Proto::Tcp)
-                && l4.flags & (packet::TCP_SYN | packet::TCP_ACK) == packet::TCP_SYN
+            // Traffic straight to a backend from a client port that an
+            // earlier VIP flow to that backend used: that flow's mapping is
+            // stale (the VIP flow's own packets never leave the TUN with
+            // the backend as destination), and keeping it would rewrite
+            // this flow's replies to come from the VIP. For TCP a new
+            // connection (SYN) says so; for UDP any datagram does.
+            if !self.nat.is_empty()
+                && let Some(proto) = Proto::from_number(h.proto)
+                && let Some(l4) = packet::parse_l4(packet, &h, proto)
+                && (proto == Proto::Udp
+                    || l4.flags & (packet::TCP_SYN | packet::TCP_ACK) == packet::TCP_SYN)
             {
                 let outside = Outside(FiveTuple {
-                    proto: Proto::Tcp,
+                    proto,
                     src: SocketAddrV4::new(h.src, l4.src_port),
                     dst: SocketAddrV4::new(h.dst, l4.dst_port),
                 });

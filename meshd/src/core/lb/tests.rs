@@ -436,6 +436,39 @@ fn a_direct_connection_reusing_a_closed_flows_port_is_left_alone() {
 }
 
 #[test]
+fn a_direct_udp_flow_reusing_a_vip_flows_port_is_left_alone() {
+    // A client asks the VIP (DNS-like, UDP) and later the replica directly
+    // from the same port, within the VIP flow's 5 min idle timeout: the
+    // replica's answers to the direct query must come from the replica.
+    let mut lb = lb(&web_state(TrafficPolicy::Spread), &Health::default());
+    let now = Instant::now();
+    let (c, backend) = (0..50)
+        .map(|i| sa(CLIENT, 45_000 + i))
+        .find_map(|c| {
+            let (v, p) = out(&mut lb, udp(c, sa(VIP, 53), b"q1"), now);
+            (v == Verdict::ToTunnel).then(|| (c, checked(&p).dst))
+        })
+        .unwrap();
+    let (v, p) = inb(&mut lb, udp(backend, c, b"a1"), now);
+    assert_eq!(v, Verdict::ToTun);
+    assert_eq!(checked(&p).src, sa(VIP, 53), "the VIP flow's answer");
+    let later = now + Duration::from_secs(10);
+    let (v, p) = out(&mut lb, udp(c, backend, b"q2"), later);
+    assert_eq!(v, Verdict::Pass);
+    assert_eq!(checked(&p).dst, backend, "untouched");
+    let (v, p) = inb(&mut lb, udp(backend, c, b"a2"), later);
+    assert_eq!(v, Verdict::Pass, "the direct answer is not translated");
+    assert_eq!(checked(&p).src, backend);
+    // Asking the VIP again from that port makes a new VIP flow.
+    let (v, p) = out(&mut lb, udp(c, sa(VIP, 53), b"q3"), later);
+    assert_eq!(v, Verdict::ToTunnel);
+    let b2 = checked(&p).dst;
+    let (v, p) = inb(&mut lb, udp(b2, c, b"a3"), later);
+    assert_eq!(v, Verdict::ToTun);
+    assert_eq!(checked(&p).src, sa(VIP, 53));
+}
+
+#[test]
 fn local_reply_to_the_snat_address_is_translated_back() {
     let mut s = mesh();
     add(
