@@ -131,6 +131,9 @@ impl GatewayService {
 
     async fn report(&self, req: StatusReport) -> Result<()> {
         let cluster = validate::name("cluster", &req.cluster)?;
+        if !req.endpoint.is_empty() {
+            validate::endpoint("endpoint", &req.endpoint)?;
+        }
         let key = object_key(Kind::Cluster, "", &cluster);
         for _ in 0..16 {
             let Some(cur) = self.reg.store().get(&key).await? else {
@@ -146,12 +149,19 @@ impl GatewayService {
             st.peers = req.peers.clone();
             st.last_seen = unix_now();
             st.phase = ClusterPhase::Ready as i32;
+            let moved = !req.endpoint.is_empty() && st.endpoint != req.endpoint;
+            if moved {
+                st.endpoint = req.endpoint.clone();
+            }
             if self
                 .reg
                 .write_if_unchanged(&o, cur.mod_revision)
                 .await?
                 .is_some()
             {
+                if moved {
+                    tracing::info!(%cluster, endpoint = %req.endpoint, "gateway endpoint changed");
+                }
                 break;
             }
         }

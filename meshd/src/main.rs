@@ -50,6 +50,11 @@ struct Args {
     /// TOML file of jobs to register (reloaded on change).
     #[arg(long)]
     jobs: Option<PathBuf>,
+    /// Turn off segmentation offloads (TUN TSO/GRO writes and UDP GSO):
+    /// one packet per read, write and send. Slower; for kernels or NICs
+    /// whose offloads misbehave.
+    #[arg(long, env = "MESHD_NO_OFFLOAD")]
+    no_offload: bool,
 }
 
 fn main() -> ExitCode {
@@ -77,6 +82,7 @@ fn main() -> ExitCode {
         dns_upstreams: a.dns_upstreams,
         metrics_listen: a.metrics_listen,
         jobs: a.jobs,
+        offload: !a.no_offload,
     };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -35,6 +35,8 @@ pub struct Config {
     pub dns_upstreams: Vec<SocketAddr>,
     pub metrics_listen: Option<SocketAddr>,
     pub jobs: Option<PathBuf>,
+    /// TUN and UDP segmentation offloads (off: one packet per syscall).
+    pub offload: bool,
 }
 
 /// Runs meshd until `cancel` fires or a task fails.
@@ -109,7 +111,12 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
         .overlay_cidr
         .parse()
         .context("netmap has an invalid overlay CIDR")?;
-    let dev = tun::create(&cfg.interface, overlay_ip, overlay.prefix_len())?;
+    let dev = tun::create(
+        &cfg.interface,
+        overlay_ip,
+        overlay.prefix_len(),
+        cfg.offload,
+    )?;
     // Only IPv4 crosses the mesh; keep the kernel's IPv6 chatter off the TUN.
     let _ = std::fs::write(
         format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", cfg.interface),
@@ -153,6 +160,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
         engine,
         dev,
         udp,
+        cfg.offload,
         nm_rx.clone(),
         lb_rx,
         stats.clone(),
@@ -209,6 +217,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
         });
     }
     {
+        let endpoint = cfg.endpoint;
         let (gw, cl, st, p, j, c) = (
             gw.clone(),
             cluster.clone(),
@@ -218,7 +227,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
             cancel.clone(),
         );
         tasks.spawn(async move {
-            control::run_reporter(gw, cl, st, p, j, c).await;
+            control::run_reporter(gw, cl, endpoint, st, p, j, c).await;
             Ok(())
         });
     }

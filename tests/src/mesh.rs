@@ -32,6 +32,10 @@ pub struct Mesh {
     store_args: Vec<String>,
     /// The meshd binary gateways run.
     meshd_bin: PathBuf,
+    /// Extra meshd flags per cluster (from the next start on).
+    meshd_args: Vec<Vec<String>>,
+    /// WireGuard UDP port per cluster (`--listen-port`, `--endpoint`).
+    meshd_ports: Vec<u16>,
     pub topo: Topology,
 }
 
@@ -67,6 +71,8 @@ impl Mesh {
             urls,
             store_args: Vec::new(),
             meshd_bin,
+            meshd_args: vec![Vec::new(); n],
+            meshd_ports: vec![51820; n],
             topo,
         };
         if etcd {
@@ -207,7 +213,9 @@ impl Mesh {
         let bin = self.meshd_bin.clone();
         let url = self.urls.clone();
         let name = self.topo.cluster_name(i);
-        let endpoint = SocketAddr::from((self.topo.gateway_wan_ip(i), 51820)).to_string();
+        let port = self.meshd_ports[i - 1];
+        let endpoint = SocketAddr::from((self.topo.gateway_wan_ip(i), port)).to_string();
+        let port = port.to_string();
         let state = self.state_dir(i);
         let iface = self.topo.iface(i);
         let metrics = format!("127.0.0.1:{METRICS_PORT}");
@@ -224,6 +232,8 @@ impl Mesh {
             &name,
             "--endpoint",
             &endpoint,
+            "--listen-port",
+            &port,
             "--state-dir",
             state.to_str().context("state dir is UTF-8")?,
             "--interface",
@@ -238,11 +248,23 @@ impl Mesh {
         if let Some(t) = join_token {
             args.extend(["--join-token", t]);
         }
+        args.extend(self.meshd_args[i - 1].iter().map(String::as_str));
         let log = self.topo.dir().join(format!("meshd-{i}.log"));
         let mut cmd = std::process::Command::new(args[0]);
         cmd.args(&args[1..]).env("RUST_LOG", "info,meshd=debug");
         self.meshd[i - 1] = Some(self.topo.gateway(i).spawn_command(&cmd, &log)?);
         Ok(())
+    }
+
+    /// Extra flags for cluster `i`'s meshd from its next start on.
+    pub fn set_meshd_args(&mut self, i: usize, args: &[&str]) {
+        self.meshd_args[i - 1] = args.iter().map(|a| a.to_string()).collect();
+    }
+
+    /// The WireGuard port of cluster `i`'s meshd from its next start on
+    /// (`--listen-port`, and `--endpoint` on the gateway's WAN address).
+    pub fn set_meshd_port(&mut self, i: usize, port: u16) {
+        self.meshd_ports[i - 1] = port;
     }
 
     /// Kills cluster `i`'s meshd (SIGKILL).

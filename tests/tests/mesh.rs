@@ -504,10 +504,11 @@ fn bulk_receiver(ns: &Netns, ip: Ipv4Addr, port: u16, seed: u64) {
 /// Large transfers through the tunnel in both directions at once arrive
 /// byte for byte: the batched path (TSO segments split and encrypted into
 /// UDP GSO batches, GRO-coalesced receives, per-flow coalesced TUN
-/// writes) neither loses, reorders nor corrupts data.
+/// writes) neither loses, reorders nor corrupts data; nor does a gateway
+/// running without offloads (`--no-offload`) talking to one with them.
 #[test]
 fn bulk_transfers_arrive_intact_both_ways() {
-    let mesh = Mesh::start(2, 1).unwrap();
+    let mut mesh = Mesh::start(2, 1).unwrap();
     assert!(mesh.wait_for_tunnels(Duration::from_secs(20)));
     for i in 1..=2 {
         let log = strip_ansi(&mesh.meshd_log(i));
@@ -521,34 +522,82 @@ fn bulk_transfers_arrive_intact_both_ways() {
         .app(1, 1)
         .ping(a2)));
     const TOTAL: usize = 48 << 20;
-    let t0 = Instant::now();
-    let up = {
-        let ns = mesh.topo.app(1, 1);
-        std::thread::scope(|s| {
+    let both_ways = |mesh: &Mesh| {
+        let t0 = Instant::now();
+        let (up, down) = std::thread::scope(|s| {
             let down =
                 s.spawn(|| bulk_send(mesh.topo.app(2, 1), SocketAddr::from((a1, 7100)), 2, TOTAL));
-            let up = bulk_send(ns, SocketAddr::from((a2, 7100)), 1, TOTAL);
+            let up = bulk_send(mesh.topo.app(1, 1), SocketAddr::from((a2, 7100)), 1, TOTAL);
             (up, down.join().unwrap())
-        })
+        });
+        eprintln!("2 x {} MiB both ways in {:?}", TOTAL >> 20, t0.elapsed());
+        assert_eq!(up, Ok(TOTAL as u64), "c1 -> c2 arrives intact");
+        assert_eq!(down, Ok(TOTAL as u64), "c2 -> c1 arrives intact");
     };
-    eprintln!("2 x {} MiB both ways in {:?}", TOTAL >> 20, t0.elapsed());
-    assert_eq!(up.0, Ok(TOTAL as u64), "c1 -> c2 arrives intact");
-    assert_eq!(up.1, Ok(TOTAL as u64), "c2 -> c1 arrives intact");
+    both_ways(&mesh);
     // Counters are published every 250 ms.
+    let rx = |mesh: &Mesh, i: usize| -> u64 {
+        let show = mesh.wg(i, &["transfer"]).unwrap_or_default();
+        show.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
     for i in 1..=2 {
-        let rx = || -> u64 {
-            let show = mesh.wg(i, &["transfer"]).unwrap_or_default();
-            show.split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
         assert!(
-            wait_until(Duration::from_secs(2), || rx() >= TOTAL as u64),
+            wait_until(Duration::from_secs(2), || rx(&mesh, i) >= TOTAL as u64),
             "wg show transfer counts the bytes received by c{i}: {}",
-            rx()
+            rx(&mesh, i)
         );
     }
+
+    // c2 without offloads, c1 with them.
+    mesh.set_meshd_args(2, &["--no-offload"]);
+    mesh.stop_meshd(2);
+    mesh.start_meshd(2, None).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(15), || mesh.topo.app(1, 1).ping(a2)),
+        "tunnel back after restarting c2 without offloads"
+    );
+    let log = strip_ansi(&mesh.meshd_log(2));
+    assert!(log.contains("tcp_offload=false"), "{log}");
+    assert!(log.contains("gso_segments=1 "), "{log}");
+    both_ways(&mesh);
+}
+
+/// A gateway restarted with another `--endpoint` tells the coordinator
+/// (in its status reports), which records it and streams it to the peers.
+#[test]
+fn restarted_gateway_with_a_new_endpoint_updates_the_coordinator() {
+    let mut mesh = Mesh::start(2, 0).unwrap();
+    assert!(mesh.wait_for_tunnels(Duration::from_secs(20)));
+    let new = format!("{}:51821", mesh.topo.gateway_wan_ip(2));
+    let recorded = |mesh: &Mesh| {
+        mesh.sky(&["get", "cluster", "c2", "-o", "json"])
+            .unwrap_or_default()
+            .contains(&new)
+    };
+    assert!(!recorded(&mesh));
+    mesh.set_meshd_port(2, 51821);
+    mesh.stop_meshd(2);
+    mesh.start_meshd(2, None).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || recorded(&mesh)),
+        "the coordinator records {new}: {}",
+        mesh.sky(&["get", "cluster", "c2", "-o", "json"])
+            .unwrap_or_default()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || mesh
+            .wg(1, &["endpoints"])
+            .unwrap_or_default()
+            .contains(&new)),
+        "c1 sends to {new}"
+    );
+    assert!(
+        mesh.wait_for_tunnels(Duration::from_secs(10)),
+        "tunnels up again with c2 on {new}"
+    );
 }
 
 /// `s` without terminal colour codes (meshd's log is coloured).

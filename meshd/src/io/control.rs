@@ -194,12 +194,14 @@ fn unix(t: SystemTime) -> i64 {
 /// Builds a status report from the device counters and health.
 pub fn report(
     cluster: &str,
+    endpoint: Option<SocketAddr>,
     stats: &DeviceStats,
     peers: &BTreeMap<String, PeerHealth>,
     jobs: &JobReadiness,
 ) -> StatusReport {
     StatusReport {
         cluster: cluster.to_string(),
+        endpoint: endpoint.map(|e| e.to_string()).unwrap_or_default(),
         peers: stats
             .peers
             .iter()
@@ -251,10 +253,13 @@ pub async fn run_cache_writer(
     }
 }
 
-/// Reports status every [`REPORT_INTERVAL`] and whenever health changes.
+/// Reports status every [`REPORT_INTERVAL`] and whenever health changes,
+/// with the `--endpoint` given on the command line (if any), so that the
+/// peers learn a changed one.
 pub async fn run_reporter(
     mut gw: Gateway,
     cluster: String,
+    endpoint: Option<SocketAddr>,
     stats: Arc<ArcSwap<DeviceStats>>,
     mut peers: watch::Receiver<BTreeMap<String, PeerHealth>>,
     mut jobs: watch::Receiver<JobReadiness>,
@@ -270,6 +275,7 @@ pub async fn run_reporter(
         }
         let r = report(
             &cluster,
+            endpoint,
             &stats.load(),
             &peers.borrow_and_update(),
             &jobs.borrow_and_update(),

@@ -101,10 +101,12 @@ pub fn bind_udp(port: u16) -> Result<StdUdp> {
 /// another worker; here the thread that waits in `epoll` is the one that
 /// encrypts, and the control plane's tasks never queue in front of
 /// packets.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     engine: Engine,
     tun: SyncDevice,
     udp: StdUdp,
+    offload: bool,
     netmap: watch::Receiver<Arc<NetState>>,
     lb_table: watch::Receiver<Arc<LbTable>>,
     stats: Arc<ArcSwap<DeviceStats>>,
@@ -122,7 +124,8 @@ pub fn spawn(
                     rt.block_on(async move {
                         let tun = Arc::new(AsyncDevice::new(tun)?);
                         let udp = UdpSocket::from_std(udp)?;
-                        run(engine, tun, udp, netmap, lb_table, stats, cancel).await
+                        let io = BatchIo::new(tun, udp, offload)?;
+                        run(engine, io, netmap, lb_table, stats, cancel).await
                     })
                 });
             let _ = done_tx.send(result);
@@ -156,18 +159,16 @@ pub struct Engine {
 /// `recvmmsg` returns up to `UDP_BATCH` buffers, each possibly holding
 /// many GRO-coalesced datagrams, and the decrypted packets are coalesced
 /// per flow into few TUN writes.
-pub async fn run(
+async fn run(
     engine: Engine,
-    tun: Arc<AsyncDevice>,
-    udp: UdpSocket,
+    mut io: BatchIo,
     mut netmap: watch::Receiver<Arc<NetState>>,
     mut lb_table: watch::Receiver<Arc<LbTable>>,
     stats: Arc<ArcSwap<DeviceStats>>,
     cancel: CancellationToken,
 ) -> Result<()> {
     let Engine { mut node, mut lb } = engine;
-    let listen_port = udp.local_addr()?.port();
-    let mut io = BatchIo::new(tun, udp)?;
+    let listen_port = io.udp.local_addr()?.port();
     let mut out: Vec<Transmit> = Vec::with_capacity(IDEAL_BATCH_SIZE);
     let mut reply: Vec<u8> = Vec::with_capacity(1500);
     let mut timers = tokio::time::interval(TIMER_TICK);
@@ -295,6 +296,8 @@ struct BatchIo {
     tun: Arc<AsyncDevice>,
     udp: UdpSocket,
     udp_state: UdpSocketState,
+    /// Datagrams per GSO send (1: offloads off or unsupported).
+    max_segments: usize,
     /// A raw TUN read: virtio header and up to 64 KiB of segment.
     tun_raw: Vec<u8>,
     /// The TUN read split into packets (each at offset 0).
@@ -324,8 +327,13 @@ struct GsoBatch {
 }
 
 impl BatchIo {
-    fn new(tun: Arc<AsyncDevice>, udp: UdpSocket) -> Result<Self> {
+    fn new(tun: Arc<AsyncDevice>, udp: UdpSocket, offload: bool) -> Result<Self> {
         let udp_state = UdpSocketState::new((&udp).into())?;
+        let max_segments = if offload {
+            udp_state.max_gso_segments()
+        } else {
+            1
+        };
         // Room for bursts while the loop is busy encrypting.
         for size in [4 << 20, 2 << 20] {
             if udp_state.set_recv_buffer_size((&udp).into(), size).is_ok() {
@@ -333,8 +341,8 @@ impl BatchIo {
             }
         }
         let _ = udp_state.set_send_buffer_size((&udp).into(), 4 << 20);
-        tracing::debug!(
-            gso_segments = udp_state.max_gso_segments(),
+        tracing::info!(
+            gso_segments = max_segments,
             gro_segments = udp_state.gro_segments(),
             "UDP offloads"
         );
@@ -342,6 +350,7 @@ impl BatchIo {
             tun,
             udp,
             udp_state,
+            max_segments,
             tun_raw: vec![0u8; VIRTIO_NET_HDR_LEN + MAX_DATAGRAM],
             tun_bufs: vec![vec![0u8; TUN_PACKET]; IDEAL_BATCH_SIZE],
             tun_sizes: vec![0; IDEAL_BATCH_SIZE],
@@ -415,7 +424,8 @@ impl BatchIo {
     /// when it cannot join (other destination, larger than the batch's
     /// segments, after a short last segment, or the batch is full).
     fn queue_datagram(&mut self, dst: SocketAddr, data: &[u8]) {
-        let max_segments = self.udp_state.max_gso_segments();
+        // quinn-udp lowers its limit to 1 if the kernel refuses GSO.
+        let max_segments = self.max_segments.min(self.udp_state.max_gso_segments());
         let start = self.gso.len();
         self.gso.extend_from_slice(data);
         if let Some(b) = self.batches.last_mut()

@@ -23,12 +23,12 @@ pub const MTU: u16 = 1420;
 /// wireguard-go does since 0.0.20230223: the kernel hands meshd whole
 /// 64 KiB TCP segments, which are split, encrypted and sent as one UDP GSO
 /// batch, and decrypted packets of one flow are coalesced into one write.
-/// Kernels without TUN offloads get a plain interface (one packet per
-/// read and write).
+/// Kernels without TUN offloads, and `offload: false` (`meshd
+/// --no-offload`), get a plain interface (one packet per read and write).
 ///
 /// The device is returned unregistered: the packet thread registers it
 /// with its own runtime ([`super::device::spawn`]).
-pub fn create(name: &str, ip: Ipv4Addr, prefix: u8) -> Result<SyncDevice> {
+pub fn create(name: &str, ip: Ipv4Addr, prefix: u8, offload: bool) -> Result<SyncDevice> {
     let build = |offload: bool| {
         DeviceBuilder::new()
             .name(name)
@@ -37,17 +37,13 @@ pub fn create(name: &str, ip: Ipv4Addr, prefix: u8) -> Result<SyncDevice> {
             .offload(offload)
             .build_sync()
     };
-    let dev = match build(true) {
+    let dev = match build(offload) {
         Ok(dev) => dev,
-        Err(e) => {
+        Err(e) if offload => {
             tracing::warn!(error = %e, "TUN offloads unavailable; one packet per read");
-            build(false)
+            build(false).with_context(|| create_failed(name))?
         }
-        .with_context(|| {
-            format!(
-                "failed to create TUN interface {name} (is /dev/net/tun available and are we root?)"
-            )
-        })?,
+        Err(e) => return Err(anyhow::Error::from(e).context(create_failed(name))),
     };
     tracing::info!(
         tcp_offload = dev.tcp_gso(),
@@ -55,6 +51,10 @@ pub fn create(name: &str, ip: Ipv4Addr, prefix: u8) -> Result<SyncDevice> {
         "TUN interface {name} created"
     );
     Ok(dev)
+}
+
+fn create_failed(name: &str) -> String {
+    format!("failed to create TUN interface {name} (is /dev/net/tun available and are we root?)")
 }
 
 /// Runs `ip ARGS...`.
