@@ -92,7 +92,7 @@ pub fn bind_udp(port: u16) -> Result<StdUdp> {
     Ok(std)
 }
 
-/// Runs the packet loop ([`run`]) on a thread of its own, with a
+/// Runs the packet loop on a thread of its own, with a
 /// single-threaded runtime that owns the TUN and UDP sockets; the returned
 /// future ends with the loop.
 ///
