@@ -236,6 +236,15 @@ fn names_resolve_in_exposing_clusters_and_follow_changes() {
         ["10.1.0.11"],
         "still serving"
     );
+
+    // Hundreds of queries answered above, and not one log line each
+    // (hickory-server logs every query at info; meshd quiets it).
+    let log = mesh.meshd_log(1);
+    let per_query = log
+        .lines()
+        .filter(|l| l.contains("query:") || l.contains("request:"))
+        .count();
+    assert_eq!(per_query, 0, "no log line per DNS query:\n{log}");
 }
 
 #[test]
