@@ -263,11 +263,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
             },
             ..Default::default()
         };
-        let (server, handle) = skymesh_dns::DnsServer::bind(dns_cfg, &mut registry, cancel.clone())
+        let (handle, dns_done) = spawn_dns(dns_cfg, &mut registry, cancel.clone())
             .await
             .with_context(|| format!("failed to start DNS on --dns-listen {addr}"))?;
-        tracing::info!(addr = %server.local_addr(), "DNS listening");
-        tasks.spawn(async move { server.run().await.context("DNS server failed") });
+        tracing::info!(addr = %handle.local_addr(), "DNS listening");
+        tasks.spawn(dns_done);
         let (rx, jobs, c) = (nm_rx.clone(), jobs_rx.clone(), cancel.clone());
         tasks.spawn(async move {
             feed_dns(handle, rx, jobs, c).await;
@@ -294,6 +294,69 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
         }
     }
     result
+}
+
+/// Starts the DNS server on a thread of its own with a single-threaded
+/// runtime (as the packet loop): hickory-server spawns a task per query,
+/// and on the shared multi-threaded runtime those hopped between workers
+/// (a wakeup of the other core per query). Returns the handle that feeds
+/// it records and a future that ends with the server.
+async fn spawn_dns(
+    cfg: skymesh_dns::DnsConfig,
+    registry: &mut prometheus_client::registry::Registry,
+    cancel: CancellationToken,
+) -> Result<(
+    skymesh_dns::DnsHandle,
+    impl std::future::Future<Output = Result<()>> + Send + use<>,
+)> {
+    type Started = (
+        Result<skymesh_dns::DnsHandle, skymesh_dns::Error>,
+        prometheus_client::registry::Registry,
+    );
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<Started>();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<()>>();
+    // The metrics registry travels to the thread (the server registers its
+    // metrics while binding) and back.
+    let mut reg = std::mem::take(registry);
+    std::thread::Builder::new()
+        .name("meshd-dns".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = done_tx.send(Err(anyhow::anyhow!("DNS runtime: {e}")));
+                    return;
+                }
+            };
+            let result = rt.block_on(async move {
+                match skymesh_dns::DnsServer::bind(cfg, &mut reg, cancel).await {
+                    Ok((server, handle)) => {
+                        let _ = started_tx.send((Ok(handle), reg));
+                        server.run().await.context("DNS server failed")
+                    }
+                    Err(e) => {
+                        let _ = started_tx.send((Err(e), reg));
+                        Ok(())
+                    }
+                }
+            });
+            let _ = done_tx.send(result);
+        })
+        .context("failed to start the DNS thread")?;
+    let (started, reg) = started_rx
+        .await
+        .map_err(|_| anyhow::anyhow!("the DNS thread ended before binding"))?;
+    *registry = reg;
+    let handle = started?;
+    let done = async move {
+        done_rx
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the DNS thread panicked")))
+    };
+    Ok((handle, done))
 }
 
 /// The DNS view of a netmap: its services and endpoints, and the local jobs
