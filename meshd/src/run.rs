@@ -296,11 +296,10 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     result
 }
 
-/// Starts the DNS server on a thread of its own with a single-threaded
-/// runtime (as the packet loop): hickory-server spawns a task per query,
-/// and on the shared multi-threaded runtime those hopped between workers
-/// (a wakeup of the other core per query). Returns the handle that feeds
-/// it records and a future that ends with the server.
+/// Starts the DNS server on a thread of its own ([`crate::io::thread`]):
+/// hickory-server spawns a task per query, and on the shared runtime those
+/// hopped between workers. Returns the handle that feeds it records and a
+/// future that ends with the server.
 async fn spawn_dns(
     cfg: skymesh_dns::DnsConfig,
     registry: &mut prometheus_client::registry::Registry,
@@ -314,49 +313,28 @@ async fn spawn_dns(
         prometheus_client::registry::Registry,
     );
     let (started_tx, started_rx) = tokio::sync::oneshot::channel::<Started>();
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<()>>();
     // The metrics registry travels to the thread (the server registers its
     // metrics while binding) and back.
     let mut reg = std::mem::take(registry);
-    std::thread::Builder::new()
-        .name("meshd-dns".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = done_tx.send(Err(anyhow::anyhow!("DNS runtime: {e}")));
-                    return;
-                }
-            };
-            let result = rt.block_on(async move {
-                match skymesh_dns::DnsServer::bind(cfg, &mut reg, cancel).await {
-                    Ok((server, handle)) => {
-                        let _ = started_tx.send((Ok(handle), reg));
-                        server.run().await.context("DNS server failed")
-                    }
-                    Err(e) => {
-                        let _ = started_tx.send((Err(e), reg));
-                        Ok(())
-                    }
-                }
-            });
-            let _ = done_tx.send(result);
-        })
-        .context("failed to start the DNS thread")?;
-    let (started, reg) = started_rx
-        .await
-        .map_err(|_| anyhow::anyhow!("the DNS thread ended before binding"))?;
-    *registry = reg;
-    let handle = started?;
-    let done = async move {
-        done_rx
-            .await
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the DNS thread panicked")))
+    let done = crate::io::thread::spawn("meshd-dns", move || async move {
+        match skymesh_dns::DnsServer::bind(cfg, &mut reg, cancel).await {
+            Ok((server, handle)) => {
+                let _ = started_tx.send((Ok(handle), reg));
+                server.run().await.context("DNS server failed")
+            }
+            Err(e) => {
+                let _ = started_tx.send((Err(e), reg));
+                Ok(())
+            }
+        }
+    })?;
+    let Ok((started, reg)) = started_rx.await else {
+        // The thread ended before binding: its result says why.
+        done.await?;
+        anyhow::bail!("the DNS thread ended before binding");
     };
-    Ok((handle, done))
+    *registry = reg;
+    Ok((started?, done))
 }
 
 /// The DNS view of a netmap: its services and endpoints, and the local jobs

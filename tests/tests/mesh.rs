@@ -9,24 +9,32 @@ use std::time::{Duration, Instant};
 use skymesh_tests::mesh::Mesh;
 use skymesh_tests::netns::{Netns, wait_until};
 
-/// Opens an echo server on `ip:port` inside `ns`; it serves until the test
-/// ends.
-fn echo_server(ns: &Netns, ip: Ipv4Addr, port: u16) {
+/// Accepts TCP connections on `ip:port` inside `ns` until the test ends,
+/// each handled by `handle` on a thread of its own.
+fn serve(ns: &Netns, ip: Ipv4Addr, port: u16, handle: impl Fn(TcpStream) + Send + Sync + 'static) {
     let l: TcpListener = ns
         .run_in(move || TcpListener::bind((ip, port)))
         .unwrap()
         .unwrap();
+    let handle = std::sync::Arc::new(handle);
     std::thread::spawn(move || {
         for c in l.incoming() {
-            let Ok(mut c) = c else { return };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 || c.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
+            let Ok(c) = c else { return };
+            let handle = handle.clone();
+            std::thread::spawn(move || handle(c));
+        }
+    });
+}
+
+/// Opens an echo server on `ip:port` inside `ns`; it serves until the test
+/// ends.
+fn echo_server(ns: &Netns, ip: Ipv4Addr, port: u16) {
+    serve(ns, ip, port, |mut c| {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = c.read(&mut buf) {
+            if n == 0 || c.write_all(&buf[..n]).is_err() {
+                break;
+            }
         }
     });
 }
@@ -465,39 +473,30 @@ fn bulk_send(ns: &Netns, dst: SocketAddr, seed: u64, total: usize) -> Result<u64
 /// bytes until EOF, and gets back how many matched before the first
 /// mismatch (or "mismatch at N").
 fn bulk_receiver(ns: &Netns, ip: Ipv4Addr, port: u16, seed: u64) {
-    let l: TcpListener = ns
-        .run_in(move || TcpListener::bind((ip, port)))
-        .unwrap()
-        .unwrap();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { return };
-            std::thread::spawn(move || {
-                let mut stream = Stream::new(seed);
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut want = vec![0u8; 256 * 1024];
-                let mut ok: u64 = 0;
-                let mut bad = None;
-                loop {
-                    let n = match c.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    if bad.is_none() {
-                        stream.fill(&mut want[..n]);
-                        match buf[..n].iter().zip(&want[..n]).position(|(a, b)| a != b) {
-                            Some(i) => bad = Some(ok + i as u64),
-                            None => ok += n as u64,
-                        }
-                    }
+    serve(ns, ip, port, move |mut c| {
+        let mut stream = Stream::new(seed);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut want = vec![0u8; 256 * 1024];
+        let mut ok: u64 = 0;
+        let mut bad = None;
+        loop {
+            let n = match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if bad.is_none() {
+                stream.fill(&mut want[..n]);
+                match buf[..n].iter().zip(&want[..n]).position(|(a, b)| a != b) {
+                    Some(i) => bad = Some(ok + i as u64),
+                    None => ok += n as u64,
                 }
-                let verdict = match bad {
-                    Some(at) => format!("mismatch at {at}"),
-                    None => ok.to_string(),
-                };
-                let _ = c.write_all(verdict.as_bytes());
-            });
+            }
         }
+        let verdict = match bad {
+            Some(at) => format!("mismatch at {at}"),
+            None => ok.to_string(),
+        };
+        let _ = c.write_all(verdict.as_bytes());
     });
 }
 

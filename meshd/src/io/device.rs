@@ -92,15 +92,10 @@ pub fn bind_udp(port: u16) -> Result<StdUdp> {
     Ok(std)
 }
 
-/// Runs the packet loop on a thread of its own, with a
-/// single-threaded runtime that owns the TUN and UDP sockets; the returned
-/// future ends with the loop.
-///
-/// On the shared multi-threaded runtime every readiness event went through
-/// the I/O driver of whichever worker polled it and often a wakeup of
-/// another worker; here the thread that waits in `epoll` is the one that
-/// encrypts, and the control plane's tasks never queue in front of
-/// packets.
+/// Runs the packet loop on a thread of its own ([`super::thread`]), with
+/// a single-threaded runtime that owns the TUN and UDP sockets: the thread
+/// that waits in `epoll` is the one that encrypts. The returned future
+/// ends with the loop.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn(
     engine: Engine,
@@ -112,29 +107,11 @@ pub fn spawn(
     stats: Arc<ArcSwap<DeviceStats>>,
     cancel: CancellationToken,
 ) -> Result<impl Future<Output = Result<()>>> {
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("meshd-packets".into())
-        .spawn(move || {
-            let result = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| {
-                    rt.block_on(async move {
-                        let tun = Arc::new(AsyncDevice::new(tun)?);
-                        let udp = UdpSocket::from_std(udp)?;
-                        let io = BatchIo::new(tun, udp, offload)?;
-                        run(engine, io, netmap, lb_table, stats, cancel).await
-                    })
-                });
-            let _ = done_tx.send(result);
-        })
-        .map_err(|e| anyhow::anyhow!("failed to start the packet thread: {e}"))?;
-    Ok(async move {
-        done_rx
-            .await
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the packet thread panicked")))
+    super::thread::spawn("meshd-packets", move || async move {
+        let tun = Arc::new(AsyncDevice::new(tun)?);
+        let udp = UdpSocket::from_std(udp)?;
+        let io = BatchIo::new(tun, udp, offload)?;
+        run(engine, io, netmap, lb_table, stats, cancel).await
     })
 }
 

@@ -8,5 +8,6 @@ pub mod health;
 pub mod jobs;
 pub mod metrics;
 pub mod nodeport;
+pub mod thread;
 pub mod tun;
 pub mod uapi;
