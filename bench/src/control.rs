@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use skymesh_tests::mesh::{DNS_PORT, METRICS_PORT, Mesh};
+use skymesh_tests::mesh::{DNS_PORT, Mesh};
 use skymesh_tests::netns::wait_until;
 
 use crate::Cfg;
@@ -289,7 +289,7 @@ fn time_failover(
 
 /// `skymesh_peer_up{peer="<peer>"}` on gateway `i`.
 fn peer_up(mesh: &Mesh, i: usize, peer: &str) -> Option<f64> {
-    let page = tools::metrics(mesh.topo.gateway(i), METRICS_PORT).ok()?;
+    let page = mesh.metrics(i).ok()?;
     let prefix = format!("skymesh_peer_up{{peer=\"{peer}\"}}");
     page.lines()
         .find(|l| l.starts_with(&prefix))?

@@ -372,22 +372,6 @@ pub fn conn_rate(ns: &Netns, dst: SocketAddr, secs: f64, workers: usize) -> Resu
     })?
 }
 
-/// The metrics page of the meshd whose metrics listen on `127.0.0.1:port`
-/// inside `ns`.
-pub fn metrics(ns: &Netns, port: u16) -> Result<String> {
-    ns.run_in(move || -> Result<String> {
-        let mut s = TcpStream::connect_timeout(
-            &SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-            Duration::from_secs(2),
-        )?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-        let mut body = String::new();
-        s.read_to_string(&mut body)?;
-        Ok(body)
-    })?
-}
-
 /// The IPv4 address of `dev` inside `ns`.
 pub fn iface_ip(ns: &Netns, dev: &str) -> Result<Ipv4Addr> {
     let out = ns.ip(&["-4", "-o", "addr", "show", "dev", dev])?;
