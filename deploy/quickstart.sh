@@ -41,7 +41,7 @@ APPS=(1 2)
 WAN_NS="$PREFIX-wan"
 COORD_IP=198.51.100.1
 COORD_PORT=7400
-COORD_URL="http://$COORD_IP:$COORD_PORT"
+COORD_URL="https://$COORD_IP:$COORD_PORT"
 APP_PORT=8080
 SVC=web
 SVC_NAME="$SVC.default.svc"
@@ -349,7 +349,7 @@ join_gateways() {
   for i in "${CLUSTERS[@]}"; do
     out=$(sky create cluster "c$i" --workload-cidr "10.$i.0.0/16" 2>&1) ||
       die "skyctl create cluster c$i failed: $out"
-    token=$(grep -o 'skyjoin_[A-Za-z0-9_-]*' <<<"$out" | head -n1) ||
+    token=$(grep -o 'skyjoin_[A-Za-z0-9_.:-]*' <<<"$out" | head -n1) ||
       die "no join token in skyctl's output: $out"
     write_jobs "$i"
     start_meshd "$i" "$token"
@@ -555,7 +555,7 @@ ${B}==> Try next${N}
 
   # skyctl (the shortcut, then the full command)
   $SELF skyctl get endpoints $SVC -o wide
-  ip netns exec $WAN_NS $(bin_dir)/skyctl --coordinator $COORD_URL --token "\$(cat $token_file)" get tunnels
+  ip netns exec $WAN_NS $(bin_dir)/skyctl --coordinator $COORD_URL --token-file $token_file get tunnels
   $SELF skyctl get clusters
 
   # WireGuard and metrics of cluster c1's gateway

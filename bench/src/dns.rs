@@ -35,11 +35,11 @@ const DNSMASQ_PORT: u16 = 5353;
 /// Concurrent creates in flight.
 const IN_FLIGHT: usize = 64;
 
-/// The admin token and URL of the mesh's coordinator.
-fn coordinator(mesh: &Mesh) -> Result<(String, String)> {
+/// A TLS endpoint of the mesh's coordinator and its admin token.
+fn coordinator(mesh: &Mesh) -> Result<(tonic::transport::Endpoint, String)> {
     let token = std::fs::read_to_string(mesh.topo.dir().join("coordinator/admin.token"))
         .context("reading the coordinator's admin token")?;
-    Ok((mesh.topo.coordinator_url(), token.trim().to_string()))
+    Ok((mesh.coordinator_endpoint()?, token.trim().to_string()))
 }
 
 /// VmRSS and VmHWM (bytes) of the process named `comm` inside `ns`.
@@ -77,9 +77,7 @@ pub fn rss_of(ns: &Netns, comm: &str) -> Result<(f64, f64)> {
 fn create_services(mesh: &Mesh, n: usize) -> Result<(Vec<(String, String)>, f64)> {
     let (url, token) = coordinator(mesh)?;
     mesh.topo.wan().run_async(move || async move {
-        let ch = tonic::transport::Endpoint::from_shared(url)?
-            .connect()
-            .await?;
+        let ch = url.connect().await?;
         let api = ApiClient::with_interceptor(ch, Bearer::new(Some(&token))?);
         let t0 = Instant::now();
         let results: Vec<Result<(String, String)>> = futures::stream::iter(0..n)
@@ -455,9 +453,7 @@ fn simulate(cfg: &Cfg, mesh: &Mesh) -> Result<Simulated> {
     let runs = cfg.runs;
     eprintln!("[scale] creating and joining {n} simulated clusters");
     let (sizes, times) = mesh.topo.wan().run_async(move || async move {
-        let ch = tonic::transport::Endpoint::from_shared(url)?
-            .connect()
-            .await?;
+        let ch = url.connect().await?;
         let api = ApiClient::with_interceptor(ch.clone(), Bearer::new(Some(&token))?);
         let creds: Vec<Result<(String, String)>> = futures::stream::iter(2..2 + n)
             .map(|i| {

@@ -11,8 +11,6 @@
 //! - Cluster credential: returned by a successful join; meshd presents it
 //!   for the netmap stream and status reports (`/auth/cluster/<name>`).
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -194,20 +192,18 @@ fn read_token_file(file: &Path) -> Result<String> {
 
 /// Writes `<data_dir>/admin.token` (0600) atomically.
 fn write_token_file(data_dir: &Path, token: &str) -> Result<()> {
-    let path = data_dir.join(ADMIN_TOKEN_FILE);
-    let tmp = data_dir.join(".admin.token.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(format!("{token}\n").as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    };
-    write().map_err(|e| Error::Internal(format!("failed to write {}: {e}", path.display())))
+    crate::files::write_atomic(
+        data_dir,
+        ADMIN_TOKEN_FILE,
+        format!("{token}\n").as_bytes(),
+        0o600,
+    )
+    .map_err(|e| {
+        Error::Internal(format!(
+            "failed to write {}: {e}",
+            data_dir.join(ADMIN_TOKEN_FILE).display()
+        ))
+    })
 }
 
 fn shared_token_refused(path: &Path, file: Option<&Path>, had_token: bool) -> Error {
@@ -261,8 +257,20 @@ impl tonic::service::Interceptor for AdminAuth {
 }
 
 /// Adds a new join token for `cluster` to `ops`; returns it with its expiry.
-pub fn new_join_token(cluster: &str, ttl: Duration, ops: &mut Vec<Op>) -> (String, i64) {
-    let token = new_token("skyjoin_");
+/// It carries `ca`, the fingerprint of the coordinator's CA, so a gateway
+/// can pin the coordinator on first contact; the whole string is the token
+/// (its hash is what is stored).
+pub fn new_join_token(
+    cluster: &str,
+    ttl: Duration,
+    ca: Option<&skymesh_proto::tls::Fingerprint>,
+    ops: &mut Vec<Op>,
+) -> (String, i64) {
+    let secret = new_token("skyjoin_");
+    let token = match ca {
+        Some(fp) => skymesh_proto::tls::join_token_with_fingerprint(&secret, fp),
+        None => secret,
+    };
     let expires = unix_now().saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
     ops.push(Op::Put {
         key: format!("{JOIN_PREFIX}{}", hex::encode(hash(&token))),

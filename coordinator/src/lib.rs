@@ -5,6 +5,7 @@
 //! - [`registry`]: create/get/list/update/delete/watch of objects over the store.
 //! - [`ipam`]: overlay IPs, service VIPs, pair keys (pure choice; store txns make it stick).
 //! - [`auth`]: admin token, join tokens, cluster credentials (hashed).
+//! - [`tls`]: the mesh CA and the server certificate.
 //! - [`controller`]: endpoints, service status and cluster phase reconciliation.
 //! - [`election`]: which replica runs the controllers (an etcd lease when
 //!   several coordinators share one etcd).
@@ -18,8 +19,10 @@ pub mod auth;
 pub mod controller;
 pub mod election;
 pub mod error;
+pub mod files;
 pub mod gateway;
 pub mod ipam;
 pub mod netmap;
 pub mod registry;
 pub mod server;
+pub mod tls;

@@ -50,6 +50,27 @@ struct Args {
     /// the others' data dirs.
     #[arg(long)]
     admin_token_file: Option<PathBuf>,
+    /// Extra name (DNS name or IP) that clients reach this coordinator by,
+    /// for the generated server certificate (repeatable, or comma-separated).
+    /// The --listen address and loopback are always included.
+    #[arg(
+        long = "tls-san",
+        env = "COORDINATOR_TLS_SAN",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    tls_sans: Vec<String>,
+    /// The server's certificate chain (PEM, leaf first, its CA last) to use
+    /// instead of the generated CA; clients pin the chain's last certificate.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve without TLS. Only on a loopback --listen address (tokens and
+    /// keys would otherwise cross the network in the clear).
+    #[arg(long)]
+    insecure_plaintext: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -146,7 +167,18 @@ fn main() -> ExitCode {
         join_token_ttl: Duration::from_secs(args.join_token_ttl),
         store,
         admin_token_file: args.admin_token_file,
+        tls: coordinator::tls::TlsFlags {
+            cert: args.tls_cert,
+            key: args.tls_key,
+            sans: args.tls_sans,
+            insecure_plaintext: args.insecure_plaintext,
+        },
     };
+    if let Err(e) = coordinator::tls::check_flags(&cfg.tls, cfg.listen) {
+        Args::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, e)
+            .exit();
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -156,6 +156,9 @@ pub struct Registry {
     overlay: Ipv4Net,
     services: Ipv4Net,
     join_ttl: Duration,
+    /// The fingerprint of the CA that join tokens carry (none when the
+    /// coordinator serves plaintext).
+    ca_fingerprint: Option<skymesh_proto::tls::Fingerprint>,
 }
 
 impl Registry {
@@ -171,7 +174,15 @@ impl Registry {
             overlay,
             services,
             join_ttl,
+            ca_fingerprint: None,
         }
+    }
+
+    /// Join tokens issued from now on carry `fp`, the CA fingerprint that
+    /// gateways pin on first contact.
+    pub fn with_ca_fingerprint(mut self, fp: Option<skymesh_proto::tls::Fingerprint>) -> Self {
+        self.ca_fingerprint = fp;
+        self
     }
 
     /// The underlying store.
@@ -253,8 +264,12 @@ impl Registry {
                 Some(Obj::Service(s)) => self.assign_vip(s, None, &mut txn).await?,
                 Some(Obj::Cluster(c)) => {
                     self.check_cluster_cidrs(c, &mut txn).await?;
-                    let (token, expires) =
-                        auth::new_join_token(c_name(c), self.join_ttl, &mut txn.ops);
+                    let (token, expires) = auth::new_join_token(
+                        c_name(c),
+                        self.join_ttl,
+                        self.ca_fingerprint.as_ref(),
+                        &mut txn.ops,
+                    );
                     join_token = Some((token, expires));
                 }
                 _ => {}
@@ -516,7 +531,8 @@ impl Registry {
             return Err(not_found(Kind::Cluster, "", &name));
         };
         let mut ops = Vec::new();
-        let token = auth::new_join_token(&name, self.join_ttl, &mut ops);
+        let token =
+            auth::new_join_token(&name, self.join_ttl, self.ca_fingerprint.as_ref(), &mut ops);
         let r = self
             .store
             .txn(vec![Compare::CreateRevision(key, kv.create_revision)], ops)

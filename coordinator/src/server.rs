@@ -19,6 +19,7 @@ use crate::auth::{self, AdminAuth, AdminTokenSource};
 use crate::election::Election;
 use crate::gateway::GatewayService;
 use crate::registry::Registry;
+use crate::tls::TlsFlags;
 
 /// Which store backend the coordinator uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +47,9 @@ pub struct Config {
     /// The admin token to use (`--admin-token-file`), instead of the one in
     /// the data directory.
     pub admin_token_file: Option<PathBuf>,
+    /// TLS: the generated CA (default), the operator's certificate, or
+    /// plaintext on loopback.
+    pub tls: TlsFlags,
 }
 
 /// Runs the coordinator until `cancel` fires.
@@ -59,6 +63,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             cfg.overlay_cidr
         );
     }
+    crate::tls::check_flags(&cfg.tls, cfg.listen).map_err(|e| anyhow::anyhow!(e))?;
     create_private_dir(&cfg.data_dir)?;
     let (store, shared) = open_store(&cfg).await?;
     let admin = auth::init_admin(
@@ -70,12 +75,15 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         },
     )
     .await?;
+    let identity =
+        crate::tls::init(store.as_dyn(), &cfg.data_dir, shared, &cfg.tls, cfg.listen).await?;
     let reg = Registry::new(
         store.as_arc(),
         cfg.overlay_cidr,
         cfg.service_cidr,
         cfg.join_token_ttl,
-    );
+    )
+    .with_ca_fingerprint(identity.as_ref().map(|i| i.ca_fingerprint));
     reg.ensure_default_namespace().await?;
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -85,7 +93,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     // Tell scripts and tests where we listen (useful with port 0).
     std::fs::write(cfg.data_dir.join("listen.addr"), format!("{local}\n"))
         .context("failed to write listen.addr")?;
-    tracing::info!(addr = %local, data_dir = %cfg.data_dir.display(), overlay = %cfg.overlay_cidr, services = %cfg.service_cidr, store = store.describe(), "coordinator listening");
+    let tls = match &identity {
+        Some(i) => i.ca_fingerprint.to_string(),
+        None => "off (--insecure-plaintext)".to_string(),
+    };
+    tracing::info!(addr = %local, %tls, data_dir = %cfg.data_dir.display(), overlay = %cfg.overlay_cidr, services = %cfg.service_cidr, store = store.describe(), "coordinator listening");
 
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let election = store.election(format!(
@@ -109,7 +121,15 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let api = ApiServer::with_interceptor(ApiService::new(reg.clone()), admin_auth.clone());
     let gw = GatewayServer::new(GatewayService::new(reg, admin_auth));
     let shutdown = cancel.clone();
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(id) = &identity {
+        server = server
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(&id.chain_pem, &id.key_pem),
+            ))
+            .context("TLS configuration failed")?;
+    }
+    server
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(api)

@@ -13,15 +13,21 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// The coordinator's URL, e.g. http://10.0.0.5:7400; several replicas
-    /// comma-separated.
+    /// The coordinator's URL, e.g. https://10.0.0.5:7400; several replicas
+    /// comma-separated (http:// only on loopback).
     #[arg(long, env = "MESHD_COORDINATOR")]
     coordinator: String,
     /// This cluster's name (as created with `skyctl create cluster`).
     #[arg(long, env = "MESHD_CLUSTER")]
     cluster: String,
-    /// Single-use join token, needed on first start only.
-    #[arg(long, env = "MESHD_JOIN_TOKEN")]
+    /// File holding the single-use join token (needed on first start only;
+    /// or set MESHD_JOIN_TOKEN). It carries the coordinator's CA
+    /// fingerprint, which meshd pins.
+    #[arg(long, env = "MESHD_JOIN_TOKEN_FILE", value_name = "FILE")]
+    join_token_file: Option<PathBuf>,
+    /// Refused: a token on the command line is visible to every user of the
+    /// host (ps, /proc). Kept only to say so.
+    #[arg(long, hide = true, value_name = "TOKEN")]
     join_token: Option<String>,
     /// Underlay address other gateways reach this one at (default: the
     /// address used to reach the coordinator, with --listen-port).
@@ -57,6 +63,33 @@ struct Args {
     no_offload: bool,
 }
 
+/// The join token from `--join-token-file`, else `MESHD_JOIN_TOKEN`.
+fn join_token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
+    let token = match file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| format!("--join-token-file {}: {e}", f.display()))?,
+        ),
+        None => std::env::var("MESHD_JOIN_TOKEN").ok(),
+    };
+    let Some(token) = token
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+    else {
+        return match file {
+            Some(f) => Err(format!(
+                "--join-token-file {}: the file is empty",
+                f.display()
+            )),
+            None => Ok(None),
+        };
+    };
+    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("the join token must be one word (as skyctl create cluster printed it)".into());
+    }
+    Ok(Some(token))
+}
+
 fn main() -> ExitCode {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -79,10 +112,24 @@ fn main() -> ExitCode {
         tracing::error!("invalid --interface {:?}: 1-15 characters", a.interface);
         return ExitCode::from(2);
     }
+    if a.join_token.is_some() {
+        tracing::error!(
+            "--join-token is refused: a secret on the command line is visible to every user of the host; \
+             put the token in a file (mode 0600) and pass --join-token-file FILE, or set MESHD_JOIN_TOKEN"
+        );
+        return ExitCode::from(2);
+    }
+    let join_token = match join_token(a.join_token_file.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
     let cfg = Config {
         coordinator: a.coordinator,
         cluster: a.cluster,
-        join_token: a.join_token,
+        join_token,
         endpoint: a.endpoint,
         listen_port: a.listen_port,
         state_dir: a.state_dir,

@@ -18,6 +18,7 @@ use crate::core::node::Node;
 use crate::io::{control, device, health, metrics, nodeport, tun, uapi};
 use crate::state::NetState;
 use crate::statedir::StateDir;
+use skymesh_proto::tls::{ClientTls, Trust};
 
 /// meshd's configuration (its flags, SPEC §4).
 #[derive(Debug, Clone)]
@@ -39,6 +40,30 @@ pub struct Config {
     pub offload: bool,
 }
 
+/// What the coordinator is verified with: the CA pinned at the first join,
+/// else (first start) the fingerprint the join token carries. `None`: only a
+/// loopback `http://` coordinator can be used.
+fn coordinator_trust(dir: &StateDir, joined: bool, token: Option<&str>) -> Result<Option<Trust>> {
+    if let Some(t) = dir.ca()? {
+        return Ok(Some(t));
+    }
+    if joined {
+        // Joined before the coordinator spoke TLS: nothing pinned yet.
+        tracing::warn!(
+            "no pinned coordinator CA in {}: copy the coordinator's ca.crt there to use https://",
+            dir.path().display()
+        );
+        return Ok(None);
+    }
+    match token
+        .map(skymesh_proto::tls::join_token_fingerprint)
+        .transpose()
+    {
+        Ok(fp) => Ok(fp.flatten().map(Trust::Fingerprint)),
+        Err(e) => bail!("{e}"),
+    }
+}
+
 /// Runs meshd until `cancel` fires or a task fails.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     let cluster = skymesh_proto::validate::name("--cluster", &cfg.cluster)
@@ -47,14 +72,20 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     let (private_key, _) = dir.private_key()?;
     let node = Node::new(private_key);
     let public_b64 = base64::engine::general_purpose::STANDARD.encode(node.public_key());
-    let ch = control::channel(&cfg.coordinator)?;
+    let credential = dir.credential();
+    let tls = ClientTls::new(coordinator_trust(
+        &dir,
+        credential.is_some(),
+        cfg.join_token.as_deref(),
+    )?);
+    let ch = control::channel(&cfg.coordinator, &tls)?;
 
-    let credential = match dir.credential() {
+    let credential = match credential {
         Some(c) => c,
         None => {
             let Some(token) = &cfg.join_token else {
                 bail!(
-                    "first start needs --join-token (skyctl create cluster {cluster} prints one)"
+                    "first start needs a join token: --join-token-file FILE or MESHD_JOIN_TOKEN (skyctl create cluster {cluster} prints one)"
                 );
             };
             let endpoint = match cfg.endpoint {
@@ -63,8 +94,20 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
                     SocketAddr::new(control::detect_local_ip(&cfg.coordinator)?, cfg.listen_port)
                 }
             };
-            let r =
-                control::join(ch.clone(), token, &cluster, public_b64.clone(), endpoint).await?;
+            let r = match control::join(ch.clone(), token, &cluster, public_b64.clone(), endpoint)
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => match tls.refusal() {
+                    Some(why) => bail!("refused to join through {}: {why}", cfg.coordinator),
+                    None => return Err(e),
+                },
+            };
+            // The CA first: a credential without it could not be used.
+            if let Some(ca) = tls.pinned_ca() {
+                dir.save_ca(&skymesh_proto::tls::to_pem(&ca))?;
+                tracing::info!(ca = %skymesh_proto::tls::Fingerprint::of(&ca), "pinned the coordinator's CA");
+            }
             dir.save_credential(&r.credential)?;
             tracing::info!(%cluster, overlay_ip = %r.overlay_ip, %endpoint, public_key = %public_b64, "joined the mesh");
             r.credential
@@ -86,6 +129,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     ));
     tokio::spawn(control::run_netmap(
         gw.clone(),
+        tls.clone(),
         cluster.clone(),
         cached.unwrap_or_default(),
         nm_tx,

@@ -1,5 +1,5 @@
-//! meshd's state directory: the private key, the cluster credential and the
-//! netmap cache. Every file is written atomically with mode 0600 (the key
+//! meshd's state directory: the private key, the cluster credential, the
+//! pinned coordinator CA and the netmap cache. Every file is written atomically with mode 0600 (the key
 //! never leaves this host; the cache holds pre-shared keys).
 
 use std::io::Write as _;
@@ -14,6 +14,7 @@ use crate::state::NetState;
 const PRIVATE_KEY: &str = "private.key";
 const CREDENTIAL: &str = "credential";
 const NETMAP_CACHE: &str = "netmap.cache";
+const CA: &str = skymesh_proto::tls::CA_FILE;
 
 /// The state directory.
 #[derive(Debug, Clone)]
@@ -97,6 +98,23 @@ impl StateDir {
     /// The cached netmap, if any.
     pub fn netmap(&self) -> Option<NetState> {
         NetState::decode(&std::fs::read(self.path.join(NETMAP_CACHE)).ok()?)
+    }
+
+    /// The coordinator's CA, pinned at the first join: what every later
+    /// connection verifies the coordinator with. `None` before the join.
+    pub fn ca(&self) -> Result<Option<skymesh_proto::tls::Trust>> {
+        let path = self.path.join(CA);
+        if !path.exists() {
+            return Ok(None);
+        }
+        skymesh_proto::tls::Trust::from_ca_file(&path)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("the pinned coordinator CA is unreadable: {e}"))
+    }
+
+    /// Keeps the coordinator's CA (PEM) that the first join verified.
+    pub fn save_ca(&self, pem: &str) -> Result<()> {
+        self.write_private(CA, pem.as_bytes())
     }
 
     /// Caches the netmap (fail-static across restarts).

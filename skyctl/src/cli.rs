@@ -12,7 +12,7 @@ use skymesh_proto::v1::Kind;
 /// Where the coordinator writes its admin token when it runs on this host.
 pub(crate) const DEFAULT_TOKEN_FILE: &str = "/var/lib/skymesh/coordinator/admin.token";
 /// The coordinator's default listen address.
-pub(crate) const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7400";
+pub(crate) const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:7400";
 
 /// skymesh command line: manage services, endpoints, clusters, jobs and
 /// namespaces of a multi-cluster mesh.
@@ -60,6 +60,17 @@ pub(crate) struct GlobalArgs {
         value_name = "PATH"
     )]
     pub(crate) token_file: PathBuf,
+
+    /// The coordinator's CA certificate (PEM) to verify it with (default:
+    /// ca.crt beside --token-file, which the coordinator writes).
+    #[arg(
+        long = "ca-file",
+        alias = "ca_file",
+        global = true,
+        env = "SKYCTL_CA",
+        value_name = "PATH"
+    )]
+    pub(crate) ca_file: Option<PathBuf>,
 
     /// Output format.
     #[arg(

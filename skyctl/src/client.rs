@@ -6,10 +6,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use skymesh_proto::Bearer;
+use skymesh_proto::tls::{ClientTls, Trust};
 use skymesh_proto::v1::api_client::ApiClient;
 use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::cli::{GlobalArgs, OutputFormat};
 use crate::error::{self, Exit};
@@ -40,14 +41,30 @@ impl Ctx {
     }
 }
 
-/// Adds `http://` when the URL has no scheme (`127.0.0.1:7400`).
+/// Adds `https://` when the URL has no scheme (`127.0.0.1:7400`).
 pub(crate) fn normalize_url(url: &str) -> String {
-    let url = url.trim();
-    if url.contains("://") {
-        url.to_string()
-    } else {
-        format!("http://{url}")
+    skymesh_proto::tls::normalize_url(url)
+}
+
+/// What the coordinator is verified with: `--ca-file`/`SKYCTL_CA`, else the
+/// `ca.crt` beside the token file (the local coordinator's data dir), else
+/// nothing (only a loopback `http://` URL then works).
+pub(crate) fn resolve_trust(
+    ca_file: Option<&Path>,
+    token_file: &Path,
+) -> Result<Option<Trust>, Exit> {
+    if let Some(f) = ca_file {
+        return Trust::from_ca_file(f)
+            .map(Some)
+            .map_err(|e| Exit::usage(format!("--ca-file: {e}")));
     }
+    let beside = token_file.with_file_name(skymesh_proto::tls::CA_FILE);
+    if beside.exists() {
+        return Trust::from_ca_file(&beside)
+            .map(Some)
+            .map_err(|e| Exit::usage(format!("{e} (or pass --ca-file PATH)")));
+    }
+    Ok(None)
 }
 
 /// The token from `--token`/`SKYCTL_TOKEN`, else from the token file.
@@ -93,11 +110,22 @@ pub(crate) async fn connect(global: &GlobalArgs) -> Result<Ctx, Exit> {
     if urls.is_empty() {
         return Err(Exit::usage("--coordinator needs at least one URL"));
     }
+    let trust = resolve_trust(global.ca_file.as_deref(), &global.token_file)?;
+    let no_ca = trust.is_none();
+    let tls = ClientTls::new(trust);
     let endpoints = urls
         .iter()
         .map(|u| {
-            Ok(Endpoint::from_shared(u.clone())
-                .map_err(|e| Exit::usage(format!("invalid --coordinator URL {u:?}: {e}")))?
+            Ok(tls
+                .endpoint(u)
+                .map_err(|e| {
+                    let hint = if no_ca {
+                        "; pass --ca-file PATH (or SKYCTL_CA) naming the coordinator's ca.crt"
+                    } else {
+                        ""
+                    };
+                    Exit::usage(format!("--coordinator {e}{hint}"))
+                })?
                 .connect_timeout(CONNECT_TIMEOUT)
                 .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
                 .keep_alive_timeout(KEEPALIVE_TIMEOUT)
@@ -124,6 +152,11 @@ pub(crate) async fn connect(global: &GlobalArgs) -> Result<Ctx, Exit> {
         }
     }
     let Some(channel) = channel else {
+        if let Some(why) = tls.refusal() {
+            return Err(Exit::refused(format!(
+                "refused to talk to the coordinator at {url}: {why}; check --coordinator and --ca-file (or SKYCTL_CA)"
+            )));
+        }
         return Err(error::unreachable(&url, &last));
     };
     Ok(Ctx {
@@ -139,7 +172,7 @@ mod tests {
 
     #[test]
     fn url_gets_a_scheme() {
-        assert_eq!(normalize_url("127.0.0.1:7400"), "http://127.0.0.1:7400");
+        assert_eq!(normalize_url("127.0.0.1:7400"), "https://127.0.0.1:7400");
         assert_eq!(normalize_url(" http://h:1 "), "http://h:1");
         assert_eq!(normalize_url("https://h:1"), "https://h:1");
     }

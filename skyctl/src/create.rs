@@ -158,10 +158,14 @@ pub(crate) fn join_instructions(url: &str, cluster: &str, token: &str, expires: 
     } else {
         String::new()
     };
+    let pin = match skymesh_proto::tls::join_token_fingerprint(token) {
+        Ok(Some(fp)) => format!("; it pins the coordinator's CA {fp}"),
+        _ => String::new(),
+    };
     format!(
-        "join token (single use{expiry}):\n  {token}\n\
-         start the cluster's gateway with:\n  \
-         meshd --coordinator {url} --cluster {cluster} --join-token {token} --endpoint <THIS-GATEWAY-IP>:51820\n\
+        "join token (single use{expiry}{pin}):\n  {token}\n\
+         start the cluster's gateway with the token in a file (mode 0600) or in MESHD_JOIN_TOKEN, never on its command line:\n  \
+         meshd --coordinator {url} --cluster {cluster} --join-token-file <FILE> --endpoint <THIS-GATEWAY-IP>:51820\n\
          (<THIS-GATEWAY-IP> is the address the other clusters' gateways reach this gateway at)\n"
     )
 }
@@ -380,10 +384,14 @@ mod tests {
 
     #[test]
     fn join_instructions_show_the_meshd_command() {
-        let t = join_instructions("http://10.0.0.1:7400", "east", "TOK", output::now() + 3600);
+        let fp = skymesh_proto::tls::Fingerprint::of(b"ca");
+        let tok = skymesh_proto::tls::join_token_with_fingerprint("skyjoin_x", &fp);
+        let t = join_instructions("https://10.0.0.1:7400", "east", &tok, output::now() + 3600);
         assert!(t.contains(
-            "meshd --coordinator http://10.0.0.1:7400 --cluster east --join-token TOK --endpoint <THIS-GATEWAY-IP>:51820"
-        ));
+            "meshd --coordinator https://10.0.0.1:7400 --cluster east --join-token-file <FILE> --endpoint <THIS-GATEWAY-IP>:51820"
+        ), "{t}");
+        assert!(t.contains(&format!("\n  {tok}\n")), "{t}");
+        assert!(t.contains(&fp.to_string()), "{t}");
         assert!(t.contains("expires "), "{t}");
     }
 }

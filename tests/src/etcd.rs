@@ -78,7 +78,7 @@ pub async fn controller_leader_record(cluster: &EtcdCluster) -> Result<Option<St
 
 /// `127.0.0.1:PORT` of a coordinator.
 pub fn addr(c: &Coordinator) -> String {
-    c.url().trim_start_matches("http://").to_string()
+    c.url().trim_start_matches("https://").to_string()
 }
 
 /// Index of the member that is etcd's raft leader.

@@ -119,9 +119,21 @@ impl Coordinator {
         }
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `https://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
+    }
+
+    /// The CA certificate the coordinator wrote (`<data-dir>/ca.crt`).
+    pub fn ca_file(&self) -> PathBuf {
+        self.data.path().join(skymesh_proto::tls::CA_FILE)
+    }
+
+    /// TLS that trusts this coordinator's CA, as skyctl on its host does.
+    pub fn tls(&self) -> Result<skymesh_proto::tls::ClientTls> {
+        let trust =
+            skymesh_proto::tls::Trust::from_ca_file(&self.ca_file()).map_err(anyhow::Error::msg)?;
+        Ok(skymesh_proto::tls::ClientTls::new(Some(trust)))
     }
 
     /// The admin token the coordinator wrote on first start.
@@ -170,7 +182,7 @@ impl Coordinator {
 
     /// Runs `skyctl` against this coordinator with its admin token.
     pub fn skyctl(&self, args: &[&str]) -> Output {
-        skyctl(&self.url(), &self.token(), args)
+        skyctl(&self.url(), &self.token(), &self.ca_file(), args)
     }
 
     /// A gRPC client of the object API, authenticated as admin.
@@ -183,7 +195,10 @@ impl Coordinator {
     /// A gRPC client of the object API with an arbitrary bearer token
     /// (`None`: no token at all).
     pub async fn api_with_token(&self, token: Option<&str>) -> Result<ApiClient> {
-        let channel = tonic::transport::Endpoint::from_shared(self.url())?
+        let channel = self
+            .tls()?
+            .endpoint(&self.url())
+            .map_err(anyhow::Error::msg)?
             .connect()
             .await?;
         Ok(skymesh_proto::v1::api_client::ApiClient::with_interceptor(
@@ -195,7 +210,10 @@ impl Coordinator {
     /// A gRPC client of the gateway API presenting `token` (a join token or
     /// a cluster credential).
     pub async fn gateway(&self, token: &str) -> Result<GatewayClient> {
-        let channel = tonic::transport::Endpoint::from_shared(self.url())?
+        let channel = self
+            .tls()?
+            .endpoint(&self.url())
+            .map_err(anyhow::Error::msg)?
             .connect()
             .await?;
         Ok(
@@ -225,12 +243,13 @@ impl Drop for Coordinator {
     }
 }
 
-/// Runs the `skyctl` binary with a coordinator URL and token.
-pub fn skyctl(url: &str, token: &str, args: &[&str]) -> Output {
+/// Runs the `skyctl` binary with a coordinator URL, token and CA file.
+pub fn skyctl(url: &str, token: &str, ca: &Path, args: &[&str]) -> Output {
     Command::new(bin_path("skyctl"))
         .args(args)
         .env("SKYCTL_COORDINATOR", url)
         .env("SKYCTL_TOKEN", token)
+        .env("SKYCTL_CA", ca)
         .env_remove("RUST_LOG")
         .output()
         .expect("skyctl runs")

@@ -105,6 +105,17 @@ impl Mesh {
         self.topo.dir().join("coordinator")
     }
 
+    /// A gRPC endpoint of the coordinator that verifies it with the CA in
+    /// its data dir, as skyctl on its host does (connect from the WAN
+    /// namespace).
+    pub fn coordinator_endpoint(&self) -> Result<tonic::transport::Endpoint> {
+        let ca = self.coordinator_dir().join(skymesh_proto::tls::CA_FILE);
+        let trust = skymesh_proto::tls::Trust::from_ca_file(&ca).map_err(anyhow::Error::msg)?;
+        skymesh_proto::tls::ClientTls::new(Some(trust))
+            .endpoint(&self.topo.coordinator_url())
+            .map_err(anyhow::Error::msg)
+    }
+
     /// etcd (one member, on the WAN namespace's loopback) and two
     /// coordinators on it sharing one admin token.
     fn start_etcd_replicas(&mut self) -> Result<()> {
@@ -157,7 +168,7 @@ impl Mesh {
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
         }
-        self.urls = format!("{},http://{listen}", self.topo.coordinator_url());
+        self.urls = format!("{},https://{listen}", self.topo.coordinator_url());
         Ok(())
     }
 
@@ -245,8 +256,15 @@ impl Mesh {
             "--jobs",
             jobs.to_str().context("jobs path is UTF-8")?,
         ];
+        // The token goes in a file, as an operator would keep it (never on
+        // the command line).
+        let token_file = self.topo.dir().join(format!("join-token-{i}"));
         if let Some(t) = join_token {
-            args.extend(["--join-token", t]);
+            write_private(&token_file, t)?;
+            args.extend([
+                "--join-token-file",
+                token_file.to_str().context("token path is UTF-8")?,
+            ]);
         }
         args.extend(self.meshd_args[i - 1].iter().map(String::as_str));
         let log = self.topo.dir().join(format!("meshd-{i}.log"));
@@ -283,12 +301,15 @@ impl Mesh {
     pub fn skyctl(&self, args: &[&str]) -> Output {
         let bin = bin_path("skyctl");
         let url = self.urls.clone();
+        // The token and the CA from the coordinator's data dir, as on the
+        // coordinator's host.
+        let token_file = self.coordinator_dir().join("admin.token");
         let mut full: Vec<&str> = vec![
             bin.to_str().unwrap_or("skyctl"),
             "--coordinator",
             &url,
-            "--token",
-            &self.token,
+            "--token-file",
+            token_file.to_str().unwrap_or("admin.token"),
         ];
         full.extend(args);
         self.topo.wan().exec(&full)
@@ -387,4 +408,19 @@ impl Drop for Mesh {
             p.kill();
         }
     }
+}
+
+/// Writes a secret file with mode 0600.
+pub fn write_private(path: &std::path::Path, contents: &str) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
 }

@@ -817,9 +817,9 @@ impl Topology {
         SocketAddr::V4(SocketAddrV4::new(COORDINATOR_IP, COORDINATOR_PORT))
     }
 
-    /// `http://198.51.100.1:7400`.
+    /// `https://198.51.100.1:7400`.
     pub fn coordinator_url(&self) -> String {
-        format!("http://{}", self.coordinator_addr())
+        format!("https://{}", self.coordinator_addr())
     }
 
     /// Gateway `i`'s WAN address: `198.51.100.(10+i)`.

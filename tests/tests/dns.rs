@@ -256,12 +256,12 @@ fn hundred_replica_headless_answer_truncates_over_udp() {
     .unwrap();
     // 100 jobs without ports (ready while registered).
     let skyctl = skymesh_tests::bin_path("skyctl");
-    let token = std::fs::read_to_string(mesh.topo.dir().join("coordinator/admin.token")).unwrap();
+    let token_file = mesh.topo.dir().join("coordinator/admin.token");
     let script = format!(
-        "for i in $(seq 1 100); do {} --coordinator {} --token {} create job big-$i --cluster c1 --ip 10.1.1.$i -l app=big >/dev/null || exit 1; done",
+        "for i in $(seq 1 100); do {} --coordinator {} --token-file {} create job big-$i --cluster c1 --ip 10.1.1.$i -l app=big >/dev/null || exit 1; done",
         skyctl.display(),
         mesh.topo.coordinator_url(),
-        token.trim()
+        token_file.display()
     );
     assert!(mesh.topo.wan().sh(&script).status.success());
     assert!(

@@ -466,7 +466,8 @@ fn skyctl_fails_over_between_coordinator_replicas() {
     let (_etcd, mut a, b) = two_coordinators();
     let both = format!("{},{}", a.url(), b.url());
     let token = a.token();
-    let run = |args: &[&str]| skymesh_tests::skyctl(&both, &token, args);
+    let ca = a.ca_file();
+    let run = |args: &[&str]| skymesh_tests::skyctl(&both, &token, &ca, args);
     let out = run(&["create", "service", "web", "-p", "80:8080"]);
     assert!(
         out.status.success(),

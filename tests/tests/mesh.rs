@@ -211,7 +211,7 @@ fn wireguard_go_interoperates_and_spoofed_sources_are_dropped() {
 
     // The operator registers the stock peer as cluster "ext" through the
     // coordinator (its control plane is this test): create, join, netmap.
-    let url = mesh.topo.coordinator_url();
+    let url = mesh.coordinator_endpoint().unwrap();
     let token = std::fs::read_to_string(mesh.topo.dir().join("coordinator/admin.token")).unwrap();
     let token = token.trim().to_string();
     let endpoint = format!("{wan_ip}:51820");
@@ -219,11 +219,7 @@ fn wireguard_go_interoperates_and_spoofed_sources_are_dropped() {
         .topo
         .wan()
         .run_async(move || async move {
-            let ch = tonic::transport::Endpoint::from_shared(url)
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
+            let ch = url.connect().await.unwrap();
             let mut api = skymesh_proto::v1::api_client::ApiClient::with_interceptor(
                 ch.clone(),
                 skymesh_proto::Bearer::new(Some(&token)).unwrap(),

@@ -47,7 +47,7 @@ fn three_clusters_reach_over_wan_but_not_across_lans() {
     assert_eq!(topo.workload_cidr(3), "10.3.0.0/16");
     assert_eq!(topo.gateway_wan_ip(1).to_string(), "198.51.100.11");
     assert_eq!(topo.app_ip(2, 1).to_string(), "10.2.0.11");
-    assert_eq!(topo.coordinator_url(), "http://198.51.100.1:7400");
+    assert_eq!(topo.coordinator_url(), "https://198.51.100.1:7400");
     for i in 1..=3 {
         let iface = topo.iface(i);
         assert!(iface.len() <= 15, "{iface}");

@@ -118,7 +118,7 @@ fn reference_examples_work_verbatim() {
     assert!(out.contains("cluster/mycluster created"), "{out}");
     assert!(out.contains("join token"), "{out}");
     let cmd = format!(
-        "meshd --coordinator {} --cluster mycluster --join-token ",
+        "meshd --coordinator {} --cluster mycluster --join-token-file <FILE> ",
         c.url()
     );
     let line = out
@@ -501,12 +501,14 @@ fn bad_input_is_refused_and_nothing_is_written() {
     let out = skymesh_tests::skyctl(
         &c.url(),
         "wrong-token",
+        &c.ca_file(),
         &["create", "service", "s1", "-p", "80"],
     );
     refused(&out, 1, "token", "wrong token");
     let out = Command::new(bin_path("skyctl"))
         .args(["get", "services"])
         .env("SKYCTL_COORDINATOR", c.url())
+        .env("SKYCTL_CA", c.ca_file())
         .env_remove("SKYCTL_TOKEN")
         .env("SKYCTL_TOKEN_FILE", c.data_dir().join("no-such-token"))
         .output()
@@ -531,8 +533,10 @@ fn unreachable_coordinator_is_one_line() {
     let c = Coordinator::start().unwrap();
     let url = c.url();
     let token = c.token();
+    let ca = tempfile::NamedTempFile::new().unwrap();
+    std::fs::copy(c.ca_file(), ca.path()).unwrap();
     drop(c);
-    let out = skymesh_tests::skyctl(&url, &token, &["get", "services"]);
+    let out = skymesh_tests::skyctl(&url, &token, ca.path(), &["get", "services"]);
     refused(&out, 1, "unreachable", "coordinator gone");
 }
 
@@ -550,6 +554,7 @@ impl Watcher {
             .args(args)
             .env("SKYCTL_COORDINATOR", c.url())
             .env("SKYCTL_TOKEN", c.token())
+            .env("SKYCTL_CA", c.ca_file())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

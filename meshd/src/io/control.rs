@@ -17,6 +17,7 @@ use anyhow::{Context as _, Result, bail};
 use arc_swap::ArcSwap;
 use futures::{FutureExt as _, StreamExt as _};
 use skymesh_proto::Bearer;
+use skymesh_proto::tls::ClientTls;
 use skymesh_proto::v1::{
     JobHealth, JoinRequest, JoinResponse, NetmapRequest, PeerHealth as ProtoPeerHealth,
     StatusReport, SyncJobsRequest, gateway_client::GatewayClient,
@@ -24,7 +25,7 @@ use skymesh_proto::v1::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::device::DeviceStats;
 use super::health::{JobReadiness, PeerHealth};
@@ -53,12 +54,13 @@ pub fn urls(arg: &str) -> Vec<&str> {
 /// A channel to the coordinator(s) that connects on first use and
 /// reconnects by itself. With several URLs (coordinator replicas sharing
 /// one etcd) requests go to whichever replica is reachable.
-pub fn channel(arg: &str) -> Result<Channel> {
+pub fn channel(arg: &str, tls: &ClientTls) -> Result<Channel> {
     let endpoints = urls(arg)
         .into_iter()
         .map(|url| {
-            Ok(Endpoint::from_shared(url.to_string())
-                .with_context(|| format!("invalid --coordinator URL {url:?}"))?
+            Ok(tls
+                .endpoint(url)
+                .map_err(|e| anyhow::anyhow!("--coordinator {e}"))?
                 .connect_timeout(Duration::from_secs(3))
                 .tcp_keepalive(Some(Duration::from_secs(10)))
                 .http2_keep_alive_interval(Duration::from_secs(5))
@@ -84,7 +86,7 @@ pub fn client(ch: Channel, token: &str) -> Result<Gateway> {
 /// The local address this host would use to reach the coordinator: the
 /// default underlay endpoint when `--endpoint` is not given.
 pub fn detect_local_ip(url: &str) -> Result<IpAddr> {
-    let uri: tonic::codegen::http::Uri = url
+    let uri: tonic::codegen::http::Uri = skymesh_proto::tls::normalize_url(url)
         .parse()
         .with_context(|| format!("invalid --coordinator URL {url:?}"))?;
     let host = uri.host().context("--coordinator URL has no host")?;
@@ -123,6 +125,7 @@ pub async fn join(
 /// applied state.
 pub async fn run_netmap(
     mut gw: Gateway,
+    tls: ClientTls,
     cluster: String,
     mut state: NetState,
     tx: watch::Sender<Arc<NetState>>,
@@ -171,9 +174,14 @@ pub async fn run_netmap(
                     }
                 }
             }
-            Err(s) => {
-                tracing::warn!(code = ?s.code(), error = %s.message(), "coordinator unreachable; keeping the last netmap")
-            }
+            Err(s) => match tls.refusal() {
+                Some(why) => {
+                    tracing::error!("refused the coordinator: {why}; keeping the last netmap")
+                }
+                None => {
+                    tracing::warn!(code = ?s.code(), error = %s.message(), "coordinator unreachable; keeping the last netmap")
+                }
+            },
         }
         let pause = backoff + Duration::from_millis(rand::random::<u64>() % 100);
         backoff = (backoff * 2).min(BACKOFF_MAX);
