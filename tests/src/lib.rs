@@ -59,8 +59,18 @@ impl Coordinator {
         Self::start_with(&[])
     }
 
+    /// Starts a coordinator listening on `listen` (e.g. the address another
+    /// one just left) with extra arguments.
+    pub fn start_at(listen: &str, extra: &[&str]) -> Result<Self> {
+        Self::launch(Some(listen.to_string()), extra)
+    }
+
     /// Starts a coordinator with extra arguments (e.g. `--service-cidr`).
     pub fn start_with(extra: &[&str]) -> Result<Self> {
+        Self::launch(None, extra)
+    }
+
+    fn launch(listen: Option<String>, extra: &[&str]) -> Result<Self> {
         let data = tempfile::Builder::new()
             .prefix("skymesh-coord-")
             .tempdir()?;
@@ -70,8 +80,13 @@ impl Coordinator {
             args: extra.iter().map(|s| s.to_string()).collect(),
             addr: String::new(),
         };
-        c.spawn(None)?;
+        c.spawn(listen)?;
         Ok(c)
+    }
+
+    /// The `127.0.0.1:PORT` it listens on.
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
     fn spawn(&mut self, listen: Option<String>) -> Result<()> {

@@ -44,24 +44,30 @@ impl Mesh {
     /// coordinator, creates the clusters with skyctl and joins a meshd in
     /// each gateway.
     pub fn start(n: usize, apps: usize) -> Result<Self> {
-        Self::start_inner(n, apps, false, bin_path("meshd"))
+        Self::start_inner(Topology::new(n, apps)?, false, bin_path("meshd"))
+    }
+
+    /// Like [`Mesh::start`], in a topology the caller built (e.g. to start
+    /// a packet capture on the WAN before anything joins).
+    pub fn start_in(topo: Topology) -> Result<Self> {
+        Self::start_inner(topo, false, bin_path("meshd"))
     }
 
     /// Like [`Mesh::start`], with another meshd binary in the gateways
     /// (the benchmark compares a build of an older commit with this one).
     pub fn start_with_meshd(n: usize, apps: usize, meshd: PathBuf) -> Result<Self> {
-        Self::start_inner(n, apps, false, meshd)
+        Self::start_inner(Topology::new(n, apps)?, false, meshd)
     }
 
     /// Like [`Mesh::start`], but with two coordinator replicas
     /// (198.51.100.1:7400 and :7401) sharing one etcd that runs in the WAN
     /// namespace; meshd and skyctl are given both.
     pub fn start_on_etcd(n: usize, apps: usize) -> Result<Self> {
-        Self::start_inner(n, apps, true, bin_path("meshd"))
+        Self::start_inner(Topology::new(n, apps)?, true, bin_path("meshd"))
     }
 
-    fn start_inner(n: usize, apps: usize, etcd: bool, meshd_bin: PathBuf) -> Result<Self> {
-        let topo = Topology::new(n, apps)?;
+    fn start_inner(topo: Topology, etcd: bool, meshd_bin: PathBuf) -> Result<Self> {
+        let n = topo.n_clusters();
         let urls = topo.coordinator_url();
         let mut mesh = Mesh {
             coordinator: None,
