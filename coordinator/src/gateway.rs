@@ -230,8 +230,10 @@ impl GatewayService {
                 others.insert(k);
             }
         }
-        let mut out = Vec::new();
-        let mut wanted = BTreeSet::new();
+        // Every job is checked before any is written: a bad entry in the
+        // jobs file changes nothing.
+        let own = self.reg.get(Kind::Cluster, "", &cluster).await?;
+        let mut checked = Vec::with_capacity(req.jobs.len());
         for mut j in req.jobs {
             j.spec.get_or_insert_with(Default::default).cluster = cluster.clone();
             j.metadata
@@ -240,6 +242,14 @@ impl GatewayService {
                 .insert(REGISTERED_BY.into(), cluster.clone());
             let mut o: Object = j.into();
             validate::object(&mut o)?;
+            if let Some(Obj::Job(j)) = o.obj.as_ref() {
+                crate::registry::job_ip_in_cluster(j, &own)?;
+            }
+            checked.push(o);
+        }
+        let mut out = Vec::new();
+        let mut wanted = BTreeSet::new();
+        for mut o in checked {
             let k = (o.namespace().to_string(), o.name().to_string());
             if others.contains(&k) {
                 return Err(Error::Precondition(format!(

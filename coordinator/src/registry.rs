@@ -79,6 +79,41 @@ pub fn kind_prefix(kind: Kind, namespace: Option<&str>) -> String {
 }
 
 /// Decodes a stored object and fills in its resource version.
+/// A job's IP must lie in its cluster's workload CIDRs, whoever registers it
+/// (SPEC §2): a gateway's credential covers its own cluster's addresses only.
+pub(crate) fn job_ip_in_cluster(job: &skymesh_proto::v1::Job, cluster: &Object) -> Result<()> {
+    let Some(Obj::Cluster(c)) = cluster.obj.as_ref() else {
+        return Ok(());
+    };
+    let Some(ip) = job
+        .spec
+        .as_ref()
+        .and_then(|s| s.ip.parse::<Ipv4Addr>().ok())
+    else {
+        return Ok(());
+    };
+    let cidrs: Vec<&str> = c
+        .spec
+        .as_ref()
+        .map(|s| s.workload_cidrs.iter().map(String::as_str).collect())
+        .unwrap_or_default();
+    if cidrs
+        .iter()
+        .filter_map(|n| n.parse::<Ipv4Net>().ok())
+        .any(|n| n.contains(&ip))
+    {
+        return Ok(());
+    }
+    Err(Error::Invalid(skymesh_proto::validate::ValidationError {
+        field: "spec.ip".into(),
+        rule: format!(
+            "{ip} is outside cluster {:?}'s workload CIDRs ({}): a job's IP must lie in its cluster's workload CIDRs",
+            cluster.name(),
+            cidrs.join(", ")
+        ),
+    }))
+}
+
 pub fn decode(kv: &KeyValue) -> Result<Object> {
     let mut o = Object::decode(kv.value.as_slice()).map_err(|source| Error::Decode {
         key: kv.key.clone(),
@@ -595,9 +630,13 @@ impl Registry {
             match self.store.get(&object_key(Kind::Cluster, "", c)).await? {
                 // Pin existence only: a cluster's status changes often and
                 // must not make this write retry.
-                Some(kv) => txn
-                    .compares
-                    .push(Compare::CreateRevision(kv.key.clone(), kv.create_revision)),
+                Some(kv) => {
+                    if let Some(Obj::Job(j)) = obj.obj.as_ref() {
+                        job_ip_in_cluster(j, &decode(&kv)?)?;
+                    }
+                    txn.compares
+                        .push(Compare::CreateRevision(kv.key.clone(), kv.create_revision))
+                }
                 None => {
                     return Err(Error::Precondition(format!(
                         "{field}: cluster {c:?} does not exist (see: skyctl get clusters)"

@@ -780,3 +780,118 @@ async fn expired_join_token_is_refused() {
         e.message()
     );
 }
+
+/// SPEC §2: a job's IP lies in its cluster's workload CIDRs, whoever
+/// registers it — the admin (skyctl) or the cluster's own gateway
+/// (SyncJobs with its credential). Refused naming both; nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_ips_must_lie_in_their_clusters_workload_cidrs() {
+    let coord = Coordinator::start().unwrap();
+    let mut api = coord.api().await.unwrap();
+    let r = api
+        .create(CreateRequest {
+            object: Some(cluster("a", "10.1.0.0/24")),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // The admin, through skyctl, as a new user would.
+    let out = coord.skyctl(&[
+        "create",
+        "job",
+        "j",
+        "--cluster",
+        "a",
+        "--ip",
+        "203.0.113.9",
+        "-l",
+        "app=web",
+        "--port",
+        "80",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("203.0.113.9") && err.contains("10.1.0.0/24") && err.contains("spec.ip"),
+        "{err}"
+    );
+    let ok = coord.skyctl(&[
+        "create",
+        "job",
+        "inside",
+        "--cluster",
+        "a",
+        "--ip",
+        "10.1.0.9",
+        "-l",
+        "app=web",
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    // The gateway, with its own credential.
+    let joined = coord
+        .gateway(&r.join_token)
+        .await
+        .unwrap()
+        .join(JoinRequest {
+            cluster: "a".into(),
+            public_key: key(7),
+            endpoint: "198.51.100.11:51820".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut gw = coord.gateway(&joined.credential).await.unwrap();
+    let job = |name: &str, ip: &str| Job {
+        metadata: Some(ObjectMeta {
+            name: name.into(),
+            labels: [("app".to_string(), "web".to_string())].into(),
+            ..Default::default()
+        }),
+        spec: Some(JobSpec {
+            ip: ip.into(),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    let e = gw
+        .sync_jobs(skymesh_proto::v1::SyncJobsRequest {
+            cluster: "a".into(),
+            jobs: vec![job("g1", "10.1.0.20"), job("g2", "10.2.0.20")],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(
+        e.message().contains("10.2.0.20") && e.message().contains("10.1.0.0/24"),
+        "{}",
+        e.message()
+    );
+    let jobs = api
+        .list(ListRequest {
+            kind: Kind::Job as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .objects;
+    let names: BTreeSet<String> = jobs.iter().map(|o| o.name().to_string()).collect();
+    assert_eq!(
+        names,
+        ["inside".to_string()].into(),
+        "nothing but the valid job"
+    );
+    gw.sync_jobs(skymesh_proto::v1::SyncJobsRequest {
+        cluster: "a".into(),
+        jobs: vec![job("g1", "10.1.0.20")],
+    })
+    .await
+    .unwrap();
+}
