@@ -37,9 +37,20 @@ struct Args {
     #[arg(long, value_enum, default_value_t = StoreKind::Embedded)]
     store: StoreKind,
     /// etcd client URLs, comma-separated (e.g.
-    /// http://10.0.0.1:2379,http://10.0.0.2:2379); with --store etcd.
+    /// https://10.0.0.1:2379,https://10.0.0.2:2379); with --store etcd.
     #[arg(long, value_delimiter = ',', num_args = 1..)]
     etcd_endpoints: Vec<String>,
+    /// CA certificate (PEM) that signed etcd's server certificate: TLS to
+    /// etcd, with https:// --etcd-endpoints.
+    #[arg(long, value_name = "PATH")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) to present to etcd (its --client-cert-auth);
+    /// with --etcd-key and --etcd-ca.
+    #[arg(long, value_name = "PATH")]
+    etcd_cert: Option<PathBuf>,
+    /// Private key (PEM) of --etcd-cert.
+    #[arg(long, value_name = "PATH")]
+    etcd_key: Option<PathBuf>,
     /// Key prefix of this mesh in etcd (default /skymesh); with --store etcd.
     /// Coordinators of one mesh must use the same prefix.
     #[arg(long)]
@@ -93,6 +104,12 @@ fn store_config(args: &Args) -> Result<StoreConfig, String> {
                     "--etcd-prefix needs --store etcd (the default store is embedded)".into(),
                 );
             }
+            if args.etcd_ca.is_some() || args.etcd_cert.is_some() || args.etcd_key.is_some() {
+                return Err(
+                    "--etcd-ca, --etcd-cert and --etcd-key need --store etcd (the default store is embedded)"
+                        .into(),
+                );
+            }
             Ok(StoreConfig::Embedded)
         }
         StoreKind::Etcd => {
@@ -108,15 +125,31 @@ fn store_config(args: &Args) -> Result<StoreConfig, String> {
                         .into(),
                 );
             }
+            if args.etcd_cert.is_some() != args.etcd_key.is_some() {
+                return Err("--etcd-cert and --etcd-key go together".into());
+            }
+            if args.etcd_cert.is_some() && args.etcd_ca.is_none() {
+                return Err(
+                    "--etcd-cert needs --etcd-ca (the CA that signed etcd's certificate)".into(),
+                );
+            }
             for e in &endpoints {
                 let hostport = e
                     .strip_prefix("http://")
                     .or_else(|| e.strip_prefix("https://"))
                     .unwrap_or(e);
-                if e.starts_with("https://") {
-                    return Err(format!(
-                        "--etcd-endpoints: {e}: TLS to etcd is not supported yet; use http://"
-                    ));
+                match (e.starts_with("https://"), args.etcd_ca.is_some()) {
+                    (true, false) => {
+                        return Err(format!(
+                            "--etcd-endpoints: {e} is https://: give --etcd-ca (and --etcd-cert/--etcd-key for client-cert auth)"
+                        ));
+                    }
+                    (false, true) => {
+                        return Err(format!(
+                            "--etcd-endpoints: {e}: with --etcd-ca every endpoint must be https://"
+                        ));
+                    }
+                    _ => {}
                 }
                 if hostport.is_empty() || hostport.contains('/') || !hostport.contains(':') {
                     return Err(format!(
@@ -133,7 +166,19 @@ fn store_config(args: &Args) -> Result<StoreConfig, String> {
                     "--etcd-prefix {prefix:?} must start with '/' (e.g. /skymesh)"
                 ));
             }
-            Ok(StoreConfig::Etcd { endpoints, prefix })
+            let tls = args
+                .etcd_ca
+                .clone()
+                .map(|ca| coordinator::server::EtcdTlsFiles {
+                    ca,
+                    cert: args.etcd_cert.clone(),
+                    key: args.etcd_key.clone(),
+                });
+            Ok(StoreConfig::Etcd {
+                endpoints,
+                prefix,
+                tls,
+            })
         }
     }
 }

@@ -28,11 +28,41 @@ pub enum StoreConfig {
     Embedded,
     /// An etcd cluster, shared by any number of coordinator replicas.
     Etcd {
-        /// Client URLs (`http://host:2379`).
+        /// Client URLs (`https://host:2379`, or `http://` without TLS).
         endpoints: Vec<String>,
         /// Key prefix of this mesh in etcd (e.g. `/skymesh`).
         prefix: String,
+        /// TLS to etcd (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
+        tls: Option<EtcdTlsFiles>,
     },
+}
+
+/// The PEM files of TLS to etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTlsFiles {
+    /// `--etcd-ca`: the CA that signed etcd's certificate.
+    pub ca: PathBuf,
+    /// `--etcd-cert`: the client certificate (with `key`).
+    pub cert: Option<PathBuf>,
+    /// `--etcd-key`.
+    pub key: Option<PathBuf>,
+}
+
+#[cfg(feature = "etcd")]
+impl EtcdTlsFiles {
+    fn load(&self) -> anyhow::Result<skymesh_store::etcd::EtcdTls> {
+        let read = |flag: &str, p: &std::path::Path| {
+            std::fs::read(p).with_context(|| format!("{flag} {}", p.display()))
+        };
+        let identity = match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => Some((read("--etcd-cert", c)?, read("--etcd-key", k)?)),
+            _ => None,
+        };
+        Ok(skymesh_store::etcd::EtcdTls {
+            ca_pem: read("--etcd-ca", &self.ca)?,
+            identity,
+        })
+    }
 }
 
 /// Coordinator configuration (the binary's flags).
@@ -214,8 +244,13 @@ async fn open_store(cfg: &Config) -> anyhow::Result<(OpenStore, bool)> {
             Ok((OpenStore::Embedded(Arc::new(store)), false))
         }
         #[cfg(feature = "etcd")]
-        StoreConfig::Etcd { endpoints, prefix } => {
-            let store = skymesh_store::etcd::EtcdStore::connect(endpoints, prefix)
+        StoreConfig::Etcd {
+            endpoints,
+            prefix,
+            tls,
+        } => {
+            let tls = tls.as_ref().map(EtcdTlsFiles::load).transpose()?;
+            let store = skymesh_store::etcd::EtcdStore::connect_with(endpoints, prefix, tls)
                 .await
                 .context("failed to connect to etcd (--etcd-endpoints)")?;
             Ok((OpenStore::Etcd(store), true))

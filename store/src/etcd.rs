@@ -101,6 +101,24 @@ const MAX_TXN_OPS: usize = 128;
 /// many revisions in one response).
 const MAX_MESSAGE_BYTES: usize = 512 << 20;
 
+/// TLS to etcd: the CA to verify etcd with and, for etcd's
+/// `--client-cert-auth`, the client certificate and key (all PEM).
+#[derive(Clone)]
+pub struct EtcdTls {
+    /// The CA certificate(s) that signed etcd's server certificate.
+    pub ca_pem: Vec<u8>,
+    /// The client certificate chain and private key.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// The etcd [`Store`].
 ///
 /// Cheap to clone; every clone shares the client (one balanced gRPC channel
@@ -135,6 +153,18 @@ impl EtcdStore {
     /// answers (retrying for up to 10 s) so a wrong address fails here,
     /// clearly.
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self> {
+        Self::connect_with(endpoints, prefix, None).await
+    }
+
+    /// Like [`EtcdStore::connect`], over TLS when `tls` is given: the
+    /// endpoints must then be `https://` URLs, etcd's certificate must chain
+    /// to `tls.ca_pem`, and the client presents `tls.identity` (for etcd's
+    /// `--client-cert-auth`).
+    pub async fn connect_with(
+        endpoints: &[String],
+        prefix: &str,
+        tls: Option<EtcdTls>,
+    ) -> Result<Self> {
         let endpoints: Vec<String> = endpoints
             .iter()
             .map(|e| e.trim())
@@ -152,7 +182,34 @@ impl EtcdStore {
                 "no etcd endpoints given (expected http://host:port,...)".into(),
             ));
         }
-        let options = ec::ConnectOptions::new()
+        let https = endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        match (&tls, https) {
+            (None, 0) => {}
+            (Some(_), n) if n == endpoints.len() => {}
+            (None, _) => {
+                return Err(Error::Backend(
+                    "https:// etcd endpoints need the CA that signed etcd's certificate (--etcd-ca)"
+                        .into(),
+                ));
+            }
+            (Some(_), _) => {
+                return Err(Error::Backend(
+                    "with TLS (--etcd-ca) every etcd endpoint must be an https:// URL".into(),
+                ));
+            }
+        }
+        let mut options = ec::ConnectOptions::new();
+        if let Some(t) = tls {
+            let mut o = ec::TlsOptions::new().ca_certificate(ec::Certificate::from_pem(t.ca_pem));
+            if let Some((cert, key)) = t.identity {
+                o = o.identity(ec::Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(o);
+        }
+        let options = options
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
             .with_keep_alive_while_idle(true)

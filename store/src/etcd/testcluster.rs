@@ -42,20 +42,45 @@ pub fn etcd_binary() -> io::Result<PathBuf> {
         })
 }
 
+/// Certificates for a cluster that speaks only TLS, clients and peers alike,
+/// and requires client certificates (`--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA that signed the members' and the clients' certificates.
+    pub ca: PathBuf,
+    /// The members' certificate (server and client auth, for 127.0.0.1).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+}
+
 struct Member {
     name: String,
     client: u16,
     peer: u16,
+    /// A plaintext port serving only `/health` and `/metrics` (TLS clusters).
+    metrics: Option<u16>,
     dir: PathBuf,
     child: Option<Child>,
 }
 
 impl Member {
+    fn scheme(&self) -> &'static str {
+        if self.metrics.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
     fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client)
+        format!("{}://127.0.0.1:{}", self.scheme(), self.client)
     }
     fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer)
+        format!("{}://127.0.0.1:{}", self.scheme(), self.peer)
+    }
+    /// The port `/health` answers on in plain HTTP.
+    fn health_port(&self) -> u16 {
+        self.metrics.unwrap_or(self.client)
     }
     fn log_path(&self) -> PathBuf {
         self.dir.with_extension("log")
@@ -68,18 +93,30 @@ pub struct EtcdCluster {
     binary: PathBuf,
     initial_cluster: String,
     token: String,
+    tls: Option<TlsFiles>,
     _dir: tempfile::TempDir,
 }
 
 impl EtcdCluster {
     /// Starts an `n`-member cluster and waits until every member is healthy.
     pub fn start(n: usize) -> io::Result<Self> {
+        Self::start_inner(n, None)
+    }
+
+    /// Starts an `n`-member cluster that speaks only TLS (client and peer
+    /// URLs are `https://`) and requires client certificates signed by
+    /// `tls.ca`.
+    pub fn start_tls(n: usize, tls: TlsFiles) -> io::Result<Self> {
+        Self::start_inner(n, Some(tls))
+    }
+
+    fn start_inner(n: usize, tls: Option<TlsFiles>) -> io::Result<Self> {
         let binary = etcd_binary()?;
         let mut last = None;
         // A port picked as free may be taken before etcd binds it: retry
         // with fresh ports.
         for _ in 0..3 {
-            match Self::try_start(&binary, n) {
+            match Self::try_start(&binary, n, tls.clone()) {
                 Ok(c) => return Ok(c),
                 Err(e) => last = Some(e),
             }
@@ -87,7 +124,7 @@ impl EtcdCluster {
         Err(last.unwrap_or_else(|| io::Error::other("etcd cluster did not start")))
     }
 
-    fn try_start(binary: &Path, n: usize) -> io::Result<Self> {
+    fn try_start(binary: &Path, n: usize, tls: Option<TlsFiles>) -> io::Result<Self> {
         let base = Path::new("/dev/shm");
         let builder = {
             let mut b = tempfile::Builder::new();
@@ -99,12 +136,13 @@ impl EtcdCluster {
         } else {
             builder.tempdir()?
         };
-        let ports = free_ports(2 * n)?;
+        let ports = free_ports(3 * n)?;
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client: ports[2 * i],
-                peer: ports[2 * i + 1],
+                client: ports[3 * i],
+                peer: ports[3 * i + 1],
+                metrics: tls.as_ref().map(|_| ports[3 * i + 2]),
                 dir: dir.path().join(format!("m{i}")),
                 child: None,
             })
@@ -127,6 +165,7 @@ impl EtcdCluster {
             binary: binary.to_owned(),
             initial_cluster,
             token,
+            tls,
             _dir: dir,
         };
         for i in 0..n {
@@ -142,7 +181,26 @@ impl EtcdCluster {
             .create(true)
             .append(true)
             .open(m.log_path())?;
-        let child = Command::new(&self.binary)
+        let mut cmd = Command::new(&self.binary);
+        if let (Some(t), Some(metrics)) = (&self.tls, m.metrics) {
+            cmd.arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth")
+                .arg("--peer-cert-file")
+                .arg(&t.cert)
+                .arg("--peer-key-file")
+                .arg(&t.key)
+                .arg("--peer-trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--peer-client-cert-auth")
+                .arg("--listen-metrics-urls")
+                .arg(format!("http://127.0.0.1:{metrics}"));
+        }
+        let child = cmd
             .arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
@@ -248,7 +306,7 @@ impl EtcdCluster {
                         tail(&self.log(i), 40)
                     )));
                 }
-                if !healthy(self.members[i].client) {
+                if !healthy(self.members[i].health_port()) {
                     unhealthy.push(i);
                 }
             }
