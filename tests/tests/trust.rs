@@ -166,6 +166,9 @@ fn an_impostor_coordinator_is_refused_and_told_nothing() {
     let real_ca = mesh.topo.dir().join("coordinator/ca.crt");
     let expected = fingerprint(&real_ca);
 
+    // The gateways' netmap caches lag the applied netmap by up to 1 s
+    // (meshd's CACHE_INTERVAL); a restart below starts from the cache.
+    std::thread::sleep(Duration::from_secs(2));
     mesh.stop_coordinator();
     let fake_dir = mesh.topo.dir().join("impostor");
     let listen = mesh.topo.coordinator_addr().to_string();
