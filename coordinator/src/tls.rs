@@ -116,6 +116,8 @@ fn is_dns_name(s: &str) -> bool {
 }
 
 /// Makes or loads the TLS identity; `None` with `--insecure-plaintext`.
+/// The flags must have passed [`check_flags`] (the server checks them before
+/// it writes anything).
 /// Afterwards `<data-dir>/ca.crt` holds what clients trust.
 pub async fn init(
     store: &dyn Store,
@@ -124,7 +126,6 @@ pub async fn init(
     flags: &TlsFlags,
     listen: SocketAddr,
 ) -> Result<Option<ServerIdentity>> {
-    check_flags(flags, listen).map_err(Error::Precondition)?;
     if flags.insecure_plaintext {
         return Ok(None);
     }

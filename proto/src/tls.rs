@@ -220,9 +220,8 @@ impl ClientTls {
         v.refused.lock().ok()?.clone()
     }
 
-    /// The CA certificate that a server's chain matched, once a handshake
-    /// verified against a [`Trust::Fingerprint`] (or the first CA of a
-    /// [`Trust::Ca`] that verified one).
+    /// The CA certificate that a server's chain carried, once a handshake
+    /// verified against a [`Trust::Fingerprint`]; `None` for a [`Trust::Ca`].
     pub fn pinned_ca(&self) -> Option<CertificateDer<'static>> {
         let v = self.verifier.as_ref()?;
         v.matched.lock().ok()?.clone()
@@ -322,19 +321,12 @@ impl ServerCertVerifier for Pinned {
                 if let Ok(mut r) = self.refused.lock() {
                     *r = None;
                 }
-                if let Ok(mut m) = self.matched.lock() {
-                    // With several CAs, the one a later lookup should keep is
-                    // the one whose fingerprint the chain carries, else the
-                    // first (a chain need not include its root).
-                    let chain: Vec<Fingerprint> = std::iter::once(end_entity)
-                        .chain(intermediates)
-                        .map(|c| Fingerprint::of(c))
-                        .collect();
-                    let pick = cas
-                        .iter()
-                        .find(|c| chain.contains(&Fingerprint::of(c)))
-                        .or(cas.first());
-                    *m = pick.cloned();
+                // Only a fingerprint pin has a CA to hand back: the one the
+                // chain carried (a Trust::Ca caller holds its CA already).
+                if matches!(self.trust, Trust::Fingerprint(_))
+                    && let Ok(mut m) = self.matched.lock()
+                {
+                    *m = cas.first().cloned();
                 }
                 Ok(ok)
             }
