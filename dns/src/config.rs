@@ -58,7 +58,18 @@ pub struct DnsConfig {
     pub tcp_idle_timeout: Duration,
     /// Timeout of one forwarded query to one upstream.
     pub upstream_timeout: Duration,
+    /// Clients whose queries for names outside the zones are forwarded,
+    /// besides loopback and the view's [`local_cidrs`](crate::MeshView::local_cidrs)
+    /// (meshd's `--dns-allow`). Others get REFUSED: the server is no open
+    /// resolver for whoever can reach its address.
+    pub recursion_allow: Vec<ipnet::IpNet>,
+    /// Forwarded queries in flight at most; a query over the limit gets
+    /// SERVFAIL at once (no socket, task or upstream query for it).
+    pub max_forwards: usize,
 }
+
+/// Default of [`DnsConfig::max_forwards`].
+pub const DEFAULT_MAX_FORWARDS: usize = 1024;
 
 impl Default for DnsConfig {
     fn default() -> Self {
@@ -71,6 +82,8 @@ impl Default for DnsConfig {
             nameserver_ip: None,
             tcp_idle_timeout: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(2),
+            recursion_allow: Vec::new(),
+            max_forwards: DEFAULT_MAX_FORWARDS,
         }
     }
 }

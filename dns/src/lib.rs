@@ -71,6 +71,8 @@ pub struct MeshView {
     /// Readiness overrides known locally before the coordinator: `(namespace,
     /// job)` of jobs failing local health checks. May be empty.
     pub local_unready: HashSet<(String, String)>,
+    /// This cluster's workload CIDRs: its clients may use recursion.
+    pub local_cidrs: Vec<ipnet::Ipv4Net>,
 }
 
 impl MeshView {

@@ -118,6 +118,7 @@ fn view(services: Vec<Service>, endpoints: Vec<Endpoints>) -> MeshView {
         services,
         endpoints,
         local_unready: HashSet::new(),
+        local_cidrs: Vec::new(),
     }
 }
 

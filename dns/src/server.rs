@@ -10,22 +10,23 @@
 //! metrics around the catalog and owns lifecycle: a [`CancellationToken`]
 //! stops every socket task.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use hickory_proto::op::{Header, HeaderCounts, Metadata, ResponseCode};
 use hickory_proto::rr::{LowerName, Name, RecordType};
 use hickory_resolver::config::NameServerConfig;
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::forwarder::{ForwardConfig, ForwardZoneHandler};
-use hickory_server::zone_handler::{Catalog, ZoneHandler};
+use hickory_server::zone_handler::{Catalog, MessageResponseBuilder, ZoneHandler};
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -59,6 +60,8 @@ pub struct DnsHandle {
 struct HandleInner {
     config: DnsConfig,
     records: Arc<ArcSwap<RecordSet>>,
+    /// Who may have names outside the zones forwarded.
+    recursion: Arc<ArcSwap<RecursionAllow>>,
     /// The last serial used; held while a view is built so that concurrent
     /// updates are applied in serial order.
     serial: Mutex<u32>,
@@ -131,11 +134,17 @@ impl DnsServer {
             "dns server listening"
         );
 
+        let recursion = Arc::new(ArcSwap::from_pointee(RecursionAllow::new(
+            &config.recursion_allow,
+            &[],
+        )));
         let handler = MeshRequestHandler {
             catalog,
             metrics: metrics.clone(),
             zones,
             forwarding: forwarder.is_some(),
+            recursion: recursion.clone(),
+            forwards: Arc::new(Semaphore::new(config.max_forwards)),
         };
         let mut server = Server::new(handler);
         server.register_socket(udp);
@@ -145,6 +154,7 @@ impl DnsServer {
             inner: Arc::new(HandleInner {
                 config,
                 records,
+                recursion,
                 serial: Mutex::new(1),
                 local_addr,
                 upstreams,
@@ -198,6 +208,10 @@ impl DnsHandle {
         let set = RecordSet::build_with_serial(view, &inner.config, *serial);
         debug!(serial = *serial, names = set.len(), "dns records rebuilt");
         inner.records.store(Arc::new(set));
+        inner.recursion.store(Arc::new(RecursionAllow::new(
+            &inner.config.recursion_allow,
+            &view.local_cidrs,
+        )));
         inner.updates.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -315,13 +329,64 @@ fn forwarder(upstreams: &[SocketAddr], config: &DnsConfig) -> Result<ForwardZone
     })
 }
 
+/// The clients that may use recursion: loopback, the view's local CIDRs and
+/// the configured extra networks.
+struct RecursionAllow(Vec<ipnet::IpNet>);
+
+impl RecursionAllow {
+    fn new(extra: &[ipnet::IpNet], local: &[ipnet::Ipv4Net]) -> Self {
+        RecursionAllow(
+            extra
+                .iter()
+                .copied()
+                .chain(local.iter().map(|n| ipnet::IpNet::V4(*n)))
+                .collect(),
+        )
+    }
+
+    fn allows(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_loopback() || self.0.iter().any(|n| n.contains(&ip))
+    }
+}
+
 /// The catalog plus metrics: every decoded request goes through here.
+/// Queries for names outside the zones are refused to clients that may not
+/// use recursion, and bounded in flight for those that may.
 struct MeshRequestHandler {
     catalog: Catalog,
     metrics: DnsMetrics,
     /// Served origins (names outside them are forwarded or refused).
     zones: Vec<LowerName>,
     forwarding: bool,
+    recursion: Arc<ArcSwap<RecursionAllow>>,
+    /// One permit per forwarded query in flight.
+    forwards: Arc<Semaphore>,
+}
+
+impl MeshRequestHandler {
+    /// Answers `code` without looking anything up.
+    async fn answer<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        code: ResponseCode,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let response =
+            MessageResponseBuilder::new(&request.queries, None).error_msg(&request.metadata, code);
+        match response_handle.send_response(response).await {
+            Ok(info) => info,
+            Err(error) => {
+                debug!(%error, "failed to send a response");
+                let mut metadata = Metadata::response_from_request(&request.metadata);
+                metadata.response_code = ResponseCode::ServFail;
+                ResponseInfo::from(Header {
+                    metadata,
+                    counts: HeaderCounts::default(),
+                })
+            }
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -332,15 +397,34 @@ impl RequestHandler for MeshRequestHandler {
         response_handle: R,
     ) -> ResponseInfo {
         let started = tokio::time::Instant::now();
+        let query = request.queries.queries().first();
+        let qtype = query.map_or(RecordType::Unknown(0), |q| q.query_type());
+        let outside = query.is_some_and(|q| !self.zones.iter().any(|z| z.zone_of(q.name())));
+        let mut _permit = None;
+        if outside && self.forwarding {
+            let refused = if !self.recursion.load().allows(request.src().ip()) {
+                Some(ResponseCode::Refused)
+            } else {
+                match self.forwards.clone().try_acquire_owned() {
+                    Ok(p) => {
+                        _permit = Some(p);
+                        None
+                    }
+                    Err(_) => Some(ResponseCode::ServFail),
+                }
+            };
+            if let Some(code) = refused {
+                let info = self.answer(request, code, response_handle).await;
+                self.metrics
+                    .observe(qtype, info.response_code, false, started.elapsed());
+                return info;
+            }
+        }
         let info = self
             .catalog
             .handle_request::<R, T>(request, response_handle)
             .await;
-        let query = request.queries.queries().first();
-        let qtype = query.map_or(RecordType::Unknown(0), |q| q.query_type());
-        let forwarded = self.forwarding
-            && request.metadata.recursion_desired
-            && query.is_some_and(|q| !self.zones.iter().any(|z| z.zone_of(q.name())));
+        let forwarded = outside && self.forwarding && request.metadata.recursion_desired;
         self.metrics
             .observe(qtype, info.response_code, forwarded, started.elapsed());
         info

@@ -50,6 +50,11 @@ struct Args {
     /// default: the nameservers of /etc/resolv.conf).
     #[arg(long = "dns-upstream", value_name = "IP:PORT")]
     dns_upstreams: Vec<SocketAddr>,
+    /// Network whose clients may use the DNS server for names outside the
+    /// mesh zones (forwarded upstream), besides loopback and this cluster's
+    /// workload CIDRs (repeatable). Others get REFUSED.
+    #[arg(long = "dns-allow", value_name = "CIDR", value_parser = parse_net)]
+    dns_allow: Vec<ipnet::IpNet>,
     /// Address of the Prometheus /metrics endpoint.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -61,6 +66,12 @@ struct Args {
     /// whose offloads misbehave.
     #[arg(long, env = "MESHD_NO_OFFLOAD")]
     no_offload: bool,
+}
+
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is not a CIDR (e.g. 10.9.0.0/16) or an IP address"))
 }
 
 /// The join token from `--join-token-file`, else `MESHD_JOIN_TOKEN`.
@@ -136,6 +147,7 @@ fn main() -> ExitCode {
         interface: a.interface,
         dns_listen: a.dns_listen,
         dns_upstreams: a.dns_upstreams,
+        dns_allow: a.dns_allow,
         metrics_listen: a.metrics_listen,
         jobs: a.jobs,
         offload: !a.no_offload,

@@ -34,6 +34,9 @@ pub struct Config {
     /// Upstream resolvers for names outside the mesh zones; empty = the
     /// host's /etc/resolv.conf.
     pub dns_upstreams: Vec<SocketAddr>,
+    /// Clients besides loopback and the workload CIDRs that may use DNS
+    /// recursion (`--dns-allow`).
+    pub dns_allow: Vec<ipnet::IpNet>,
     pub metrics_listen: Option<SocketAddr>,
     pub jobs: Option<PathBuf>,
     /// TUN and UDP segmentation offloads (off: one packet per syscall).
@@ -305,6 +308,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
             } else {
                 skymesh_dns::Upstreams::Static(cfg.dns_upstreams.clone())
             },
+            recursion_allow: cfg.dns_allow.clone(),
             ..Default::default()
         };
         let (handle, dns_done) = spawn_dns(dns_cfg, &mut registry, cancel.clone())
@@ -392,6 +396,11 @@ pub fn dns_view(s: &NetState, jobs: &health::JobReadiness) -> skymesh_dns::MeshV
             .iter()
             .filter(|(_, ready)| !**ready)
             .map(|(k, _)| k.clone())
+            .collect(),
+        local_cidrs: s
+            .workload_cidrs
+            .iter()
+            .filter_map(|c| c.parse().ok())
             .collect(),
     }
 }

@@ -285,3 +285,96 @@ fn hundred_replica_headless_answer_truncates_over_udp() {
     );
     assert!(udp.contains(" tc"), "UDP answer is truncated: {udp}");
 }
+
+/// SPEC §6: names outside the mesh zones are forwarded only for this
+/// cluster's own clients (and loopback, and `--dns-allow`); a client of
+/// another cluster asking gateway 1 across the mesh gets REFUSED for them,
+/// while mesh names still answer. The upstream is a real dnsmasq on the WAN.
+#[test]
+fn recursion_only_for_local_clients() {
+    let mut mesh = Mesh::start(2, 1).unwrap();
+    mesh.topo
+        .add_wan_host("up", std::net::Ipv4Addr::new(198, 51, 100, 53))
+        .unwrap();
+    let log = mesh.topo.dir().join("dnsmasq.log");
+    let dnsmasq = mesh
+        .topo
+        .wan_host("up")
+        .spawn(
+            &[
+                "dnsmasq",
+                "-k",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=198.51.100.53",
+                "--address=/example.test/192.0.2.80",
+                "--pid-file=",
+                "--user=root",
+            ],
+            &log,
+        )
+        .unwrap();
+    let ask = |mesh: &Mesh, from: usize| {
+        let server = format!("@{}", mesh.topo.gateway_lan_ip(1));
+        let out = mesh.topo.app(from, 1).exec(&[
+            "dig",
+            &server,
+            "+time=2",
+            "+tries=1",
+            "web.example.test",
+            "A",
+        ]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    mesh.set_meshd_args(1, &["--dns-upstream", "198.51.100.53:53"]);
+    mesh.stop_meshd(1);
+    mesh.start_meshd(1, None).unwrap();
+    assert!(mesh.wait_for_tunnels(Duration::from_secs(20)));
+    assert!(
+        wait_until(Duration::from_secs(15), || ask(&mesh, 1)
+            .contains("192.0.2.80")),
+        "a local client is forwarded: {}",
+        ask(&mesh, 1)
+    );
+    let other = ask(&mesh, 2);
+    assert!(
+        other.contains("status: REFUSED"),
+        "another cluster's client: {other}"
+    );
+    // Mesh names are no recursion: gateway 1 answers them for anyone.
+    let server = format!("@{}", mesh.topo.gateway_lan_ip(1));
+    let out = mesh.topo.app(2, 1).exec(&[
+        "dig",
+        &server,
+        "+time=2",
+        "+tries=1",
+        "nope.default.svc",
+        "A",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("status: NXDOMAIN"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // --dns-allow widens it.
+    mesh.set_meshd_args(
+        1,
+        &[
+            "--dns-upstream",
+            "198.51.100.53:53",
+            "--dns-allow",
+            "10.2.0.0/16",
+        ],
+    );
+    mesh.stop_meshd(1);
+    mesh.start_meshd(1, None).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(15), || ask(&mesh, 2)
+            .contains("192.0.2.80")),
+        "--dns-allow: {}",
+        ask(&mesh, 2)
+    );
+    drop(dnsmasq);
+}

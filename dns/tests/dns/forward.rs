@@ -114,3 +114,29 @@ async fn invalid_zone_is_refused_at_bind() {
         .expect("root zone must be refused");
     assert!(err.to_string().contains("invalid DNS zone"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_in_flight_are_bounded() {
+    let up = upstream().await;
+    let mut cfg = config(vec![up.addr]);
+    // No forward may be in flight: every name outside the zones is turned
+    // away at once, and the mesh's own names are still answered.
+    cfg.max_forwards = 0;
+    let srv = start_with(cfg, &mesh()).await;
+    let out = dig(srv.addr, &["web.default.example.test", "A"]).await;
+    assert_eq!(out.status, "SERVFAIL", "{}", out.raw);
+    let out = dig(srv.addr, &["web.default.svc", "A"]).await;
+    assert_eq!(out.rdata("A"), ["100.65.0.10"], "{}", out.raw);
+    srv.stop().await;
+
+    // One permit is returned when its query is answered.
+    let mut cfg = config(vec![up.addr]);
+    cfg.max_forwards = 1;
+    let srv = start_with(cfg, &mesh()).await;
+    for _ in 0..3 {
+        let out = dig(srv.addr, &["web.default.example.test", "A"]).await;
+        assert_eq!(out.rdata("A"), ["192.0.2.80"], "{}", out.raw);
+    }
+    srv.stop().await;
+    up.stop().await;
+}

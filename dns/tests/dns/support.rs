@@ -185,6 +185,7 @@ pub fn mesh() -> MeshView {
             ),
         ],
         local_unready: HashSet::new(),
+        local_cidrs: Vec::new(),
     }
 }
 
