@@ -404,6 +404,31 @@ fn wireguard_go_interoperates_and_spoofed_sources_are_dropped() {
     );
     // The tunnel itself is unaffected.
     assert!(mesh.topo.wan_host("ext").ping(app));
+
+    // The destination filter: an authenticated packet from an allowed
+    // source, to an address this gateway does not own (10.200.0.1 is no
+    // workload CIDR of c1, nor its overlay IP), is not delivered anywhere:
+    // a peer cannot use a gateway as a router into other networks.
+    let metric = r#"skymesh_drops_total{reason="destination_not_allowed"}"#;
+    let before = mesh.metric(1, metric);
+    let ext = mesh.topo.wan_host("ext");
+    ext.run(&["ip", "route", "add", "10.200.0.0/16", "dev", &iface])
+        .unwrap();
+    let transit = ext.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "1", "10.200.0.1"]);
+    assert!(
+        !transit.status.success(),
+        "no answer from beyond the gateway"
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || mesh.metric(1, metric)
+            >= before + 3.0),
+        "destination drops rose from {before}: {}",
+        mesh.metrics(1).unwrap_or_default()
+    );
+    assert!(
+        mesh.topo.wan_host("ext").ping(app),
+        "the tunnel still works"
+    );
 }
 
 /// A deterministic byte stream (xorshift64*), so each end can check every

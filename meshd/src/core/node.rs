@@ -47,6 +47,10 @@ pub enum DropReason {
     NotIpv4,
     /// From a tunnel: the inner source is outside the peer's allowed IPs.
     SourceNotAllowed,
+    /// From a tunnel: the inner destination is neither this gateway's
+    /// overlay IP nor in its own workload CIDRs (a peer may only reach what
+    /// this cluster owns, not route through it).
+    DestinationNotAllowed,
     /// From the network: not a WireGuard message.
     Garbage,
     /// From the network: a message for no known peer.
@@ -65,6 +69,7 @@ impl DropReason {
             DropReason::NoEndpoint => "no_endpoint",
             DropReason::NotIpv4 => "not_ipv4",
             DropReason::SourceNotAllowed => "source_not_allowed",
+            DropReason::DestinationNotAllowed => "destination_not_allowed",
             DropReason::Garbage => "garbage",
             DropReason::UnknownPeer => "unknown_peer",
             DropReason::AuthFailed => "auth_failed",
@@ -154,6 +159,9 @@ pub struct Node {
     by_key: HashMap<[u8; 32], u32>,
     by_name: BTreeMap<String, u32>,
     routes: RouteTable<u32>,
+    /// Where decrypted packets may go: this gateway's overlay IP and its
+    /// workload CIDRs. Empty until [`Node::set_local`]: nothing is delivered.
+    local: Vec<Ipv4Net>,
     next_slot: u32,
     drops: BTreeMap<DropReason, u64>,
     /// Scratch buffer for boringtun's output.
@@ -173,6 +181,7 @@ impl Node {
             by_key: HashMap::new(),
             by_name: BTreeMap::new(),
             routes: RouteTable::default(),
+            local: Vec::new(),
             next_slot: 1,
             drops: BTreeMap::new(),
             buf: vec![0u8; MAX_DATAGRAM + DATA_OVERHEAD + 148],
@@ -193,6 +202,14 @@ impl Node {
             slot,
             Some(self.limiter.clone()),
         )
+    }
+
+    /// This gateway's own networks (overlay IP, workload CIDRs): the only
+    /// destinations a decrypted packet is delivered to (SPEC §4, the
+    /// destination filter). The balancer's replies to remote clients go to
+    /// those clients' own addresses, so they are inside too.
+    pub fn set_local(&mut self, nets: Vec<Ipv4Net>) {
+        self.local = nets;
     }
 
     /// Makes the peer set equal to `desired` without disturbing unchanged
@@ -410,12 +427,16 @@ impl Node {
                 }
                 TunnResult::WriteToTunnelV4(b, inner_src) => {
                     authenticated = true;
-                    if p.cfg.allowed_ips.iter().any(|n| n.contains(&inner_src)) {
+                    if !p.cfg.allowed_ips.iter().any(|n| n.contains(&inner_src)) {
+                        drop = Some(DropReason::SourceNotAllowed);
+                    } else if !ipv4_dst(b)
+                        .is_some_and(|d| self.local.iter().any(|n| n.contains(&d)))
+                    {
+                        drop = Some(DropReason::DestinationNotAllowed);
+                    } else {
                         p.rx_packets += 1;
                         p.rx_bytes += b.len() as u64;
                         out.push(Transmit::Tunnel(b.to_vec()));
-                    } else {
-                        drop = Some(DropReason::SourceNotAllowed);
                     }
                     break;
                 }

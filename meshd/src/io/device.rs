@@ -27,6 +27,7 @@ use std::time::Duration;
 use anyhow::Result;
 use arc_swap::ArcSwap;
 use base64::Engine as _;
+use ipnet::Ipv4Net;
 use quinn_udp::{RecvMeta, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -496,7 +497,19 @@ fn publish(node: &Node, lb: &Lb, listen_port: u16, stats: &ArcSwap<DeviceStats>)
     }));
 }
 
+/// This gateway's own networks: its overlay IP and its workload CIDRs.
+pub fn local_nets(s: &NetState) -> Vec<Ipv4Net> {
+    s.overlay_ip
+        .parse::<std::net::Ipv4Addr>()
+        .ok()
+        .map(Ipv4Net::from)
+        .into_iter()
+        .chain(s.workload_cidrs.iter().filter_map(|c| c.parse().ok()))
+        .collect()
+}
+
 fn apply_netmap(node: &mut Node, s: &NetState) {
+    node.set_local(local_nets(s));
     let diff = node.set_peers(peer_configs(s));
     if !diff.is_empty() {
         tracing::info!(added = ?diff.added, removed = ?diff.removed, rekeyed = ?diff.rekeyed, updated = ?diff.updated, "peers changed");

@@ -51,6 +51,8 @@ fn pair() -> Pair {
         endpoint: Some(addr(A_ADDR)),
         allowed_ips: vec![net("100.64.0.1/32"), net("10.1.0.0/16")],
     }]);
+    a.set_local(vec![net("100.64.0.1/32"), net("10.1.0.0/16")]);
+    b.set_local(vec![net("100.64.0.2/32"), net("10.2.0.0/16")]);
     Pair { a, b }
 }
 
@@ -134,6 +136,33 @@ fn inner_source_outside_allowed_ips_is_dropped_and_counted() {
     let (_, tun_b) = pump(&mut p, out, Vec::new());
     assert!(tun_b.is_empty(), "spoofed packet not delivered");
     assert_eq!(p.b.drops().get(&DropReason::SourceNotAllowed), Some(&1));
+}
+
+#[test]
+fn inner_destination_outside_the_local_networks_is_dropped_and_counted() {
+    let mut p = established();
+    // a believes b owns 192.0.2.0/24 (its allowed IPs say so) and routes a
+    // packet there; b owns only its overlay IP and 10.2.0.0/16, so it must
+    // not forward it anywhere (no transit through a gateway).
+    let mut cfg = p.a.peers()[0].clone();
+    cfg.allowed_ips.push(net("192.0.2.0/24"));
+    p.a.set_peers(vec![PeerConfig {
+        name: cfg.name,
+        public_key: cfg.public_key,
+        preshared_key: cfg.preshared_key,
+        endpoint: cfg.endpoint,
+        allowed_ips: cfg.allowed_ips,
+    }]);
+    let mut out = Vec::new();
+    p.a.handle_tun(&packet([10, 1, 0, 11], [192, 0, 2, 1], 60), &mut out);
+    p.a.handle_tun(&packet([10, 1, 0, 11], [100, 64, 0, 2], 60), &mut out);
+    let (_, tun_b) = pump(&mut p, out, Vec::new());
+    assert_eq!(tun_b.len(), 1, "only the packet to b's overlay IP arrives");
+    assert_eq!(ipv4_dst(&tun_b[0]), Some(Ipv4Addr::new(100, 64, 0, 2)));
+    assert_eq!(
+        p.b.drops().get(&DropReason::DestinationNotAllowed),
+        Some(&1)
+    );
 }
 
 #[test]
