@@ -21,11 +21,9 @@ use subtle::ConstantTimeEq as _;
 
 use crate::error::{Error, Result};
 use crate::ipam::random_secret;
+use crate::keyspace;
 use crate::registry::unix_now;
 
-const ADMIN_KEY: &str = "/auth/admin";
-const JOIN_PREFIX: &str = "/auth/join/";
-const CLUSTER_PREFIX: &str = "/auth/cluster/";
 /// Name of the admin token file inside the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
@@ -88,7 +86,7 @@ pub async fn init_admin(
         .ok()
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty());
-    let stored = store.get(ADMIN_KEY).await?;
+    let stored = store.get(keyspace::ADMIN_TOKEN).await?;
     let holds = |token: &str| {
         stored
             .as_ref()
@@ -121,7 +119,7 @@ pub async fn init_admin(
             return Ok(h);
         }
         // Another replica created one at the same moment.
-        let now = store.get(ADMIN_KEY).await?;
+        let now = store.get(keyspace::ADMIN_TOKEN).await?;
         if now.is_some_and(|kv| bool::from(h.ct_eq(kv.value.as_slice()))) {
             return Ok(h);
         }
@@ -159,12 +157,12 @@ pub async fn init_admin(
 /// `only_if_absent`); returns whether it was written.
 async fn put_admin_hash(store: &dyn Store, h: &[u8; 32], only_if_absent: bool) -> Result<bool> {
     let compares = if only_if_absent {
-        vec![Compare::Absent(ADMIN_KEY.into())]
+        vec![Compare::Absent(keyspace::ADMIN_TOKEN.into())]
     } else {
         Vec::new()
     };
     let ops = vec![Op::Put {
-        key: ADMIN_KEY.into(),
+        key: keyspace::ADMIN_TOKEN.into(),
         value: h.to_vec(),
     }];
     Ok(store.txn(compares, ops).await?.succeeded)
@@ -273,7 +271,7 @@ pub fn new_join_token(
     };
     let expires = unix_now().saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
     ops.push(Op::Put {
-        key: format!("{JOIN_PREFIX}{}", hex::encode(hash(&token))),
+        key: format!("{}{}", keyspace::JOIN_TOKENS, hex::encode(hash(&token))),
         value: format!("{cluster}\n{expires}").into_bytes(),
     });
     (token, expires)
@@ -288,7 +286,7 @@ fn parse_join(kv: &KeyValue) -> Option<(String, i64)> {
 /// Looks up a join token for `cluster`: the key-value to delete in the join
 /// transaction (single use), or why it is refused.
 pub async fn check_join_token(store: &dyn Store, token: &str, cluster: &str) -> Result<KeyValue> {
-    let key = format!("{JOIN_PREFIX}{}", hex::encode(hash(token)));
+    let key = format!("{}{}", keyspace::JOIN_TOKENS, hex::encode(hash(token)));
     let refused = |why: &str| {
         tracing::warn!(%cluster, reason = why, "refused join");
         Err(Error::Unauthenticated(format!(
@@ -310,7 +308,7 @@ pub async fn check_join_token(store: &dyn Store, token: &str, cluster: &str) -> 
 pub fn new_cluster_credential(cluster: &str, ops: &mut Vec<Op>) -> String {
     let cred = new_token("skygw_");
     ops.push(Op::Put {
-        key: format!("{CLUSTER_PREFIX}{cluster}"),
+        key: format!("{}{cluster}", keyspace::CREDENTIALS),
         value: hash(&cred).to_vec(),
     });
     cred
@@ -320,7 +318,9 @@ pub fn new_cluster_credential(cluster: &str, ops: &mut Vec<Op>) -> String {
 pub async fn check_cluster(store: &dyn Store, cluster: &str, token: Option<&str>) -> Result<()> {
     let ok = match (
         token,
-        store.get(&format!("{CLUSTER_PREFIX}{cluster}")).await?,
+        store
+            .get(&format!("{}{cluster}", keyspace::CREDENTIALS))
+            .await?,
     ) {
         (Some(t), Some(kv)) => bool::from(hash(t).ct_eq(kv.value.as_slice())),
         _ => false,
@@ -338,9 +338,9 @@ pub async fn check_cluster(store: &dyn Store, cluster: &str, token: Option<&str>
 /// Adds the deletion of a cluster's credential and join tokens to `ops`.
 pub async fn release_cluster(store: &dyn Store, cluster: &str, ops: &mut Vec<Op>) -> Result<()> {
     ops.push(Op::Delete {
-        key: format!("{CLUSTER_PREFIX}{cluster}"),
+        key: format!("{}{cluster}", keyspace::CREDENTIALS),
     });
-    let (joins, _) = store.range(JOIN_PREFIX).await?;
+    let (joins, _) = store.range(keyspace::JOIN_TOKENS).await?;
     for kv in joins {
         if parse_join(&kv).is_some_and(|(c, _)| c == cluster) {
             ops.push(Op::Delete { key: kv.key });
@@ -351,7 +351,7 @@ pub async fn release_cluster(store: &dyn Store, cluster: &str, ops: &mut Vec<Op>
 
 /// Adds the deletion of expired join tokens to `ops`.
 pub async fn expired_join_tokens(store: &dyn Store, ops: &mut Vec<Op>) -> Result<()> {
-    let (joins, _) = store.range(JOIN_PREFIX).await?;
+    let (joins, _) = store.range(keyspace::JOIN_TOKENS).await?;
     let now = unix_now();
     for kv in joins {
         if parse_join(&kv).is_none_or(|(_, exp)| exp < now) {
@@ -378,7 +378,7 @@ mod tests {
     }
 
     async fn stored(s: &EmbeddedStore) -> Vec<u8> {
-        s.get(ADMIN_KEY).await.unwrap().unwrap().value
+        s.get(keyspace::ADMIN_TOKEN).await.unwrap().unwrap().value
     }
 
     const OWN: AdminTokenSource<'static> = AdminTokenSource {

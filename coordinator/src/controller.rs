@@ -27,9 +27,7 @@ use skymesh_proto::v1::{
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
-use crate::registry::{
-    ENDPOINTS_CONTROLLER, MANAGED_BY, REGISTRY_PREFIX, Registry, decode, is_managed, unix_now,
-};
+use crate::registry::{ENDPOINTS_CONTROLLER, MANAGED_BY, Registry, decode, is_managed, unix_now};
 
 /// A gateway that has not reported for this long is NotReady.
 pub const CLUSTER_STALE_AFTER_S: i64 = 30;
@@ -268,7 +266,7 @@ pub fn plan(world: &World, now: i64) -> Plan {
 
 /// One pass: read, plan, write. Returns the revision it read at.
 pub async fn reconcile(reg: &Registry) -> Result<u64> {
-    let (kvs, rev) = reg.store().range(REGISTRY_PREFIX).await?;
+    let (kvs, rev) = reg.store().range(crate::keyspace::REGISTRY).await?;
     let objs = kvs.iter().map(decode).collect::<Result<Vec<_>>>()?;
     let world = World::from_objects(objs);
     let p = plan(&world, unix_now());
@@ -322,7 +320,7 @@ pub async fn run(reg: Registry, cancel: CancellationToken) {
                 continue;
             }
         };
-        let mut changes = reg.store().watch(REGISTRY_PREFIX, rev);
+        let mut changes = reg.store().watch(crate::keyspace::REGISTRY, rev);
         tokio::select! {
             _ = changes.next() => {
                 tokio::select! {

@@ -28,7 +28,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Store key of the controller leader (under the etcd prefix).
-pub const LEADER_KEY: &str = "/election/controllers";
+pub use crate::keyspace::CONTROLLER_LEADER as LEADER_KEY;
 /// Time-to-live of the leader's lease: how long a dead leader holds on.
 pub const LEASE_TTL: Duration = Duration::from_secs(5);
 /// How often the leader renews its lease.

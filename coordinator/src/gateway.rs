@@ -11,14 +11,12 @@ use skymesh_proto::v1::{
     gateway_server::Gateway, netmap_update::Update, object::Obj,
 };
 use skymesh_proto::validate;
-use skymesh_store::{Compare, Op};
 use tonic::{Request, Response, Status};
 
 use crate::auth::{self, AdminAuth};
 use crate::error::{Error, Result};
-use crate::ipam;
 use crate::netmap::World;
-use crate::registry::{REGISTERED_BY, Registry, decode, encode, kind_prefix, object_key, unix_now};
+use crate::registry::{REGISTERED_BY, Registry, decode, object_key, optimistic, unix_now};
 
 /// Implements [`Gateway`].
 #[derive(Clone)]
@@ -49,84 +47,16 @@ impl GatewayService {
                 "join needs a join token (authorization: Bearer <token>)".into(),
             ));
         };
-        let store = self.reg.store().clone();
-        for _ in 0..16 {
-            let join_kv = auth::check_join_token(store.as_ref(), token, &cluster).await?;
-            let key = object_key(Kind::Cluster, "", &cluster);
-            let Some(cur) = store.get(&key).await? else {
-                return Err(Error::Precondition(format!(
-                    "cluster {cluster:?} does not exist"
-                )));
-            };
-            let Some(Obj::Cluster(mut c)) = decode(&cur)?.obj else {
-                return Err(Error::Internal(format!("{key} does not hold a cluster")));
-            };
-            let mut st = c.status.take().unwrap_or_default();
-            if !st.public_key.is_empty() && st.public_key != req.public_key {
-                tracing::warn!(%cluster, "refused join with a different key");
-                return Err(Error::PermissionDenied(format!(
-                    "cluster {cluster:?} already joined with another public key; delete and re-create the cluster to change its key"
-                )));
-            }
-            let mut compares = vec![
-                Compare::ModRevision(join_kv.key.clone(), join_kv.mod_revision),
-                Compare::ModRevision(key.clone(), cur.mod_revision),
-            ];
-            let mut ops = vec![Op::Delete {
-                key: join_kv.key.clone(),
-            }];
-            if st.overlay_ip.is_empty() {
-                st.overlay_ip = self
-                    .reg
-                    .allocate_overlay(&cluster, &mut ops, &mut compares)
-                    .await?
-                    .to_string();
-            }
-            // A pre-shared key for every pair with a joined cluster.
-            let (others, _) = store.range(&kind_prefix(Kind::Cluster, None)).await?;
-            for kv in &others {
-                let Some(Obj::Cluster(o)) = decode(kv)?.obj else {
-                    continue;
-                };
-                let name = o
-                    .metadata
-                    .as_ref()
-                    .map(|m| m.name.clone())
-                    .unwrap_or_default();
-                let joined = o.status.as_ref().is_some_and(|s| !s.public_key.is_empty());
-                if name == cluster || !joined {
-                    continue;
-                }
-                let pk = ipam::psk_key(&cluster, &name);
-                if store.get(&pk).await?.is_none() {
-                    compares.push(Compare::Absent(pk.clone()));
-                    ops.push(Op::Put {
-                        key: pk,
-                        value: ipam::random_secret().to_vec(),
-                    });
-                }
-            }
-            st.public_key = req.public_key.clone();
-            st.endpoint = req.endpoint.clone();
-            st.phase = ClusterPhase::Ready as i32;
-            st.last_seen = unix_now();
-            c.status = Some(st.clone());
-            let credential = auth::new_cluster_credential(&cluster, &mut ops);
-            ops.push(Op::Put {
-                key,
-                value: encode(&Object::from(c)),
-            });
-            if store.txn(compares, ops).await?.succeeded {
-                tracing::info!(%cluster, overlay_ip = %st.overlay_ip, endpoint = %st.endpoint, "cluster joined");
-                return Ok(JoinResponse {
-                    credential,
-                    overlay_ip: st.overlay_ip,
-                    overlay_cidr: self.reg.overlay_cidr().to_string(),
-                    service_cidr: self.reg.service_cidr().to_string(),
-                });
-            }
-        }
-        Err(Error::Internal("join lost too many races; retry".into()))
+        let joined = self
+            .reg
+            .join(&cluster, token, &req.public_key, &req.endpoint)
+            .await?;
+        Ok(JoinResponse {
+            credential: joined.credential,
+            overlay_ip: joined.overlay_ip,
+            overlay_cidr: self.reg.overlay_cidr().to_string(),
+            service_cidr: self.reg.service_cidr().to_string(),
+        })
     }
 
     async fn report(&self, req: StatusReport) -> Result<()> {
@@ -134,16 +64,17 @@ impl GatewayService {
         if !req.endpoint.is_empty() {
             validate::endpoint("endpoint", &req.endpoint)?;
         }
-        let key = object_key(Kind::Cluster, "", &cluster);
-        for _ in 0..16 {
-            let Some(cur) = self.reg.store().get(&key).await? else {
+        let key = &object_key(Kind::Cluster, "", &cluster);
+        let (cluster, req) = (cluster.as_str(), &req);
+        optimistic(key, move |_| async move {
+            let Some(cur) = self.reg.store().get(key).await? else {
                 return Err(Error::Precondition(format!(
                     "cluster {cluster:?} does not exist"
                 )));
             };
             let mut o = decode(&cur)?;
             let Some(Obj::Cluster(c)) = o.obj.as_mut() else {
-                break;
+                return Ok(Some(()));
             };
             let st = c.status.get_or_insert_with(Default::default);
             st.peers = req.peers.clone();
@@ -157,16 +88,18 @@ impl GatewayService {
                 .reg
                 .write_if_unchanged(&o, cur.mod_revision)
                 .await?
-                .is_some()
+                .is_none()
             {
-                if moved {
-                    tracing::info!(%cluster, endpoint = %req.endpoint, "gateway endpoint changed");
-                }
-                break;
+                return Ok(None);
             }
-        }
+            if moved {
+                tracing::info!(%cluster, endpoint = %req.endpoint, "gateway endpoint changed");
+            }
+            Ok(Some(()))
+        })
+        .await?;
         for h in &req.jobs {
-            self.set_job_ready(&cluster, h).await?;
+            self.set_job_ready(cluster, h).await?;
         }
         Ok(())
     }
@@ -182,13 +115,14 @@ impl GatewayService {
             &validate::name("namespace", ns)?,
             &validate::name("name", &h.name)?,
         );
-        for _ in 0..16 {
-            let Some(cur) = self.reg.store().get(&key).await? else {
-                return Ok(());
+        let key = &key;
+        optimistic(key, move |_| async move {
+            let Some(cur) = self.reg.store().get(key).await? else {
+                return Ok(Some(()));
             };
             let mut o = decode(&cur)?;
             let Some(Obj::Job(j)) = o.obj.as_mut() else {
-                return Ok(());
+                return Ok(Some(()));
             };
             if j.spec.as_ref().is_none_or(|s| s.cluster != cluster) {
                 return Err(Error::PermissionDenied(format!(
@@ -198,19 +132,16 @@ impl GatewayService {
             }
             let st = j.status.get_or_insert_with(Default::default);
             if st.ready == h.ready {
-                return Ok(());
+                return Ok(Some(()));
             }
             st.ready = h.ready;
-            if self
+            Ok(self
                 .reg
                 .write_if_unchanged(&o, cur.mod_revision)
                 .await?
-                .is_some()
-            {
-                return Ok(());
-            }
-        }
-        Ok(())
+                .map(|_| ()))
+        })
+        .await
     }
 
     async fn sync_jobs(&self, req: SyncJobsRequest) -> Result<SyncJobsResponse> {

@@ -13,12 +13,9 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use rand::RngCore as _;
 
-/// Key prefix of overlay IP allocations.
-pub const OVERLAY_PREFIX: &str = "/ipam/overlay/";
-/// Key prefix of service VIP allocations.
-pub const VIP_PREFIX: &str = "/ipam/vip/";
-/// Key prefix of per-pair pre-shared keys.
-pub const PSK_PREFIX: &str = "/psk/";
+use crate::keyspace::PSKS as PSK_PREFIX;
+#[cfg(test)]
+use crate::keyspace::VIPS as VIP_PREFIX;
 
 /// The lowest usable host address of `pool` not in `used`, or `None` when
 /// the pool is exhausted. Network and broadcast addresses are never handed

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`registry`]: create/get/list/update/delete/watch of objects over the store.
+//! - [`keyspace`]: every store key and prefix.
 //! - [`ipam`]: overlay IPs, service VIPs, pair keys (pure choice; store txns make it stick).
 //! - [`auth`]: admin token, join tokens, cluster credentials (hashed).
 //! - [`tls`]: the mesh CA and the server certificate.
@@ -22,6 +23,7 @@ pub mod error;
 pub mod files;
 pub mod gateway;
 pub mod ipam;
+pub mod keyspace;
 pub mod netmap;
 pub mod registry;
 pub mod server;

@@ -12,12 +12,8 @@ use skymesh_proto::v1::{
 use skymesh_store::{Event, EventKind, KeyValue};
 
 use crate::ipam;
-use crate::registry::{REGISTRY_PREFIX, decode};
-
-const CLUSTERS: &str = "/registry/clusters/";
-const SERVICES: &str = "/registry/services/";
-const ENDPOINTS: &str = "/registry/endpoints/";
-const JOBS: &str = "/registry/jobs/";
+use crate::keyspace::{CLUSTERS, ENDPOINTS, JOBS, PSKS, REGISTRY, SERVICES};
+use crate::registry::decode;
 
 /// The keys a netmap is built from (objects and PSKs), kept current by
 /// applying store events.
@@ -28,7 +24,7 @@ pub struct World {
 
 /// Whether a key matters to netmaps.
 pub fn relevant(key: &str) -> bool {
-    key.starts_with(REGISTRY_PREFIX) || key.starts_with(ipam::PSK_PREFIX)
+    key.starts_with(REGISTRY) || key.starts_with(PSKS)
 }
 
 impl World {
@@ -162,7 +158,7 @@ impl World {
             if let Some(c) = key.strip_prefix(CLUSTERS) {
                 touched_clusters.insert(c);
             }
-            if key.starts_with(CLUSTERS) || key.starts_with(ipam::PSK_PREFIX) {
+            if key.starts_with(CLUSTERS) || key.starts_with(PSKS) {
                 peers_touched = true;
                 continue;
             }
@@ -255,7 +251,7 @@ fn o_name(c: &Cluster) -> String {
 
 /// `(namespace, name)` of a namespaced object key.
 fn namespaced(key: &str) -> Option<(&str, &str)> {
-    let rest = key.strip_prefix(REGISTRY_PREFIX)?;
+    let rest = key.strip_prefix(REGISTRY)?;
     let mut parts = rest.splitn(3, '/');
     let _kind = parts.next()?;
     Some((parts.next()?, parts.next()?))

@@ -10,6 +10,7 @@
 //! read. This module knows nothing of gRPC.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -28,12 +29,10 @@ use skymesh_store::{Compare, EventKind, KeyValue, Op, Store};
 use crate::auth;
 use crate::error::{Error, Result};
 use crate::ipam;
+use crate::keyspace;
 
-/// Prefix of every object key.
-pub const REGISTRY_PREFIX: &str = "/registry/";
-/// Bumped by every write that changes the set of clusters or their CIDRs,
-/// so overlap checks are serialised across writers.
-const CLUSTERS_GENERATION_KEY: &str = "/meta/clusters-generation";
+pub use crate::keyspace::{kind_prefix, object_key, plural};
+
 /// Annotation marking Endpoints kept by the endpoints controller.
 pub const MANAGED_BY: &str = "skymesh.io/managed-by";
 /// Value of [`MANAGED_BY`] for controller-made Endpoints.
@@ -48,34 +47,6 @@ pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
-fn plural(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Unspecified => "unknown",
-        Kind::Namespace => "namespaces",
-        Kind::Cluster => "clusters",
-        Kind::Job => "jobs",
-        Kind::Service => "services",
-        Kind::Endpoints => "endpoints",
-    }
-}
-
-/// Store key of an object.
-pub fn object_key(kind: Kind, namespace: &str, name: &str) -> String {
-    if kind.namespaced() {
-        format!("{REGISTRY_PREFIX}{}/{namespace}/{name}", plural(kind))
-    } else {
-        format!("{REGISTRY_PREFIX}{}/{name}", plural(kind))
-    }
-}
-
-/// Key prefix of a kind, within one namespace when given.
-pub fn kind_prefix(kind: Kind, namespace: Option<&str>) -> String {
-    match namespace {
-        Some(ns) if kind.namespaced() => format!("{REGISTRY_PREFIX}{}/{ns}/", plural(kind)),
-        _ => format!("{REGISTRY_PREFIX}{}/", plural(kind)),
-    }
 }
 
 /// Decodes a stored object and fills in its resource version.
@@ -184,6 +155,15 @@ impl Txn {
     }
 }
 
+/// What a successful [`Registry::join`] hands the gateway.
+#[derive(Debug)]
+pub struct Joined {
+    /// The cluster credential (only its hash is stored).
+    pub credential: String,
+    /// The gateway's overlay address.
+    pub overlay_ip: String,
+}
+
 /// The object registry.
 #[derive(Clone)]
 pub struct Registry {
@@ -284,9 +264,9 @@ impl Registry {
             m.resource_version = 0;
         }
         reset_status(&mut obj);
-        let key = object_key(kind, obj.namespace(), obj.name());
-        for attempt in 0..MAX_ATTEMPTS {
-            backoff(attempt).await;
+        let key = &object_key(kind, obj.namespace(), obj.name());
+        let obj = &obj;
+        optimistic(key, move |attempt| async move {
             let mut txn = Txn {
                 retry: attempt > 0,
                 ..Default::default()
@@ -327,20 +307,21 @@ impl Registry {
                     name = obj.name(),
                     "created"
                 );
-                return Ok(Created {
+                return Ok(Some(Created {
                     object: obj,
                     join_token,
-                });
+                }));
             }
-            if self.store.get(&key).await?.is_some() {
+            if self.store.get(key).await?.is_some() {
                 return Err(Error::AlreadyExists {
                     kind: kind.singular(),
                     namespace: obj.namespace().to_string(),
                     name: obj.name().to_string(),
                 });
             }
-        }
-        Err(contention(&key))
+            Ok(None)
+        })
+        .await
     }
 
     /// Replaces the user-written part of an object if `resource_version`
@@ -357,10 +338,10 @@ impl Registry {
             }
             .into());
         }
-        let key = object_key(kind, obj.namespace(), obj.name());
-        for attempt in 0..MAX_ATTEMPTS {
-            backoff(attempt).await;
-            let Some(cur) = self.store.get(&key).await? else {
+        let key = &object_key(kind, obj.namespace(), obj.name());
+        let obj = &obj;
+        optimistic(key, move |attempt| async move {
+            let Some(cur) = self.store.get(key).await? else {
                 return Err(not_found(kind, obj.namespace(), obj.name()));
             };
             if cur.mod_revision != given {
@@ -397,14 +378,15 @@ impl Registry {
                 },
             );
             let r = self.store.txn(txn.compares, txn.ops).await?;
-            if r.succeeded {
-                if let Some(m) = new.meta_mut() {
-                    m.resource_version = r.revision;
-                }
-                return Ok(new);
+            if !r.succeeded {
+                return Ok(None);
             }
-        }
-        Err(contention(&key))
+            if let Some(m) = new.meta_mut() {
+                m.resource_version = r.revision;
+            }
+            Ok(Some(new))
+        })
+        .await
     }
 
     /// Writes a system-owned change (status, annotations) to an object read
@@ -453,28 +435,29 @@ impl Registry {
     /// credentials and jobs). Returns the deleted object.
     pub async fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Result<Object> {
         let (ns, name) = normalise_ref(kind, namespace, name)?;
-        let key = object_key(kind, &ns, &name);
-        for attempt in 0..MAX_ATTEMPTS {
-            backoff(attempt).await;
-            let Some(cur) = self.store.get(&key).await? else {
-                return Err(not_found(kind, &ns, &name));
+        let key = &object_key(kind, &ns, &name);
+        let (ns, name) = (ns.as_str(), name.as_str());
+        optimistic(key, move |_| async move {
+            let Some(cur) = self.store.get(key).await? else {
+                return Err(not_found(kind, ns, name));
             };
             let obj = decode(&cur)?;
             let mut txn = Txn::default();
             txn.pin(&cur);
             txn.delete(key.clone());
             match obj.obj.as_ref() {
-                Some(Obj::Namespace(_)) => self.check_namespace_empty(&name).await?,
+                Some(Obj::Namespace(_)) => self.check_namespace_empty(name).await?,
                 Some(Obj::Service(s)) => self.release_service(s, &mut txn).await?,
-                Some(Obj::Cluster(_)) => self.release_cluster(&name, &mut txn).await?,
+                Some(Obj::Cluster(_)) => self.release_cluster(name, &mut txn).await?,
                 _ => {}
             }
-            if self.store.txn(txn.compares, txn.ops).await?.succeeded {
-                tracing::info!(kind = kind.singular(), namespace = %ns, name = %name, "deleted");
-                return Ok(obj);
+            if !self.store.txn(txn.compares, txn.ops).await?.succeeded {
+                return Ok(None);
             }
-        }
-        Err(contention(&key))
+            tracing::info!(kind = kind.singular(), namespace = %ns, name = %name, "deleted");
+            Ok(Some(obj))
+        })
+        .await
     }
 
     /// Watches a kind: every change after `resource_version` (or, from 0,
@@ -664,7 +647,7 @@ impl Registry {
         if !validate::service_type_has_vip(ty) {
             status.cluster_ip.clear();
             if let Some(ip) = old_vip {
-                txn.delete(ipam::alloc_key(ipam::VIP_PREFIX, ip));
+                txn.delete(ipam::alloc_key(keyspace::VIPS, ip));
             }
             return Ok(());
         }
@@ -678,33 +661,89 @@ impl Registry {
             s.metadata.as_ref().map_or("", |m| m.name.as_str())
         );
         let ip = self
-            .allocate(ipam::VIP_PREFIX, self.services, "service", &owner, txn)
+            .allocate(keyspace::VIPS, self.services, "service", &owner, txn)
             .await?;
         status.cluster_ip = ip.to_string();
         Ok(())
     }
 
-    /// Picks the first free address of `pool` and adds its allocation to
-    /// `txn`.
-    pub(crate) async fn allocate_overlay(
+    /// Joins a cluster's gateway with a join token: checks the token
+    /// (single use: deleted in the same transaction), pins the gateway's
+    /// public key to the cluster (a second join with another key is
+    /// refused), allocates its overlay IP and a pre-shared key for every
+    /// pair with a joined cluster, and issues its credential.
+    pub async fn join(
         &self,
-        owner: &str,
-        ops: &mut Vec<Op>,
-        compares: &mut Vec<Compare>,
-    ) -> Result<Ipv4Addr> {
-        let mut txn = Txn::default();
-        let ip = self
-            .allocate(
-                ipam::OVERLAY_PREFIX,
-                self.overlay,
-                "overlay",
-                owner,
-                &mut txn,
-            )
-            .await?;
-        ops.extend(txn.ops);
-        compares.extend(txn.compares);
-        Ok(ip)
+        cluster: &str,
+        token: &str,
+        public_key: &str,
+        endpoint: &str,
+    ) -> Result<Joined> {
+        let key = &object_key(Kind::Cluster, "", cluster);
+        optimistic(key, move |attempt| async move {
+            let join_kv = auth::check_join_token(self.store.as_ref(), token, cluster).await?;
+            let Some(cur) = self.store.get(key).await? else {
+                return Err(Error::Precondition(format!(
+                    "cluster {cluster:?} does not exist"
+                )));
+            };
+            let Some(Obj::Cluster(mut c)) = decode(&cur)?.obj else {
+                return Err(Error::Internal(format!("{key} does not hold a cluster")));
+            };
+            let mut st = c.status.take().unwrap_or_default();
+            if !st.public_key.is_empty() && st.public_key != public_key {
+                tracing::warn!(%cluster, "refused join with a different key");
+                return Err(Error::PermissionDenied(format!(
+                    "cluster {cluster:?} already joined with another public key; delete and re-create the cluster to change its key"
+                )));
+            }
+            let mut txn = Txn {
+                retry: attempt > 0,
+                ..Default::default()
+            };
+            txn.pin(&join_kv);
+            txn.pin(&cur);
+            txn.delete(join_kv.key.clone());
+            if st.overlay_ip.is_empty() {
+                st.overlay_ip = self
+                    .allocate(keyspace::OVERLAY_IPS, self.overlay, "overlay", cluster, &mut txn)
+                    .await?
+                    .to_string();
+            }
+            // A pre-shared key for every pair with a joined cluster.
+            let (others, _) = self.store.range(keyspace::CLUSTERS).await?;
+            for kv in &others {
+                let Some(Obj::Cluster(o)) = decode(kv)?.obj else {
+                    continue;
+                };
+                let joined = o.status.as_ref().is_some_and(|s| !s.public_key.is_empty());
+                if c_name(&o) == cluster || !joined {
+                    continue;
+                }
+                let pk = ipam::psk_key(cluster, c_name(&o));
+                if self.store.get(&pk).await?.is_none() {
+                    txn.compares.push(Compare::Absent(pk.clone()));
+                    txn.put(pk, ipam::random_secret().to_vec());
+                }
+            }
+            st.public_key = public_key.to_string();
+            st.endpoint = endpoint.to_string();
+            st.phase = ClusterPhase::Ready as i32;
+            st.last_seen = unix_now();
+            let overlay_ip = st.overlay_ip.clone();
+            c.status = Some(st);
+            let credential = auth::new_cluster_credential(cluster, &mut txn.ops);
+            txn.put(key.clone(), encode(&Object::from(c)));
+            if !self.store.txn(txn.compares, txn.ops).await?.succeeded {
+                return Ok(None);
+            }
+            tracing::info!(%cluster, %overlay_ip, %endpoint, "cluster joined");
+            Ok(Some(Joined {
+                credential,
+                overlay_ip,
+            }))
+        })
+        .await
     }
 
     async fn allocate(
@@ -740,14 +779,14 @@ impl Registry {
     /// Refuses workload CIDRs that overlap another cluster's or the overlay
     /// or service CIDR; serialises with other cluster writes.
     async fn check_cluster_cidrs(&self, c: &Cluster, txn: &mut Txn) -> Result<()> {
-        let generation = self.store.get(CLUSTERS_GENERATION_KEY).await?;
+        let generation = self.store.get(keyspace::CLUSTERS_GENERATION).await?;
         match &generation {
             Some(kv) => txn.pin(kv),
             None => txn
                 .compares
-                .push(Compare::Absent(CLUSTERS_GENERATION_KEY.into())),
+                .push(Compare::Absent(keyspace::CLUSTERS_GENERATION.into())),
         }
-        txn.put(CLUSTERS_GENERATION_KEY.into(), Vec::new());
+        txn.put(keyspace::CLUSTERS_GENERATION.into(), Vec::new());
         let me = c_name(c);
         let mine = cluster_cidrs(c);
         for (i, net) in mine.iter().enumerate() {
@@ -813,7 +852,7 @@ impl Registry {
             .as_ref()
             .and_then(|st| st.cluster_ip.parse::<Ipv4Addr>().ok())
         {
-            txn.delete(ipam::alloc_key(ipam::VIP_PREFIX, ip));
+            txn.delete(ipam::alloc_key(keyspace::VIPS, ip));
         }
         let m = s.metadata.clone().unwrap_or_default();
         let ep_key = object_key(Kind::Endpoints, &m.namespace, &m.name);
@@ -828,11 +867,11 @@ impl Registry {
     }
 
     async fn release_cluster(&self, name: &str, txn: &mut Txn) -> Result<()> {
-        let (allocs, _) = self.store.range(ipam::OVERLAY_PREFIX).await?;
+        let (allocs, _) = self.store.range(keyspace::OVERLAY_IPS).await?;
         for kv in allocs.iter().filter(|kv| kv.value == name.as_bytes()) {
             txn.delete(kv.key.clone());
         }
-        let (psks, _) = self.store.range(ipam::PSK_PREFIX).await?;
+        let (psks, _) = self.store.range(keyspace::PSKS).await?;
         for kv in psks
             .iter()
             .filter(|kv| ipam::psk_peer(&kv.key, name).is_some())
@@ -849,11 +888,11 @@ impl Registry {
                 txn.delete(kv.key.clone());
             }
         }
-        let generation = self.store.get(CLUSTERS_GENERATION_KEY).await?;
+        let generation = self.store.get(keyspace::CLUSTERS_GENERATION).await?;
         if let Some(kv) = &generation {
             txn.pin(kv);
         }
-        txn.put(CLUSTERS_GENERATION_KEY.into(), Vec::new());
+        txn.put(keyspace::CLUSTERS_GENERATION.into(), Vec::new());
         Ok(())
     }
 }
@@ -897,6 +936,25 @@ fn invalid(field: &str, rule: &str) -> Error {
         rule: rule.into(),
     }
     .into()
+}
+
+/// Runs one optimistic transaction until it commits. `attempt(n)` (`n` = 0
+/// on the first try) reads what it needs, builds its compares and writes,
+/// and returns `Ok(Some(v))` once the store took them, `Ok(None)` when it
+/// lost a race (it is called again after a short random pause), or an
+/// error that ends the write. After [`MAX_ATTEMPTS`] lost races: a
+/// contention error naming `key`.
+pub(crate) async fn optimistic<T, F>(key: &str, mut attempt: impl FnMut(usize) -> F) -> Result<T>
+where
+    F: Future<Output = Result<Option<T>>>,
+{
+    for n in 0..MAX_ATTEMPTS {
+        backoff(n).await;
+        if let Some(v) = attempt(n).await? {
+            return Ok(v);
+        }
+    }
+    Err(contention(key))
 }
 
 /// Before retry `attempt` (0 = first try, no wait): a short random pause

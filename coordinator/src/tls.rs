@@ -29,11 +29,10 @@ use skymesh_store::{Compare, Op, Store};
 
 use crate::error::{Error, Result};
 use crate::files::write_atomic;
+use crate::keyspace;
 
 /// The CA's private key in the data dir.
 pub const CA_KEY_FILE: &str = "ca.key";
-/// Where a shared store keeps the mesh's CA (certificate and key, PEM).
-const CA_STORE_KEY: &str = "/tls/ca";
 /// How long a generated CA is valid.
 const CA_VALIDITY: time::Duration = time::Duration::days(3650);
 /// How long a server certificate is valid (it is reissued at every start).
@@ -200,9 +199,10 @@ async fn mesh_ca(store: &dyn Store, data_dir: &Path, shared: bool) -> Result<Ca>
         tracing::info!(fingerprint = %Fingerprint::of(&ca.der()?), dir = %data_dir.display(), "created the mesh CA");
         return Ok(ca);
     }
-    if let Some(kv) = store.get(CA_STORE_KEY).await? {
-        let ca = Ca::decode(&kv.value)
-            .ok_or_else(|| Error::Internal(format!("corrupt CA record at {CA_STORE_KEY}")))?;
+    if let Some(kv) = store.get(keyspace::MESH_CA).await? {
+        let ca = Ca::decode(&kv.value).ok_or_else(|| {
+            Error::Internal(format!("corrupt CA record at {}", keyspace::MESH_CA))
+        })?;
         adopt(data_dir, local.as_ref(), &ca)?;
         return Ok(ca);
     }
@@ -212,9 +212,9 @@ async fn mesh_ca(store: &dyn Store, data_dir: &Path, shared: bool) -> Result<Ca>
     };
     let r = store
         .txn(
-            vec![Compare::Absent(CA_STORE_KEY.into())],
+            vec![Compare::Absent(keyspace::MESH_CA.into())],
             vec![Op::Put {
-                key: CA_STORE_KEY.into(),
+                key: keyspace::MESH_CA.into(),
                 value: candidate.encode(),
             }],
         )
@@ -225,11 +225,11 @@ async fn mesh_ca(store: &dyn Store, data_dir: &Path, shared: bool) -> Result<Ca>
     } else {
         // Another replica put its CA there first.
         let kv = store
-            .get(CA_STORE_KEY)
+            .get(keyspace::MESH_CA)
             .await?
-            .ok_or_else(|| Error::Internal(format!("{CA_STORE_KEY} vanished")))?;
+            .ok_or_else(|| Error::Internal(format!("{} vanished", keyspace::MESH_CA)))?;
         Ca::decode(&kv.value)
-            .ok_or_else(|| Error::Internal(format!("corrupt CA record at {CA_STORE_KEY}")))?
+            .ok_or_else(|| Error::Internal(format!("corrupt CA record at {}", keyspace::MESH_CA)))?
     };
     write_local_ca(data_dir, &ca)?;
     Ok(ca)
