@@ -13,7 +13,7 @@ use ipnet::Ipv4Net;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::core::lb::{Health, Lb, LbConfig, LbTable};
+use crate::core::lb::{Health, Lb, LbConfig, LbTable, routable};
 use crate::core::node::Node;
 use crate::io::{control, device, health, metrics, nodeport, tun, uapi};
 use crate::state::NetState;
@@ -316,9 +316,14 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
             .with_context(|| format!("failed to start DNS on --dns-listen {addr}"))?;
         tracing::info!(addr = %handle.local_addr(), "DNS listening");
         tasks.spawn(dns_done);
-        let (rx, jobs, c) = (nm_rx.clone(), jobs_rx.clone(), cancel.clone());
+        let (rx, peers, jobs, c) = (
+            nm_rx.clone(),
+            peers_rx.clone(),
+            jobs_rx.clone(),
+            cancel.clone(),
+        );
         tasks.spawn(async move {
-            feed_dns(handle, rx, jobs, c).await;
+            feed_dns(handle, rx, peers, jobs, c).await;
             Ok(())
         });
     }
@@ -385,13 +390,28 @@ async fn spawn_dns(
     Ok((started?, done))
 }
 
-/// The DNS view of a netmap: its services and endpoints, and the local jobs
+/// The DNS view of a netmap: its services, its endpoints with only the
+/// addresses the balancer would route ([`routable`]: none behind a gateway
+/// that is down, none outside its cluster's CIDRs), and the local jobs
 /// failing their health checks (known here before the coordinator).
-pub fn dns_view(s: &NetState, jobs: &health::JobReadiness) -> skymesh_dns::MeshView {
+pub fn dns_view(
+    s: &NetState,
+    health: &Health,
+    jobs: &health::JobReadiness,
+) -> skymesh_dns::MeshView {
+    let mut endpoints: Vec<_> = s.endpoints.values().cloned().collect();
+    for e in &mut endpoints {
+        for c in e.status.iter_mut().flat_map(|st| st.clusters.iter_mut()) {
+            c.addresses.retain(|a| {
+                a.ip.parse()
+                    .is_ok_and(|ip| routable(s, health, &c.cluster, ip))
+            });
+        }
+    }
     skymesh_dns::MeshView {
         cluster: s.cluster.clone(),
         services: s.services.values().cloned().collect(),
-        endpoints: s.endpoints.values().cloned().collect(),
+        endpoints,
         local_unready: jobs
             .iter()
             .filter(|(_, ready)| !**ready)
@@ -409,15 +429,19 @@ pub fn dns_view(s: &NetState, jobs: &health::JobReadiness) -> skymesh_dns::MeshV
 async fn feed_dns(
     handle: skymesh_dns::DnsHandle,
     mut nm: watch::Receiver<Arc<NetState>>,
+    mut peers: watch::Receiver<BTreeMap<String, health::PeerHealth>>,
     mut jobs: watch::Receiver<health::JobReadiness>,
     cancel: CancellationToken,
 ) {
     loop {
-        let view = dns_view(&nm.borrow_and_update(), &jobs.borrow_and_update());
+        let jobs_now = jobs.borrow_and_update().clone();
+        let health = lb_health(&peers.borrow_and_update(), &jobs_now);
+        let view = dns_view(&nm.borrow_and_update(), &health, &jobs_now);
         handle.update(&view);
         tokio::select! {
             () = cancel.cancelled() => return,
             r = nm.changed() => if r.is_err() { return },
+            r = peers.changed() => if r.is_err() { return },
             r = jobs.changed() => if r.is_err() { return },
         }
     }

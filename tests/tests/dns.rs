@@ -378,3 +378,62 @@ fn recursion_only_for_local_clients() {
     );
     drop(dnsmasq);
 }
+
+/// SPEC §6: answers hold only addresses the balancer would route. When
+/// cluster c3's gateway dies, c1's headless answer drops c3's replica
+/// within 5 s (c1's peer probes mark c3 down), without waiting for the
+/// coordinator, which still lists it.
+#[test]
+fn a_dead_gateways_replicas_leave_headless_answers() {
+    let mut mesh = Mesh::start(3, 1).unwrap();
+    mesh.sky(&["create", "service", "hl", "-t", "Headless", "-s", "app=hl"])
+        .unwrap();
+    for i in 1..=3 {
+        let ip = mesh.topo.app_ip(i, 1).to_string();
+        mesh.sky(&[
+            "create",
+            "job",
+            &format!("hl-{i}"),
+            "--cluster",
+            &format!("c{i}"),
+            "--ip",
+            &ip,
+            "-l",
+            "app=hl",
+        ])
+        .unwrap();
+    }
+    let all: Vec<String> = (1..=3)
+        .map(|i| mesh.topo.app_ip(i, 1).to_string())
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || short(
+            &mesh,
+            1,
+            "hl.default.svc",
+            "A"
+        ) == all),
+        "{:?}",
+        short(&mesh, 1, "hl.default.svc", "A")
+    );
+    mesh.stop_meshd(3);
+    let t0 = Instant::now();
+    let rest = all[..2].to_vec();
+    assert!(
+        wait_until(Duration::from_secs(5), || short(
+            &mesh,
+            1,
+            "hl.default.svc",
+            "A"
+        ) == rest),
+        "c3's replica still answered after 5 s: {:?}",
+        short(&mesh, 1, "hl.default.svc", "A")
+    );
+    eprintln!(
+        "gateway c3 killed -> its replica gone from c1's answer in {:?}",
+        t0.elapsed()
+    );
+    // The coordinator has not noticed yet: the endpoints still list it.
+    let eps = mesh.sky(&["get", "endpoints", "hl", "-o", "wide"]).unwrap();
+    eprintln!("coordinator's endpoints meanwhile: {eps}");
+}

@@ -56,7 +56,7 @@ use nat::{FiveTuple, Flow, FragKey, FragTable, InsertError, Inside, NatTable, Ou
 pub use packet::Proto;
 use packet::{IcmpError, Ipv4Hdr, L4, ParseError};
 pub use stats::{LbDrop, LbReply, LbStats, ServiceStats};
-pub use table::{Backend, Health, LbConfig, LbTable, VipService};
+pub use table::{Backend, Health, LbConfig, LbTable, VipService, routable};
 
 /// Tuning: how often [`Lb::handle_timeout`] sweeps expired state. Lookups
 /// check expiry themselves, so this only bounds how long memory and SNAT

@@ -239,14 +239,11 @@ fn vip_service(
                 continue;
             };
             visible += 1;
-            let healthy = if local {
-                !health
+            let healthy = !local
+                || !health
                     .local_unready
-                    .contains(&(ns.to_owned(), a.job.clone()))
-            } else {
-                !health.peers_down.contains(&c.cluster) && routed_to(state, &c.cluster, ip)
-            };
-            if a.ready && healthy {
+                    .contains(&(ns.to_owned(), a.job.clone()));
+            if a.ready && healthy && routable(state, health, &c.cluster, ip) {
                 eligible.push(Backend::new(ip, &c.cluster, ns, &a.job, local));
             }
         }
@@ -302,19 +299,31 @@ fn vip_service(
     Some((v, size))
 }
 
-/// Whether the tunnel to `cluster` carries `ip` (its peer's allowed IPs
-/// contain it); otherwise packets to it would be dropped as unroutable.
-fn routed_to(state: &NetState, cluster: &str, ip: Ipv4Addr) -> bool {
-    state.peers.get(cluster).is_some_and(|p| {
-        p.allowed_ips
-            .iter()
-            .filter_map(|a| {
-                a.parse::<Ipv4Net>()
-                    .ok()
-                    .or_else(|| a.parse::<Ipv4Addr>().ok().map(Ipv4Net::from))
-            })
-            .any(|n| n.contains(&ip))
-    })
+/// Whether this gateway can deliver to `ip`, an address of a replica in
+/// `cluster` — the one rule for which addresses the balancer uses and DNS
+/// answers (headless, SRV, `<job>.<svc>`) carry:
+/// - in this cluster: `ip` lies in its own workload CIDRs;
+/// - in another: its gateway is not down (peer probes), and the tunnel to
+///   it carries `ip` (the peer's allowed IPs contain it; otherwise packets
+///   to it would be dropped as unroutable).
+pub fn routable(state: &NetState, health: &Health, cluster: &str, ip: Ipv4Addr) -> bool {
+    let nets: &[String] = if cluster == state.cluster {
+        &state.workload_cidrs
+    } else if health.peers_down.contains(cluster) {
+        return false;
+    } else {
+        match state.peers.get(cluster) {
+            Some(p) => &p.allowed_ips,
+            None => return false,
+        }
+    };
+    nets.iter()
+        .filter_map(|a| {
+            a.parse::<Ipv4Net>()
+                .ok()
+                .or_else(|| a.parse::<Ipv4Addr>().ok().map(Ipv4Net::from))
+        })
+        .any(|n| n.contains(&ip))
 }
 
 #[cfg(test)]
@@ -420,8 +429,33 @@ mod tests {
             },
         );
         s.peers.remove("c2");
+        s.cluster = "c2".into();
+        s.workload_cidrs = vec!["10.2.0.0/16".into()];
         let t = LbTable::build(&s, &c2, &Health::default());
         assert_eq!(ips(&t, vip(1)), ["10.2.0.1", "10.3.0.1"]);
+    }
+
+    #[test]
+    fn routable_is_own_cidrs_here_and_up_tunnels_elsewhere() {
+        let s = mesh();
+        let mut h = Health::default();
+        let ip = |a: &str| a.parse::<Ipv4Addr>().unwrap();
+        assert!(routable(&s, &h, "c1", ip("10.1.3.4")));
+        assert!(
+            !routable(&s, &h, "c1", ip("10.2.3.4")),
+            "outside c1's CIDRs"
+        );
+        assert!(routable(&s, &h, "c2", ip("10.2.3.4")));
+        assert!(
+            !routable(&s, &h, "c2", ip("10.3.3.4")),
+            "c2's tunnel does not carry it"
+        );
+        assert!(!routable(&s, &h, "c9", ip("10.9.0.1")), "no such peer");
+        h.peers_down.insert("c2".into());
+        assert!(
+            !routable(&s, &h, "c2", ip("10.2.3.4")),
+            "c2's gateway is down"
+        );
     }
 
     #[test]

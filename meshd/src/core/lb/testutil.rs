@@ -107,6 +107,7 @@ pub fn endpoints(name: &str, clusters: &[(&str, bool, &[Addr<'_>])]) -> Endpoint
 pub fn mesh() -> NetState {
     let mut s = NetState {
         cluster: "c1".into(),
+        workload_cidrs: vec!["10.1.0.0/16".into()],
         service_cidr: "100.65.0.0/16".into(),
         ..Default::default()
     };
