@@ -438,11 +438,19 @@ async fn feed_dns(
         let health = lb_health(&peers.borrow_and_update(), &jobs_now);
         let view = dns_view(&nm.borrow_and_update(), &health, &jobs_now);
         handle.update(&view);
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            r = nm.changed() => if r.is_err() { return },
-            r = peers.changed() => if r.is_err() { return },
-            r = jobs.changed() => if r.is_err() { return },
+        // Peer health changes every probe (its RTT); the answers change only
+        // when a gateway goes down or comes back.
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                r = nm.changed() => if r.is_err() { return } else { break },
+                r = jobs.changed() => if r.is_err() { return } else { break },
+                r = peers.changed() => if r.is_err() { return },
+            }
+            let now = lb_health(&peers.borrow_and_update(), &jobs.borrow());
+            if now.peers_down != health.peers_down {
+                break;
+            }
         }
     }
 }
