@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use meshd::core::lb::FlowLimits;
 use meshd::run::{Config, run};
 use tokio_util::sync::CancellationToken;
 
@@ -66,6 +67,16 @@ struct Args {
     /// whose offloads misbehave.
     #[arg(long, env = "MESHD_NO_OFFLOAD")]
     no_offload: bool,
+    /// Flows the service balancer tracks at most. When full, the oldest
+    /// flow that never completed (or already closed) makes room.
+    #[arg(long, env = "MESHD_MAX_FLOWS", default_value_t = FlowLimits::default().max_flows as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_flows: u32,
+    /// Flows one client address may hold at most.
+    #[arg(long, env = "MESHD_MAX_FLOWS_PER_SOURCE",
+          default_value_t = FlowLimits::default().max_flows_per_source,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_flows_per_source: u32,
 }
 
 fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
@@ -151,6 +162,11 @@ fn main() -> ExitCode {
         metrics_listen: a.metrics_listen,
         jobs: a.jobs,
         offload: !a.no_offload,
+        flow_limits: FlowLimits {
+            max_flows: a.max_flows as usize,
+            max_flows_per_source: a.max_flows_per_source,
+            ..FlowLimits::default()
+        },
     };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -41,6 +41,8 @@ pub struct Config {
     pub jobs: Option<PathBuf>,
     /// TUN and UDP segmentation offloads (off: one packet per syscall).
     pub offload: bool,
+    /// Bounds on the balancer's flow table (`--max-flows`, ...).
+    pub flow_limits: crate::core::lb::FlowLimits,
 }
 
 /// What the coordinator is verified with: the CA pinned at the first join,
@@ -179,8 +181,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     // Health first: the balancer's table depends on it.
     let (peers_tx, peers_rx) = watch::channel(BTreeMap::new());
     let (jobs_tx, jobs_rx) = watch::channel(BTreeMap::new());
-    let lb_cfg =
-        LbConfig::from_state(&first, rand::random()).context("netmap has no valid service CIDR")?;
+    let lb_cfg = LbConfig::from_state(&first, rand::random(), cfg.flow_limits)
+        .context("netmap has no valid service CIDR")?;
     let (lb_tx, lb_rx) = watch::channel(Arc::new(LbTable::build(
         &first,
         &lb_cfg,

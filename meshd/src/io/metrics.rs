@@ -59,6 +59,7 @@ pub struct Metrics {
     connections: Family<ServiceLabels, Counter>,
     backend_connections: Family<BackendLabels, Counter>,
     active_flows: Gauge,
+    evicted_flows: Counter,
     lb_drops: Family<DropLabels, Counter>,
     lb_replies: Family<DropLabels, Counter>,
 }
@@ -124,6 +125,11 @@ impl Metrics {
             "active_flows",
             "Flows in the VIP flow table",
             m.active_flows.clone(),
+        );
+        r.register(
+            "lb_evicted_flows",
+            "Flows never assured (or closed) evicted from a full flow table to make room",
+            m.evicted_flows.clone(),
         );
         r.register(
             "lb_drops",
@@ -214,7 +220,7 @@ impl Metrics {
         for (svc, st) in &now.lb.services {
             let before = prev.lb.services.get(svc);
             let l = ServiceLabels {
-                service: svc.clone(),
+                service: svc.to_string(),
             };
             Self::advance(
                 &self.connections.get_or_create(&l),
@@ -223,8 +229,8 @@ impl Metrics {
             );
             for (backend, n) in &st.backends {
                 let l = BackendLabels {
-                    service: svc.clone(),
-                    backend: backend.clone(),
+                    service: svc.to_string(),
+                    backend: backend.to_string(),
                 };
                 let b = before
                     .and_then(|b| b.backends.get(backend))
@@ -235,6 +241,11 @@ impl Metrics {
         }
         self.active_flows
             .set(i64::try_from(now.lb.active_flows).unwrap_or(i64::MAX));
+        Self::advance(
+            &self.evicted_flows,
+            prev.lb.evicted_flows,
+            now.lb.evicted_flows,
+        );
         for (reason, n) in &now.lb.drops {
             let l = DropLabels {
                 reason: reason.as_str().to_string(),

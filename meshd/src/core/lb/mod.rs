@@ -29,7 +29,8 @@
 //! # Layout
 //! - `table`: [`LbTable::build`], exposure, visibility, health, policy.
 //! - `maglev`: the pure Maglev table build.
-//! - `nat`: the flow table (Inside/Outside, RFC timeouts, SNAT ports).
+//! - `nat`: the flow table (Inside/Outside, RFC timeouts, SNAT ports,
+//!   conntrack-style flood defences).
 //! - `packet`: parsing, checksums, RST / ICMP builders.
 //! - `hash`: keyed SipHash-1-3.
 
@@ -47,11 +48,14 @@ mod tests;
 #[cfg(test)]
 mod testutil;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lru::LruCache;
+pub use nat::FlowLimits;
 use nat::{FiveTuple, Flow, FragKey, FragTable, InsertError, Inside, NatTable, Outside, Path};
 pub use packet::Proto;
 use packet::{IcmpError, Ipv4Hdr, L4, ParseError};
@@ -102,14 +106,16 @@ struct Counters {
     backends: BTreeMap<Arc<str>, u64>,
 }
 
+type AffinityKey = (Ipv4Addr, Ipv4Addr);
+
 /// The load balancer of one gateway.
 #[derive(Debug)]
 pub struct Lb {
     cfg: LbConfig,
     table: Arc<LbTable>,
     nat: NatTable,
-    /// (VIP, client IP) → pinned backend.
-    affinity: HashMap<(Ipv4Addr, Ipv4Addr), Affinity>,
+    /// (VIP, client IP) → pinned backend, least recently used first out.
+    affinity: LruCache<AffinityKey, Affinity>,
     frags: FragTable<Verdict>,
     counters: BTreeMap<Arc<str>, Counters>,
     drops: BTreeMap<LbDrop, u64>,
@@ -138,11 +144,12 @@ fn answerable(ip: Ipv4Addr) -> bool {
 impl Lb {
     /// A balancer with an empty table.
     pub fn new(cfg: LbConfig) -> Lb {
+        let pins = NonZeroUsize::new(cfg.limits.max_affinities).unwrap_or(NonZeroUsize::MIN);
         Lb {
+            nat: NatTable::new(cfg.limits),
+            affinity: LruCache::new(pins),
             cfg,
             table: Arc::new(LbTable::default()),
-            nat: NatTable::default(),
-            affinity: HashMap::new(),
             frags: FragTable::default(),
             counters: BTreeMap::new(),
             drops: BTreeMap::new(),
@@ -177,10 +184,15 @@ impl Lb {
                         .is_some_and(|b| b.local == (f.path == Path::Local))
             })
         });
-        self.affinity.retain(|(vip, _), a| {
-            t.vip(*vip)
-                .is_some_and(|s| s.candidate(a.backend).is_some())
-        });
+        let stale: Vec<AffinityKey> = self
+            .affinity
+            .iter()
+            .filter(|((vip, _), a)| t.vip(*vip).is_none_or(|s| s.candidate(a.backend).is_none()))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &stale {
+            self.affinity.pop(k);
+        }
         self.table = t;
     }
 
@@ -267,10 +279,7 @@ impl Lb {
         };
         // A local backend answering its SNAT address comes first: its
         // packet is also "to a VIP".
-        if let Some(f) = self.nat.by_reply(tuple, now)
-            && f.path == Path::Local
-        {
-            f.seen_reply(l4.flags, now);
+        if let Some(f) = self.nat.reply(tuple, Path::Local, l4.flags, now) {
             let (src, dst) = (f.inside.0.dst, f.inside.0.src);
             packet::rewrite(packet, &h, Some(src), Some(dst));
             return self.first_fragment(&h, *src.ip(), *dst.ip(), Verdict::ToTun, now);
@@ -302,14 +311,9 @@ impl Lb {
             src: SocketAddrV4::new(h.src, l4.src_port),
             dst: SocketAddrV4::new(h.dst, l4.dst_port),
         };
-        let Some(f) = self
-            .nat
-            .by_reply(tuple, now)
-            .filter(|f| f.path == Path::Remote)
-        else {
+        let Some(f) = self.nat.reply(tuple, Path::Remote, l4.flags, now) else {
             return Verdict::Pass;
         };
-        f.seen_reply(l4.flags, now);
         let src = f.inside.0.dst;
         packet::rewrite(packet, &h, Some(src), None);
         self.first_fragment(&h, *src.ip(), h.dst, Verdict::ToTun, now)
@@ -326,18 +330,13 @@ impl Lb {
         now: Instant,
     ) -> Verdict {
         let inside = Inside(tuple);
-        if let Some(f) = self.nat.get_mut(&inside, now) {
-            // A new SYN on a finished connection is a new connection.
-            if !(tuple.proto == Proto::Tcp && f.is_closed() && nat::is_syn(l4.flags)) {
-                f.seen_outbound(l4.flags, now);
-                let (out, path, affinity) = (f.outside.0, f.path, f.affinity);
-                if affinity {
-                    self.touch_affinity(*tuple.dst.ip(), *tuple.src.ip(), now);
-                }
-                packet::rewrite(packet, h, Some(out.src), Some(out.dst));
-                return self.first_fragment(h, *out.src.ip(), *out.dst.ip(), verdict_of(path), now);
+        if let Some(f) = self.nat.outbound(&inside, l4.flags, now) {
+            let (out, path, affinity) = (f.outside.0, f.path, f.affinity);
+            if affinity {
+                self.touch_affinity(*tuple.dst.ip(), *tuple.src.ip(), now);
             }
-            self.nat.remove(&inside);
+            packet::rewrite(packet, h, Some(out.src), Some(out.dst));
+            return self.first_fragment(h, *out.src.ip(), *out.dst.ip(), verdict_of(path), now);
         }
         let table = self.table.clone();
         let Some(svc) = table.vip(h.dst) else {
@@ -373,9 +372,10 @@ impl Lb {
             Ok(()) => {}
             Err(InsertError::Collision) => return Verdict::Drop(LbDrop::NatCollision),
             Err(InsertError::Full) => return Verdict::Drop(LbDrop::FlowTableFull),
+            Err(InsertError::SourceLimit) => return Verdict::Drop(LbDrop::SourceLimit),
         }
         if let Some(timeout) = svc.affinity {
-            self.affinity.insert(
+            self.affinity.put(
                 (svc.vip, *tuple.src.ip()),
                 Affinity {
                     backend: backend.ip,
@@ -421,7 +421,6 @@ impl Lb {
                 dst,
                 tuple.src.port(),
                 flow_hash >> 32,
-                now,
             );
             if port.is_none() {
                 why = LbDrop::SnatExhausted;
@@ -435,7 +434,7 @@ impl Lb {
             })
         };
         if svc.affinity.is_some()
-            && let Some(a) = self.affinity.get(&(svc.vip, *tuple.src.ip()))
+            && let Some(a) = self.affinity.peek(&(svc.vip, *tuple.src.ip()))
             && a.expires > now
             && let Some(b) = svc.candidate(a.backend)
             && let Some(o) = outside_for(b)
@@ -582,11 +581,7 @@ impl Lb {
             src: e.src,
             dst: e.dst,
         });
-        let Some(f) = self
-            .nat
-            .by_outside_mut(&quoted, now)
-            .filter(|f| f.path == path)
-        else {
+        let Some(f) = self.nat.by_outside(&quoted, now).filter(|f| f.path == path) else {
             return Verdict::Pass;
         };
         let (i, o) = (f.inside.0, f.outside.0);
@@ -614,7 +609,7 @@ impl Lb {
             src: e.dst,
             dst: e.src,
         });
-        let Some(f) = self.nat.get_mut(&inside, now) else {
+        let Some(f) = self.nat.get(&inside, now) else {
             return Verdict::Drop(LbDrop::NoFlow);
         };
         let (o, path) = (f.outside.0, f.path);
@@ -657,7 +652,16 @@ impl Lb {
             return;
         }
         self.nat.expire(now);
-        self.affinity.retain(|_, a| a.expires > now);
+        // Oldest use first: pins past their timeout go from the cold end
+        // (one whose service has a longer timeout stops the walk; lookups
+        // check expiry themselves, and the LRU bound caps the rest).
+        while self
+            .affinity
+            .peek_lru()
+            .is_some_and(|(_, a)| a.expires <= now)
+        {
+            self.affinity.pop_lru();
+        }
         self.frags.expire(now);
         let idle = self.nat.is_empty() && self.affinity.is_empty() && self.frags.is_empty();
         self.next_sweep = (!idle).then_some(now + SWEEP_INTERVAL);
@@ -669,33 +673,29 @@ impl Lb {
         self.next_sweep.map(|t| (t, "lb: expire idle flows"))
     }
 
-    /// Counters for metrics.
+    /// Counters for metrics. Kept as they happen: this copies one entry
+    /// per service, never walks the flows.
     pub fn stats(&self) -> LbStats {
-        let mut services: BTreeMap<String, ServiceStats> = self
+        let active = self.nat.service_flows();
+        let mut services: BTreeMap<Arc<str>, ServiceStats> = self
             .counters
             .iter()
             .map(|(s, c)| {
                 let stats = ServiceStats {
                     connections: c.connections,
-                    active_flows: 0,
-                    backends: c
-                        .backends
-                        .iter()
-                        .map(|(b, n)| (b.to_string(), *n))
-                        .collect(),
+                    active_flows: active.get(s).copied().map_or(0, u64::from),
+                    backends: c.backends.clone(),
                 };
-                (s.to_string(), stats)
+                (s.clone(), stats)
             })
             .collect();
-        for f in self.nat.flows() {
-            services
-                .entry(f.service.to_string())
-                .or_default()
-                .active_flows += 1;
+        for (s, n) in active {
+            services.entry(s.clone()).or_default().active_flows = u64::from(*n);
         }
         LbStats {
             services,
             active_flows: self.nat.len() as u64,
+            evicted_flows: self.nat.evicted(),
             affinities: self.affinity.len() as u64,
             drops: self.drops.clone(),
             replies: self.replies.clone(),

@@ -5,6 +5,7 @@
 //! Must not: count anything itself — [`super::Lb`] does.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Why the balancer dropped a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -26,8 +27,10 @@ pub enum LbDrop {
     NatCollision,
     /// No SNAT port left towards the chosen local backend.
     SnatExhausted,
-    /// The flow table is full.
+    /// The flow table is full of assured flows.
     FlowTableFull,
+    /// The client already holds its share of the flow table.
+    SourceLimit,
     /// An answer (RST / unreachable) was due but over the rate limit.
     RateLimited,
     /// An answer was due to a source that must not get one (broadcast,
@@ -48,6 +51,7 @@ impl LbDrop {
             LbDrop::NatCollision => "nat_collision",
             LbDrop::SnatExhausted => "snat_exhausted",
             LbDrop::FlowTableFull => "flow_table_full",
+            LbDrop::SourceLimit => "source_limit",
             LbDrop::RateLimited => "rate_limited",
             LbDrop::BadSource => "bad_source",
         }
@@ -84,15 +88,17 @@ pub struct ServiceStats {
     /// Flows in the table now.
     pub active_flows: u64,
     /// New flows per backend `cluster/job`.
-    pub backends: BTreeMap<String, u64>,
+    pub backends: BTreeMap<Arc<str>, u64>,
 }
 
 /// The balancer's counters, for metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LbStats {
     /// Per service `namespace/name`.
-    pub services: BTreeMap<String, ServiceStats>,
+    pub services: BTreeMap<Arc<str>, ServiceStats>,
     pub active_flows: u64,
+    /// Flows evicted (not assured, or closed) to make room for new ones.
+    pub evicted_flows: u64,
     /// Client IPs currently pinned by ClientIP affinity.
     pub affinities: u64,
     pub drops: BTreeMap<LbDrop, u64>,

@@ -16,6 +16,7 @@ use skymesh_proto::v1::{Protocol, Service, SessionAffinity, TrafficPolicy};
 use skymesh_proto::validate::service_type_has_vip;
 
 use super::maglev::{self, Maglev};
+use super::nat::FlowLimits;
 use super::packet::Proto;
 use crate::state::NetState;
 
@@ -34,17 +35,24 @@ pub struct LbConfig {
     /// Key of the flow hash. Pick it at random per process
     /// (`rand::random()`) so clients cannot steer flows; fixed in tests.
     pub hash_key: [u64; 2],
+    /// Bounds on the flow table and affinity pins.
+    pub limits: FlowLimits,
 }
 
 impl LbConfig {
     /// The config for the netmap's own cluster and service CIDR; `None`
     /// while the netmap has no valid service CIDR (before the first
     /// snapshot).
-    pub fn from_state(state: &NetState, hash_key: [u64; 2]) -> Option<LbConfig> {
+    pub fn from_state(
+        state: &NetState,
+        hash_key: [u64; 2],
+        limits: FlowLimits,
+    ) -> Option<LbConfig> {
         Some(LbConfig {
             cluster: state.cluster.clone(),
             service_cidr: state.service_cidr.parse::<Ipv4Net>().ok()?.trunc(),
             hash_key,
+            limits,
         })
     }
 }
@@ -347,12 +355,15 @@ mod tests {
 
     #[test]
     fn config_from_the_netmap() {
-        let c = LbConfig::from_state(&mesh(), [1, 2]).unwrap();
+        let c = LbConfig::from_state(&mesh(), [1, 2], FlowLimits::default()).unwrap();
         assert_eq!(
             (c.cluster.as_str(), c.service_cidr.to_string()),
             ("c1", "100.65.0.0/16".into())
         );
-        assert_eq!(LbConfig::from_state(&NetState::default(), [1, 2]), None);
+        assert_eq!(
+            LbConfig::from_state(&NetState::default(), [1, 2], FlowLimits::default()),
+            None
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use etherparse::{Icmpv4Type, TransportHeader};
 use skymesh_proto::v1::{Protocol, TrafficPolicy};
 
-use super::nat::{TCP_ESTABLISHED_IDLE, TCP_TRANSITORY_IDLE, UDP_IDLE};
+use super::nat::{TCP_ESTABLISHED_IDLE, TCP_TRANSITORY_IDLE, UDP_IDLE, UNASSURED_IDLE};
 use super::packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use super::testutil::*;
 use super::*;
@@ -513,28 +513,46 @@ fn flows_expire_on_the_synthetic_clock() {
     let mut lb = lb(&s, &Health::default());
     let t0 = Instant::now();
     assert_eq!(lb.poll_timeout(), None, "nothing tracked");
+    // Answers come back the way the verdict sent the packet.
+    let answer = |lb: &mut Lb, v: Verdict, p: Vec<u8>| {
+        if v == Verdict::ToTun {
+            assert_eq!(out(lb, p, t0).0, Verdict::ToTun);
+        } else {
+            assert_eq!(inb(lb, p, t0).0, Verdict::ToTun);
+        }
+    };
+    // UDP both ways and on: assured.
     let u = sa(CLIENT, 5000);
-    out(&mut lb, udp(u, sa(VIP, 53), b"a"), t0);
-    // TCP opened but never answered: transitory.
+    let (v, p) = out(&mut lb, udp(u, sa(VIP, 53), b"a"), t0);
+    let f = checked(&p);
+    answer(&mut lb, v, udp(f.dst, f.src, b"r"));
+    out(&mut lb, udp(u, sa(VIP, 53), b"b"), t0);
+    // UDP one way only: not assured.
+    out(&mut lb, udp(sa(CLIENT, 5001), sa(VIP, 53), b"a"), t0);
+    // TCP opened but never answered: not assured.
     out(&mut lb, syn(sa(CLIENT, 6000), sa(VIP, 80)), t0);
     // TCP established: SYN, SYN-ACK back, ACK.
     let e = sa(CLIENT, 7000);
     let (v, p) = out(&mut lb, syn(e, sa(VIP, 80)), t0);
     let f = checked(&p);
-    let answer = tcp(f.dst, f.src, TCP_SYN | TCP_ACK, 1, 1001, &[]);
-    if v == Verdict::ToTun {
-        assert_eq!(out(&mut lb, answer, t0).0, Verdict::ToTun);
-    } else {
-        assert_eq!(inb(&mut lb, answer, t0).0, Verdict::ToTun);
-    }
+    answer(
+        &mut lb,
+        v,
+        tcp(f.dst, f.src, TCP_SYN | TCP_ACK, 1, 1001, &[]),
+    );
+    out(&mut lb, tcp(e, sa(VIP, 80), TCP_ACK, 1001, 2, &[]), t0);
     let (deadline, why) = lb.poll_timeout().unwrap();
     assert_eq!(deadline, t0 + SWEEP_INTERVAL);
     assert!(!why.is_empty());
     let active = |lb: &Lb| lb.stats().active_flows;
-    lb.handle_timeout(t0 + TCP_TRANSITORY_IDLE - Duration::from_secs(1));
-    assert_eq!(active(&lb), 3);
-    lb.handle_timeout(t0 + TCP_TRANSITORY_IDLE);
-    assert_eq!(active(&lb), 2, "unanswered SYN gone after 4 min");
+    lb.handle_timeout(t0 + UNASSURED_IDLE - Duration::from_secs(1));
+    assert_eq!(active(&lb), 4);
+    lb.handle_timeout(t0 + UNASSURED_IDLE);
+    assert_eq!(
+        active(&lb),
+        2,
+        "unanswered SYN and one-way UDP gone after 30 s"
+    );
     lb.handle_timeout(t0 + UDP_IDLE);
     assert_eq!(active(&lb), 1, "UDP gone after 5 min");
     lb.handle_timeout(t0 + TCP_ESTABLISHED_IDLE - Duration::from_secs(1));
@@ -542,17 +560,17 @@ fn flows_expire_on_the_synthetic_clock() {
     lb.handle_timeout(t0 + TCP_ESTABLISHED_IDLE);
     assert_eq!(active(&lb), 0);
     assert_eq!(lb.poll_timeout(), None);
-    // Traffic refreshes: a UDP flow used every 4 min never expires.
+    // Traffic refreshes: a one-way UDP flow used every 20 s never expires.
     let t1 = t0 + TCP_ESTABLISHED_IDLE;
     for k in 0..5u32 {
         out(
             &mut lb,
             udp(u, sa(VIP, 53), b"b"),
-            t1 + 4 * k * Duration::from_secs(60),
+            t1 + 20 * k * Duration::from_secs(1),
         );
-        lb.handle_timeout(t1 + (4 * k + 3) * Duration::from_secs(60));
+        lb.handle_timeout(t1 + (20 * k + 19) * Duration::from_secs(1));
     }
-    assert_eq!(lb.stats().services["default/web"].connections, 4);
+    assert_eq!(lb.stats().services["default/web"].connections, 5);
 }
 
 #[test]
@@ -848,4 +866,109 @@ fn icmp_errors_on_the_snat_path_are_translated_both_ways() {
         &mut icmp,
     );
     assert_eq!(out(&mut lb, icmp, now).0, Verdict::Drop(LbDrop::NoFlow));
+}
+
+/// A balancer over `s` with these bounds.
+fn lb_with(s: &crate::state::NetState, limits: FlowLimits) -> Lb {
+    let cfg = LbConfig { limits, ..cfg() };
+    let mut lb = Lb::new(cfg.clone());
+    lb.set_table(Arc::new(LbTable::build(s, &cfg, &Health::default())));
+    lb
+}
+
+/// Opens a connection from `c` to the VIP the way a real client does: SYN,
+/// the backend's SYN-ACK back, the client's ACK. Returns the SYN's verdict.
+fn connect(lb: &mut Lb, c: std::net::SocketAddrV4, now: Instant) -> Verdict {
+    let (v, p) = out(lb, syn(c, sa(VIP, 80)), now);
+    if !matches!(v, Verdict::ToTun | Verdict::ToTunnel) {
+        return v;
+    }
+    let f = checked(&p);
+    let answer = tcp(f.dst, f.src, TCP_SYN | TCP_ACK, 1, 1001, &[]);
+    let back = if v == Verdict::ToTun {
+        out(lb, answer, now).0
+    } else {
+        inb(lb, answer, now).0
+    };
+    assert_eq!(back, Verdict::ToTun, "SYN-ACK to {c} translated back");
+    let (ack, _) = out(lb, tcp(c, sa(VIP, 80), TCP_ACK, 1001, 2, &[]), now);
+    assert_eq!(ack, v, "ACK from {c} follows its flow");
+    v
+}
+
+#[test]
+fn a_spoofed_syn_flood_never_locks_out_real_clients() {
+    let s = web_state(TrafficPolicy::Spread);
+    let limits = FlowLimits {
+        max_flows: 2000,
+        ..FlowLimits::default()
+    };
+    let mut lb = lb_with(&s, limits);
+    let t0 = Instant::now();
+    // Established before the flood.
+    let before = sa(CLIENT, 40_000);
+    assert!(matches!(
+        connect(&mut lb, before, t0),
+        Verdict::ToTun | Verdict::ToTunnel
+    ));
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut now = t0;
+    for second in 0..20u32 {
+        // 20 s of 5,000 spoofed SYNs a second (random source and port),
+        // 2.5 times the table each second.
+        for _ in 0..5000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let src = sa(
+                Ipv4Addr::from((rng >> 32) as u32 | 0x0a00_0000),
+                rng as u16 | 1,
+            );
+            out(&mut lb, syn(src, sa(VIP, 80)), now);
+        }
+        // A real client connects meanwhile, every second, and gets through.
+        let c = sa(Ipv4Addr::new(10, 1, 7, 7), 30_000 + second as u16);
+        assert!(
+            matches!(connect(&mut lb, c, now), Verdict::ToTun | Verdict::ToTunnel),
+            "second {second}: real connection refused"
+        );
+        now += Duration::from_secs(1);
+        lb.handle_timeout(now);
+    }
+    let st = lb.stats();
+    assert!(st.evicted_flows > 90_000, "evicted {}", st.evicted_flows);
+    assert_eq!(st.drops.get(&LbDrop::FlowTableFull), None);
+    assert!(st.active_flows <= 2000);
+    // The flows that completed their handshakes are all still there.
+    for (i, c) in std::iter::once(before)
+        .chain((0..20u16).map(|k| sa(Ipv4Addr::new(10, 1, 7, 7), 30_000 + k)))
+        .enumerate()
+    {
+        let (v, _) = out(&mut lb, tcp(c, sa(VIP, 80), TCP_ACK, 1, 1, &[]), now);
+        assert!(
+            matches!(v, Verdict::ToTun | Verdict::ToTunnel),
+            "flow {i} kept"
+        );
+    }
+    // 30 s after the flood ends its entries are gone.
+    lb.handle_timeout(now + UNASSURED_IDLE);
+    assert_eq!(lb.stats().active_flows, 21);
+}
+
+#[test]
+fn affinity_pins_are_bounded_least_recently_used_first() {
+    let mut s = mesh();
+    let svc = with_affinity(service("web", VIP, &[(80, 8080, TCP)]), 3600);
+    add(&mut s, svc, Some(endpoints("web", &SIX)));
+    let limits = FlowLimits {
+        max_affinities: 100,
+        ..FlowLimits::default()
+    };
+    let mut lb = lb_with(&s, limits);
+    let t0 = Instant::now();
+    for i in 0..1000u32 {
+        let c = sa(Ipv4Addr::from(0x0a01_0000 + i), 1000);
+        out(&mut lb, syn(c, sa(VIP, 80)), t0);
+    }
+    assert_eq!(lb.stats().affinities, 100);
 }
