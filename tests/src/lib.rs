@@ -15,6 +15,7 @@
 //!   coordinators sharing it.
 //! - [`netns`]: network-namespace clusters (SPEC §9) for the end-to-end
 //!   tests of meshd; needs root.
+//! - [`replica`]: a service replica (TCP and UDP) for those tests.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use anyhow::{Context, Result, bail};
 pub mod etcd;
 pub mod mesh;
 pub mod netns;
+pub mod replica;
 
 /// Path of a workspace binary (`coordinator`, `skyctl`, `meshd`) next to the
 /// running test executable.

@@ -5,90 +5,12 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use skymesh_tests::mesh::Mesh;
 use skymesh_tests::netns::{Netns, wait_until};
-
-const TCP_PORT: u16 = 8080;
-const UDP_PORT: u16 = 9090;
-
-/// A replica: answers every TCP connection with its name and a newline,
-/// then echoes lines; answers every UDP datagram with its name. Stops
-/// (closes its listeners) when `alive` turns false.
-struct Replica {
-    alive: Arc<AtomicBool>,
-}
-
-impl Replica {
-    fn start(ns: &Netns, ip: Ipv4Addr, name: &str) -> Replica {
-        let alive = Arc::new(AtomicBool::new(true));
-        let (tcp, udp) = ns
-            .run_in(move || {
-                (
-                    TcpListener::bind((ip, TCP_PORT)).unwrap(),
-                    UdpSocket::bind((ip, UDP_PORT)).unwrap(),
-                )
-            })
-            .unwrap();
-        tcp.set_nonblocking(true).unwrap();
-        udp.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let (n1, a1) = (name.to_string(), alive.clone());
-        std::thread::spawn(move || {
-            while a1.load(Ordering::SeqCst) {
-                match tcp.accept() {
-                    Ok((mut c, _)) => {
-                        let n = n1.clone();
-                        let a = a1.clone();
-                        std::thread::spawn(move || {
-                            c.set_nonblocking(false).unwrap();
-                            c.set_read_timeout(Some(Duration::from_millis(200)))
-                                .unwrap();
-                            let _ = c.write_all(format!("{n}\n").as_bytes());
-                            let mut r = BufReader::new(c.try_clone().unwrap());
-                            let mut line = String::new();
-                            while a.load(Ordering::SeqCst) {
-                                line.clear();
-                                match r.read_line(&mut line) {
-                                    Ok(0) => return,
-                                    Ok(_) => {
-                                        let _ = c.write_all(line.as_bytes());
-                                    }
-                                    Err(_) => {}
-                                }
-                            }
-                        });
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        let (n2, a2) = (name.to_string(), alive.clone());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            while a2.load(Ordering::SeqCst) {
-                if let Ok((_, src)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(n2.as_bytes(), src);
-                }
-            }
-        });
-        Replica { alive }
-    }
-
-    fn stop(&self) {
-        self.alive.store(false, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
+use skymesh_tests::replica::{Replica, TCP_PORT, UDP_PORT};
 
 /// Three clusters, two replicas each (`web-<c>-<k>` on app host k of
 /// cluster c), registered through each gateway's `--jobs` file.

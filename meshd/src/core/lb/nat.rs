@@ -272,7 +272,10 @@ struct PortSet {
 
 const PORT_WORDS: usize = SNAT_PORTS / 64;
 const SUMMARY_WORDS: usize = PORT_WORDS.div_ceil(64);
-const _: () = assert!(SNAT_PORTS.is_multiple_of(64), "the port bitmap has whole words");
+const _: () = assert!(
+    SNAT_PORTS.is_multiple_of(64),
+    "the port bitmap has whole words"
+);
 
 impl PortSet {
     fn new() -> PortSet {
