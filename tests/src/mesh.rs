@@ -291,6 +291,11 @@ impl Mesh {
         self.meshd_ports[i - 1] = port;
     }
 
+    /// The process id of cluster `i`'s meshd while it runs.
+    pub fn meshd_pid(&self, i: usize) -> Option<u32> {
+        self.meshd[i - 1].as_ref().map(NsProcess::pid)
+    }
+
     /// Kills cluster `i`'s meshd (SIGKILL).
     pub fn stop_meshd(&mut self, i: usize) {
         if let Some(p) = self.meshd[i - 1].take() {

@@ -3,12 +3,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead as _, BufReader};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use skymesh_tests::mesh::Mesh;
 use skymesh_tests::netns::{Netns, wait_until};
-use skymesh_tests::replica::{Replica, TCP_PORT};
+use skymesh_tests::replica::{Replica, TCP_PORT, UDP_PORT};
 
 /// The flow table of cluster 1's gateway in these tests: small, so that a
 /// flood fills it many times over within seconds even from a slow sender.
@@ -19,6 +19,8 @@ const MAX_FLOWS: &str = "8192";
 /// runs with `extra` flags.
 fn mesh_with_web(extra: &[&str]) -> (Mesh, Vec<Replica>, Ipv4Addr) {
     let mut mesh = Mesh::start(2, 3).unwrap();
+    // Joined (so the restart needs no token), then restarted with `extra`.
+    assert!(mesh.wait_for_tunnels(Duration::from_secs(20)));
     mesh.stop_meshd(1);
     mesh.set_meshd_args(1, extra);
     mesh.start_meshd(1, None).unwrap();
@@ -30,7 +32,7 @@ fn mesh_with_web(extra: &[&str]) -> (Mesh, Vec<Replica>, Ipv4Addr) {
         std::fs::write(
             mesh.jobs_file(c),
             format!(
-                "[[job]]\nname = \"{name}\"\nip = \"{ip}\"\nlabels = {{ app = \"web\" }}\nports = [\"http:{TCP_PORT}\"]\n"
+                "[[job]]\nname = \"{name}\"\nip = \"{ip}\"\nlabels = {{ app = \"web\" }}\nports = [\"http:{TCP_PORT}\", \"dns:{UDP_PORT}/UDP\"]\n"
             ),
         )
         .unwrap();
@@ -157,4 +159,169 @@ fn a_syn_flood_from_spoofed_sources_does_not_deny_a_vip() {
     );
     assert!(during.iter().all(Result::is_ok), "{}", summary(&during));
     assert!(after.iter().all(Result::is_ok), "{}", summary(&after));
+}
+
+/// One UDP question to `dst` from `ns` as a resolver-style client asks it:
+/// up to 5 tries, 400 ms apart. Whether a replica answered.
+fn ask_udp(ns: &Netns, dst: SocketAddr) -> Result<Duration, String> {
+    ns.run_in(move || {
+        let t0 = Instant::now();
+        let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_millis(400)))
+            .map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 64];
+        for _ in 0..5 {
+            let _ = s.send_to(b"who?", dst);
+            if let Ok(n) = s.recv(&mut buf)
+                && buf[..n].starts_with(b"web-")
+            {
+                return Ok(t0.elapsed());
+            }
+        }
+        Err("no answer in 5 tries".to_string())
+    })
+    .unwrap()
+}
+
+/// `RcvbufErrors` of `/proc/net/snmp` in `ns`: UDP datagrams dropped
+/// because a socket's receive buffer was full.
+fn udp_receive_buffer_errors(ns: &Netns) -> u64 {
+    let snmp = ns.run(&["cat", "/proc/net/snmp"]).unwrap_or_default();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Open file descriptors of a process.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+#[test]
+fn a_udp_spray_at_a_nodeport_leaves_the_gateway_serving() {
+    let (mut mesh, _replicas, _) = mesh_with_web(&[]);
+    mesh.sky(&[
+        "create",
+        "service",
+        "edge",
+        "-t",
+        "NodePort",
+        "-s",
+        "app=web",
+        "-p",
+        "8443:8080",
+        "-p",
+        "5353:9090/UDP",
+        "-c",
+        "c1",
+    ])
+    .unwrap();
+    let gw1 = mesh.topo.gateway_wan_ip(1);
+    let (udp_port, tcp_port) = (SocketAddr::from((gw1, 5353)), SocketAddr::from((gw1, 8443)));
+    let outside = mesh.topo.wan();
+    assert!(
+        wait_until(Duration::from_secs(15), || ask_udp(outside, udp_port)
+            .is_ok()),
+        "the NodePort never answered"
+    );
+    let attacker_ip = Ipv4Addr::new(198, 51, 100, 66);
+    mesh.topo.add_wan_host("attacker", attacker_ip).unwrap();
+    let (outside, attacker) = (mesh.topo.wan(), mesh.topo.wan_host("attacker"));
+    let (app, remote) = (mesh.topo.app(1, 1), mesh.topo.app_ip(2, 3));
+    let pid = mesh.meshd_pid(1).unwrap();
+    let fds_before = fds(pid);
+    // UDP from random source addresses and ports at the NodePort, ~25,000
+    // datagrams a second, for 15 s.
+    let log = mesh.topo.dir().join("hping3-udp.log");
+    let spray = attacker
+        .spawn(
+            &[
+                "hping3",
+                "-q",
+                "--udp",
+                "--rand-source",
+                "-s",
+                "1024",
+                "-p",
+                "5353",
+                "-i",
+                "u40",
+                "-d",
+                "32",
+                &gw1.to_string(),
+            ],
+            &log,
+        )
+        .unwrap();
+    let start = Instant::now();
+    let (mut nodeport_udp, mut nodeport_tcp, mut tunnel, mut dns) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut max_fds = fds_before;
+    let gw_lan = mesh.topo.gateway_lan_ip(1).to_string();
+    while start.elapsed() < Duration::from_secs(15) {
+        nodeport_udp.push(ask_udp(outside, udp_port));
+        nodeport_tcp.push(connect(outside, tcp_port));
+        tunnel.push(connect(app, SocketAddr::from((remote, TCP_PORT))));
+        let answer = app
+            .run(&[
+                "dig",
+                "+short",
+                "+time=1",
+                "+tries=3",
+                "-p",
+                "53",
+                &format!("@{gw_lan}"),
+                "edge.default.svc",
+            ])
+            .unwrap_or_default();
+        dns.push(if answer.trim().is_empty() {
+            Err("no DNS answer".to_string())
+        } else {
+            Ok(Duration::ZERO)
+        });
+        max_fds = max_fds.max(fds(pid));
+        assert!(spray.is_running(), "hping3 ended: {}", spray.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let overflows = udp_receive_buffer_errors(mesh.topo.gateway(1));
+    spray.kill();
+    let t_end = Instant::now();
+    let after = ask_udp(outside, udp_port);
+    let after_tcp = connect(outside, tcp_port);
+    eprintln!("NodePort UDP during the spray: {}", summary(&nodeport_udp));
+    eprintln!(
+        "NodePort UDP right after: {after:?} ({:?} after the end)",
+        t_end.elapsed()
+    );
+    eprintln!("NodePort TCP: {}", summary(&nodeport_tcp));
+    eprintln!("through the tunnel: {}", summary(&tunnel));
+    eprintln!("DNS: {}", summary(&dns));
+    eprintln!("meshd's open files: {fds_before} before, at most {max_fds} during the spray");
+    eprintln!("datagrams the gateway's kernel dropped on full receive buffers: {overflows}");
+    // The spray did reach the relay: it holds its full share of clients,
+    // and no more.
+    assert!(
+        max_fds > fds_before + 500,
+        "the spray never reached the relay ({fds_before} → {max_fds} files)"
+    );
+    assert!(max_fds < fds_before + 1024 + 64, "{max_fds} open files");
+    // Tunnels, DNS and the TCP NodePort are served throughout; the UDP
+    // NodePort (whose every new client costs a socket) serves again at
+    // once when the spray ends.
+    for (what, r) in [
+        ("NodePort TCP", &nodeport_tcp),
+        ("tunnel", &tunnel),
+        ("DNS", &dns),
+    ] {
+        assert!(r.iter().all(Result::is_ok), "{what}: {}", summary(r));
+    }
+    after.expect("the UDP NodePort answers right after the spray");
+    after_tcp.expect("the TCP NodePort answers right after the spray");
 }

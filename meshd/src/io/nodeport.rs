@@ -8,6 +8,12 @@
 //! health and traffic policies apply unchanged; replies come back to the
 //! gateway's overlay address. Listeners follow the netmap: added, kept and
 //! removed by diff.
+//!
+//! Bounded against floods: per listener at most [`MAX_TCP_CONNECTIONS`]
+//! TCP connections and [`MAX_UDP_CLIENTS`] UDP clients (the longest idle
+//! makes room), at most [`MAX_PER_SOURCE`] per source address, and a fixed
+//! number of buffers. The relay hides the client's address from the
+//! balancer (ClientIP affinity sees the gateway), a known limit.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -119,7 +125,46 @@ pub async fn run(
     }
 }
 
+/// Tuning: TCP connections one external listener relays at once; beyond
+/// it new ones are closed at once (each holds two sockets and a task).
+const MAX_TCP_CONNECTIONS: usize = 4096;
+/// Tuning: TCP connections (or UDP clients) one source address may hold at
+/// once on a listener.
+const MAX_PER_SOURCE: usize = 64;
+/// Tuning: UDP clients (each with its own socket towards the VIP) one
+/// external listener relays at once. When full, the client idle longest
+/// makes room for a new one, so a spray from many addresses cannot lock
+/// out a client that talks.
+const MAX_UDP_CLIENTS: usize = 1024;
+
+/// Counts of what each source address holds, with a cap.
+#[derive(Debug, Default)]
+struct PerSource(std::collections::HashMap<IpAddr, usize>);
+
+impl PerSource {
+    /// Takes a slot for `ip`; `false` if it holds [`MAX_PER_SOURCE`].
+    fn take(&mut self, ip: IpAddr) -> bool {
+        let n = self.0.entry(ip).or_default();
+        if *n >= MAX_PER_SOURCE {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn release(&mut self, ip: IpAddr) {
+        if let std::collections::hash_map::Entry::Occupied(mut e) = self.0.entry(ip) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
 async fn relay_tcp(listener: TcpListener, vip: Ipv4Addr, port: u16, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNECTIONS));
+    let sources = Arc::new(std::sync::Mutex::new(PerSource::default()));
     loop {
         let (mut client, from) = tokio::select! {
             () = stop.cancelled() => return,
@@ -131,33 +176,65 @@ async fn relay_tcp(listener: TcpListener, vip: Ipv4Addr, port: u16, stop: Cancel
                 }
             },
         };
-        let stop = stop.clone();
+        // Over a bound, the connection is closed at once (dropped).
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%from, "external connection refused: listener at its limit");
+            continue;
+        };
+        if !lock(&sources).take(from.ip()) {
+            tracing::debug!(%from, "external connection refused: source at its limit");
+            continue;
+        }
+        let (stop, sources) = (stop.clone(), sources.clone());
         tokio::spawn(async move {
-            let mut upstream = match TcpStream::connect((vip, port)).await {
-                Ok(u) => u,
-                Err(e) => {
-                    tracing::debug!(%from, %vip, error = %e, "external connection refused by the VIP");
-                    return;
+            let _slot = slot;
+            if let Ok(Ok(mut upstream)) =
+                tokio::time::timeout(Duration::from_secs(10), TcpStream::connect((vip, port))).await
+            {
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
                 }
-            };
-            tokio::select! {
-                () = stop.cancelled() => {}
-                _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+            } else {
+                tracing::debug!(%from, %vip, "external connection refused by the VIP");
             }
+            lock(&sources).release(from.ip());
         });
     }
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One UDP client of a listener: its socket towards the VIP.
+struct UdpClient {
+    up: Arc<UdpSocket>,
+    stop: CancellationToken,
+}
+
+/// Relays UDP: one socket towards the VIP per client address (so replies
+/// find their way back), at most [`MAX_UDP_CLIENTS`], each idle for
+/// [`UDP_IDLE`] at most. Memory is bounded: one receive buffer for the
+/// listener and one shared by every client's reply task (they read with
+/// `try_recv` under a lock, never holding it across an await).
 async fn relay_udp(sock: UdpSocket, vip: Ipv4Addr, port: u16, stop: CancellationToken) {
     let sock = Arc::new(sock);
-    let mut clients: BTreeMap<SocketAddr, (Arc<UdpSocket>, CancellationToken)> = BTreeMap::new();
+    let mut clients: lru::LruCache<SocketAddr, UdpClient> = lru::LruCache::new(
+        std::num::NonZeroUsize::new(MAX_UDP_CLIENTS).expect("MAX_UDP_CLIENTS is not zero"),
+    );
+    let mut sources = PerSource::default();
     let mut buf = vec![0u8; 65_535];
+    let reply_buf = Arc::new(std::sync::Mutex::new(vec![0u8; 65_535]));
     let (gone_tx, mut gone_rx) = tokio::sync::mpsc::unbounded_channel::<SocketAddr>();
     loop {
         let (n, from) = tokio::select! {
             () = stop.cancelled() => return,
             Some(addr) = gone_rx.recv() => {
-                clients.remove(&addr);
+                if let Some(c) = clients.pop(&addr) {
+                    c.stop.cancel();
+                    sources.release(addr.ip());
+                }
                 continue;
             }
             r = sock.recv_from(&mut buf) => match r {
@@ -165,40 +242,60 @@ async fn relay_udp(sock: UdpSocket, vip: Ipv4Addr, port: u16, stop: Cancellation
                 Err(_) => continue,
             },
         };
-        let up = match clients.entry(from) {
-            std::collections::btree_map::Entry::Occupied(e) => e.get().0.clone(),
-            std::collections::btree_map::Entry::Vacant(slot) => {
-                let Ok(up) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await else {
-                    continue;
-                };
-                if up.connect((vip, port)).await.is_err() {
-                    continue;
-                }
-                let up = Arc::new(up);
-                let child = stop.child_token();
-                let (down, up2, gone, c) =
-                    (sock.clone(), up.clone(), gone_tx.clone(), child.clone());
-                // Replies from the VIP go back to this client until it idles out.
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 65_535];
-                    loop {
-                        tokio::select! {
-                            () = c.cancelled() => break,
-                            r = tokio::time::timeout(UDP_IDLE, up2.recv(&mut buf)) => match r {
-                                Ok(Ok(n)) => {
-                                    let _ = down.send_to(&buf[..n], from).await;
-                                }
-                                _ => break,
-                            },
+        if let Some(c) = clients.get(&from) {
+            let _ = c.up.try_send(&buf[..n]);
+            continue;
+        }
+        if !sources.take(from.ip()) {
+            continue;
+        }
+        if clients.len() >= MAX_UDP_CLIENTS
+            && let Some((idle, c)) = clients.pop_lru()
+        {
+            c.stop.cancel();
+            sources.release(idle.ip());
+        }
+        let Ok(up) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await else {
+            sources.release(from.ip());
+            continue;
+        };
+        if up.connect((vip, port)).await.is_err() {
+            sources.release(from.ip());
+            continue;
+        }
+        let up = Arc::new(up);
+        let child = stop.child_token();
+        let (down, up2, gone, c, rbuf) = (
+            sock.clone(),
+            up.clone(),
+            gone_tx.clone(),
+            child.clone(),
+            reply_buf.clone(),
+        );
+        // Replies from the VIP go back to this client until it idles out.
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = c.cancelled() => return,
+                    r = tokio::time::timeout(UDP_IDLE, up2.readable()) => {
+                        if !matches!(r, Ok(Ok(()))) {
+                            break;
+                        }
+                        let mut b = lock(&rbuf);
+                        match up2.try_recv(&mut b) {
+                            Ok(n) => {
+                                let _ = down.try_send_to(&b[..n], from);
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => break,
                         }
                     }
-                    let _ = gone.send(from);
-                });
-                slot.insert((up.clone(), child));
-                up
+                }
             }
-        };
-        let _ = up.send(&buf[..n]).await;
+            let _ = gone.send(from);
+        });
+        let _ = up.try_send(&buf[..n]);
+        clients.put(from, UdpClient { up, stop: child });
     }
 }
 

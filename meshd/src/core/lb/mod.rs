@@ -146,7 +146,7 @@ impl Lb {
     pub fn new(cfg: LbConfig) -> Lb {
         let pins = NonZeroUsize::new(cfg.limits.max_affinities).unwrap_or(NonZeroUsize::MIN);
         Lb {
-            nat: NatTable::new(cfg.limits),
+            nat: NatTable::new(cfg.limits).with_relay(cfg.gateway_ip),
             affinity: LruCache::new(pins),
             cfg,
             table: Arc::new(LbTable::default()),

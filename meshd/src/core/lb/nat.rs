@@ -379,6 +379,9 @@ fn decrement<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u32>, key: K) {
 #[derive(Debug)]
 pub struct NatTable {
     limits: FlowLimits,
+    /// A client address without the per-source cap: the gateway's own,
+    /// whose NodePort relay opens a flow for every outside client.
+    relay: Option<Ipv4Addr>,
     flows: HashMap<Inside, Flow>,
     by_outside: HashMap<Outside, Inside>,
     /// Live flows per (VIP, backend IP), for bounded-load balancing.
@@ -411,6 +414,7 @@ impl NatTable {
     pub fn new(limits: FlowLimits) -> NatTable {
         NatTable {
             limits,
+            relay: None,
             flows: HashMap::new(),
             by_outside: HashMap::new(),
             load: HashMap::new(),
@@ -422,6 +426,12 @@ impl NatTable {
             next_serial: 0,
             evicted: 0,
         }
+    }
+
+    /// Exempts `ip` (the gateway's own address) from the per-source cap.
+    pub fn with_relay(mut self, ip: Option<Ipv4Addr>) -> NatTable {
+        self.relay = ip;
+        self
     }
 
     /// Number of flows (some may have expired but not been swept yet).
@@ -562,7 +572,9 @@ impl NatTable {
         }
         self.remove(&flow.inside);
         let src = *flow.inside.0.src.ip();
-        if self.sources.get(&src).copied().unwrap_or(0) >= self.limits.max_flows_per_source {
+        if self.relay != Some(src)
+            && self.sources.get(&src).copied().unwrap_or(0) >= self.limits.max_flows_per_source
+        {
             return Err(InsertError::SourceLimit);
         }
         if self.flows.len() >= self.limits.max_flows && !self.evict_one(now) {
@@ -985,6 +997,12 @@ mod tests {
         t.expire(t0 + UNASSURED_IDLE);
         t.insert(fourth, t0 + UNASSURED_IDLE).unwrap();
         assert_eq!(t.service_flows()["default/web"], 1);
+        // The gateway's own address (the NodePort relay) has no cap.
+        let mut t = NatTable::new(limits).with_relay(Some(Ipv4Addr::new(10, 1, 0, 5)));
+        for port in 1..=10 {
+            t.insert(client_flow(&format!("10.1.0.5:{port}"), t0), t0)
+                .unwrap();
+        }
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct LbConfig {
     pub hash_key: [u64; 2],
     /// Bounds on the flow table and affinity pins.
     pub limits: FlowLimits,
+    /// This gateway's overlay IP: the source of its NodePort relay's
+    /// flows, one per outside client, so exempt from the per-source cap.
+    pub gateway_ip: Option<Ipv4Addr>,
 }
 
 impl LbConfig {
@@ -53,6 +56,7 @@ impl LbConfig {
             service_cidr: state.service_cidr.parse::<Ipv4Net>().ok()?.trunc(),
             hash_key,
             limits,
+            gateway_ip: state.overlay_ip.parse().ok(),
         })
     }
 }

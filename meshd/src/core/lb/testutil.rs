@@ -25,6 +25,7 @@ pub fn cfg() -> LbConfig {
         service_cidr: "100.65.0.0/16".parse().unwrap(),
         hash_key: [0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210],
         limits: super::FlowLimits::default(),
+        gateway_ip: None,
     }
 }
 
