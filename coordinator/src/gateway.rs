@@ -18,6 +18,10 @@ use crate::error::{Error, Result};
 use crate::netmap::World;
 use crate::registry::{REGISTERED_BY, Registry, decode, object_key, optimistic, unix_now};
 
+/// Jobs one cluster may register (its jobs file), a bound on what a
+/// gateway's credential can make the store hold.
+pub const MAX_JOBS_PER_CLUSTER: usize = 10_000;
+
 /// Implements [`Gateway`].
 #[derive(Clone)]
 pub struct GatewayService {
@@ -146,6 +150,12 @@ impl GatewayService {
 
     async fn sync_jobs(&self, req: SyncJobsRequest) -> Result<SyncJobsResponse> {
         let cluster = validate::name("cluster", &req.cluster)?;
+        if req.jobs.len() > MAX_JOBS_PER_CLUSTER {
+            return Err(Error::Exhausted(format!(
+                "jobs: at most {MAX_JOBS_PER_CLUSTER} per cluster (the jobs file has {})",
+                req.jobs.len()
+            )));
+        }
         let (existing, _) = self.reg.list(Kind::Job, None).await?;
         let mut mine: BTreeMap<(String, String), Object> = BTreeMap::new();
         let mut others = BTreeSet::new();
