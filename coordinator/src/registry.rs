@@ -138,8 +138,6 @@ pub struct Created {
 struct Txn {
     compares: Vec<Compare>,
     ops: Vec<Op>,
-    /// An earlier attempt lost a race: allocate from a random offset.
-    retry: bool,
 }
 
 impl Txn {
@@ -266,11 +264,8 @@ impl Registry {
         reset_status(&mut obj);
         let key = &object_key(kind, obj.namespace(), obj.name());
         let obj = &obj;
-        optimistic(key, move |attempt| async move {
-            let mut txn = Txn {
-                retry: attempt > 0,
-                ..Default::default()
-            };
+        optimistic(key, move |_| async move {
+            let mut txn = Txn::default();
             txn.compares.push(Compare::Absent(key.clone()));
             let mut obj = obj.clone();
             self.check_references(&obj, &mut txn).await?;
@@ -340,7 +335,7 @@ impl Registry {
         }
         let key = &object_key(kind, obj.namespace(), obj.name());
         let obj = &obj;
-        optimistic(key, move |attempt| async move {
+        optimistic(key, move |_| async move {
             let Some(cur) = self.store.get(key).await? else {
                 return Err(not_found(kind, obj.namespace(), obj.name()));
             };
@@ -355,10 +350,7 @@ impl Registry {
             let old = decode(&cur)?;
             let mut new = obj.clone();
             carry_system_fields(&old, &mut new);
-            let mut txn = Txn {
-                retry: attempt > 0,
-                ..Default::default()
-            };
+            let mut txn = Txn::default();
             txn.pin(&cur);
             self.check_references(&new, &mut txn).await?;
             match (new.obj.as_mut(), old.obj.as_ref()) {
@@ -661,7 +653,13 @@ impl Registry {
             s.metadata.as_ref().map_or("", |m| m.name.as_str())
         );
         let ip = self
-            .allocate(keyspace::VIPS, self.services, "service", &owner, txn)
+            .allocate(
+                (keyspace::VIPS, keyspace::VIP_CURSOR),
+                self.services,
+                "service",
+                &owner,
+                txn,
+            )
             .await?;
         status.cluster_ip = ip.to_string();
         Ok(())
@@ -680,7 +678,7 @@ impl Registry {
         endpoint: &str,
     ) -> Result<Joined> {
         let key = &object_key(Kind::Cluster, "", cluster);
-        optimistic(key, move |attempt| async move {
+        optimistic(key, move |_| async move {
             let join_kv = auth::check_join_token(self.store.as_ref(), token, cluster).await?;
             let Some(cur) = self.store.get(key).await? else {
                 return Err(Error::Precondition(format!(
@@ -697,16 +695,19 @@ impl Registry {
                     "cluster {cluster:?} already joined with another public key; delete and re-create the cluster to change its key"
                 )));
             }
-            let mut txn = Txn {
-                retry: attempt > 0,
-                ..Default::default()
-            };
+            let mut txn = Txn::default();
             txn.pin(&join_kv);
             txn.pin(&cur);
             txn.delete(join_kv.key.clone());
             if st.overlay_ip.is_empty() {
                 st.overlay_ip = self
-                    .allocate(keyspace::OVERLAY_IPS, self.overlay, "overlay", cluster, &mut txn)
+                    .allocate(
+                        (keyspace::OVERLAY_IPS, keyspace::OVERLAY_CURSOR),
+                        self.overlay,
+                        "overlay",
+                        cluster,
+                        &mut txn,
+                    )
                     .await?
                     .to_string();
             }
@@ -746,25 +747,27 @@ impl Registry {
         .await
     }
 
+    /// Takes the next free address of `pool` after its cursor (see
+    /// [`ipam`]): `keys` are the pool's allocation prefix and cursor key.
+    /// The transaction pins the cursor and the address's absence, so a
+    /// racing allocator makes it retry instead of taking the same address
+    /// or moving the cursor back.
     async fn allocate(
         &self,
-        prefix: &str,
+        (prefix, cursor_key): (&str, &str),
         pool: Ipv4Net,
         what: &str,
         owner: &str,
         txn: &mut Txn,
     ) -> Result<Ipv4Addr> {
+        let cursor = self.store.get(cursor_key).await?;
         let (kvs, _) = self.store.range(prefix).await?;
         let used: BTreeSet<Ipv4Addr> = kvs
             .iter()
             .filter_map(|kv| ipam::parse_alloc_key(prefix, &kv.key))
             .collect();
-        let ip = if txn.retry {
-            ipam::free_from(pool, &used, rand::random::<u64>())
-        } else {
-            ipam::first_free(pool, &used)
-        };
-        let Some(ip) = ip else {
+        let after = cursor.as_ref().and_then(|kv| ipam::parse_cursor(&kv.value));
+        let Some(ip) = ipam::next_free(pool, &used, after) else {
             return Err(Error::Exhausted(format!(
                 "{what} CIDR {pool} is exhausted: all {} addresses are in use (delete unused objects or start the coordinator with a larger --{what}-cidr)",
                 ipam::capacity(pool)
@@ -773,6 +776,11 @@ impl Registry {
         let key = ipam::alloc_key(prefix, ip);
         txn.compares.push(Compare::Absent(key.clone()));
         txn.put(key, owner.as_bytes().to_vec());
+        match &cursor {
+            Some(kv) => txn.pin(kv),
+            None => txn.compares.push(Compare::Absent(cursor_key.into())),
+        }
+        txn.put(cursor_key.into(), ip.to_string().into_bytes());
         Ok(ip)
     }
 
