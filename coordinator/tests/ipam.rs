@@ -47,7 +47,6 @@ fn cluster(name: &str, cidr: &str) -> Object {
         }),
         spec: Some(ClusterSpec {
             workload_cidrs: vec![cidr.into()],
-            ..Default::default()
         }),
         status: None,
     }
