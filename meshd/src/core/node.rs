@@ -180,7 +180,7 @@ pub struct Node {
     public: PublicKey,
     limiter: Arc<RateLimiter>,
     /// What every peer's `Tunn` checks handshakes with: MAC1 only (its
-    /// limit is never reached); the load check is [`Node::limiter`]'s.
+    /// limit is never reached); the load check is `limiter`'s.
     mac_only: Arc<RateLimiter>,
     peers: BTreeMap<u32, Peer>,
     by_key: HashMap<[u8; 32], u32>,
