@@ -9,13 +9,15 @@
 //!
 //! A freed address is not handed out again at once: clients may still
 //! have it cached (DNS answers, connections), and would reach whatever got
-//! it next. Each pool has a cursor in the store (`/ipam-cursor/overlay`, `/ipam-cursor/vip`:
-//! the last address handed out); the next allocation takes the first free
-//! address after it, wrapping around the pool. A freed address is thus
-//! reused only after the cursor went round the whole pool, or when it is
-//! the only one left. The cursor is pinned by the allocating transaction
-//! (its revision, or its absence), so it only ever moves forward, also
-//! between coordinators sharing a store, and it survives restarts.
+//! it next. Each pool has a cursor in the store (`/ipam-cursor/overlay`,
+//! `/ipam-cursor/vip`: the last address handed out); the next allocation
+//! takes the first free address after it, wrapping around the pool. A
+//! freed address is thus reused only once the cursor has gone round the
+//! pool, or when it is the only one left. The cursor survives restarts and
+//! is shared by coordinators on one store. It is a hint, not a lock: the
+//! allocating transaction does not pin it (all allocations of a pool would
+//! then contend on one key), so allocators racing each other may leave it
+//! a few addresses back; only uniqueness is enforced by the store.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -27,16 +29,21 @@ use crate::keyspace::PSKS as PSK_PREFIX;
 #[cfg(test)]
 use crate::keyspace::VIPS as VIP_PREFIX;
 
+/// How far past the cursor an allocator that lost a race may start its
+/// next search (a random number of addresses below this).
+pub const RETRY_SPREAD: u64 = 64;
+
 /// The first usable host address of `pool` after `cursor` (the last one
-/// handed out), wrapping around, that is not in `used`; `None` when the
-/// pool is exhausted. Without a cursor, or with one outside the pool (the
-/// pool was changed), the search starts at the pool's first host. Network
-/// and broadcast addresses are never handed out (for /31 and /32 every
-/// address is usable, RFC 3021).
+/// handed out) and `skip` more, wrapping around, that is not in `used`;
+/// `None` when the pool is exhausted. Without a cursor, or with one outside
+/// the pool (the pool was changed), the search starts at the pool's first
+/// host. Network and broadcast addresses are never handed out (for /31 and
+/// /32 every address is usable, RFC 3021).
 pub fn next_free(
     pool: Ipv4Net,
     used: &BTreeSet<Ipv4Addr>,
     cursor: Option<Ipv4Addr>,
+    skip: u64,
 ) -> Option<Ipv4Addr> {
     let first = u32::from(pool.hosts().next()?);
     let cap = capacity(pool);
@@ -44,7 +51,9 @@ pub fn next_free(
     let start = cursor
         .map(|c| u64::from(u32::from(c).wrapping_sub(first)))
         .filter(|&i| i < cap)
-        .map_or(0, |i| (i + 1) % cap);
+        .map_or(0, |i| i + 1)
+        .saturating_add(skip)
+        % cap;
     (0..cap)
         .map(|k| {
             let i = (start + k) % cap;
@@ -115,18 +124,18 @@ mod tests {
     fn next_free_skips_used_network_and_broadcast() {
         let pool: Ipv4Net = "10.0.0.0/30".parse().unwrap();
         let mut used = BTreeSet::new();
-        assert_eq!(next_free(pool, &used, None), Some(ip(1)));
+        assert_eq!(next_free(pool, &used, None, 0), Some(ip(1)));
         used.insert(ip(1));
-        assert_eq!(next_free(pool, &used, Some(ip(1))), Some(ip(2)));
+        assert_eq!(next_free(pool, &used, Some(ip(1)), 0), Some(ip(2)));
         used.insert(ip(2));
         assert_eq!(
-            next_free(pool, &used, Some(ip(2))),
+            next_free(pool, &used, Some(ip(2)), 0),
             None,
             "broadcast is not handed out"
         );
         assert_eq!(capacity(pool), 2);
         let one: Ipv4Net = "10.0.0.7/32".parse().unwrap();
-        assert_eq!(next_free(one, &used, Some(ip(7))), Some(ip(7)));
+        assert_eq!(next_free(one, &used, Some(ip(7)), 0), Some(ip(7)));
     }
 
     #[test]
@@ -135,7 +144,7 @@ mod tests {
         let mut used = BTreeSet::new();
         let mut cursor = None;
         let take = |used: &mut BTreeSet<Ipv4Addr>, cursor: &mut Option<Ipv4Addr>| {
-            let a = next_free(pool, used, *cursor).unwrap();
+            let a = next_free(pool, used, *cursor, 0).unwrap();
             used.insert(a);
             *cursor = Some(a);
             a
@@ -158,7 +167,7 @@ mod tests {
             "wraps around to the oldest freed"
         );
         assert_eq!(take(&mut used, &mut cursor), ip(2));
-        assert_eq!(next_free(pool, &used, cursor), None, "full");
+        assert_eq!(next_free(pool, &used, cursor, 0), None, "full");
         used.remove(&ip(4));
         assert_eq!(
             take(&mut used, &mut cursor),
@@ -168,11 +177,26 @@ mod tests {
     }
 
     #[test]
+    fn a_retry_skips_ahead_and_wraps() {
+        let pool: Ipv4Net = "10.0.0.0/29".parse().unwrap(); // .1 - .6
+        let used: BTreeSet<_> = [ip(5)].into();
+        assert_eq!(next_free(pool, &used, Some(ip(2)), 1), Some(ip(4)));
+        assert_eq!(
+            next_free(pool, &used, Some(ip(2)), 2),
+            Some(ip(6)),
+            "skips used .5"
+        );
+        assert_eq!(next_free(pool, &used, Some(ip(2)), 4), Some(ip(1)), "wraps");
+        assert_eq!(next_free(pool, &used, Some(ip(2)), 6 + 1), Some(ip(4)));
+        assert_eq!(next_free(pool, &used, None, u64::MAX), Some(ip(4)));
+    }
+
+    #[test]
     fn a_cursor_outside_the_pool_starts_at_its_first_host() {
         let pool: Ipv4Net = "10.0.0.0/29".parse().unwrap();
         let used = BTreeSet::new();
         for c in [ip(0), ip(7), ip(200), Ipv4Addr::new(192, 168, 0, 1)] {
-            assert_eq!(next_free(pool, &used, Some(c)), Some(ip(1)), "{c}");
+            assert_eq!(next_free(pool, &used, Some(c), 0), Some(ip(1)), "{c}");
         }
         assert_eq!(parse_cursor(b"10.0.0.3"), Some(ip(3)));
         assert_eq!(parse_cursor(b"junk"), None);

@@ -138,6 +138,8 @@ pub struct Created {
 struct Txn {
     compares: Vec<Compare>,
     ops: Vec<Op>,
+    /// An earlier attempt lost a race: allocate a little further on.
+    retry: bool,
 }
 
 impl Txn {
@@ -264,8 +266,11 @@ impl Registry {
         reset_status(&mut obj);
         let key = &object_key(kind, obj.namespace(), obj.name());
         let obj = &obj;
-        optimistic(key, move |_| async move {
-            let mut txn = Txn::default();
+        optimistic(key, move |attempt| async move {
+            let mut txn = Txn {
+                retry: attempt > 0,
+                ..Default::default()
+            };
             txn.compares.push(Compare::Absent(key.clone()));
             let mut obj = obj.clone();
             self.check_references(&obj, &mut txn).await?;
@@ -335,7 +340,7 @@ impl Registry {
         }
         let key = &object_key(kind, obj.namespace(), obj.name());
         let obj = &obj;
-        optimistic(key, move |_| async move {
+        optimistic(key, move |attempt| async move {
             let Some(cur) = self.store.get(key).await? else {
                 return Err(not_found(kind, obj.namespace(), obj.name()));
             };
@@ -350,7 +355,10 @@ impl Registry {
             let old = decode(&cur)?;
             let mut new = obj.clone();
             carry_system_fields(&old, &mut new);
-            let mut txn = Txn::default();
+            let mut txn = Txn {
+                retry: attempt > 0,
+                ..Default::default()
+            };
             txn.pin(&cur);
             self.check_references(&new, &mut txn).await?;
             match (new.obj.as_mut(), old.obj.as_ref()) {
@@ -678,7 +686,7 @@ impl Registry {
         endpoint: &str,
     ) -> Result<Joined> {
         let key = &object_key(Kind::Cluster, "", cluster);
-        optimistic(key, move |_| async move {
+        optimistic(key, move |attempt| async move {
             let join_kv = auth::check_join_token(self.store.as_ref(), token, cluster).await?;
             let Some(cur) = self.store.get(key).await? else {
                 return Err(Error::Precondition(format!(
@@ -695,7 +703,10 @@ impl Registry {
                     "cluster {cluster:?} already joined with another public key; delete and re-create the cluster to change its key"
                 )));
             }
-            let mut txn = Txn::default();
+            let mut txn = Txn {
+                retry: attempt > 0,
+                ..Default::default()
+            };
             txn.pin(&join_kv);
             txn.pin(&cur);
             txn.delete(join_kv.key.clone());
@@ -749,9 +760,11 @@ impl Registry {
 
     /// Takes the next free address of `pool` after its cursor (see
     /// [`ipam`]): `keys` are the pool's allocation prefix and cursor key.
-    /// The transaction pins the cursor and the address's absence, so a
-    /// racing allocator makes it retry instead of taking the same address
-    /// or moving the cursor back.
+    /// The address's absence is pinned, so two allocators never take one
+    /// address; the cursor is not (every allocation of the pool would
+    /// contend on it): it is advanced to the address taken. After a lost
+    /// race the search starts a random few addresses further on, so
+    /// allocators that collided spread out.
     async fn allocate(
         &self,
         (prefix, cursor_key): (&str, &str),
@@ -767,7 +780,12 @@ impl Registry {
             .filter_map(|kv| ipam::parse_alloc_key(prefix, &kv.key))
             .collect();
         let after = cursor.as_ref().and_then(|kv| ipam::parse_cursor(&kv.value));
-        let Some(ip) = ipam::next_free(pool, &used, after) else {
+        let skip = if txn.retry {
+            rand::random::<u64>() % ipam::RETRY_SPREAD
+        } else {
+            0
+        };
+        let Some(ip) = ipam::next_free(pool, &used, after, skip) else {
             return Err(Error::Exhausted(format!(
                 "{what} CIDR {pool} is exhausted: all {} addresses are in use (delete unused objects or start the coordinator with a larger --{what}-cidr)",
                 ipam::capacity(pool)
@@ -776,10 +794,6 @@ impl Registry {
         let key = ipam::alloc_key(prefix, ip);
         txn.compares.push(Compare::Absent(key.clone()));
         txn.put(key, owner.as_bytes().to_vec());
-        match &cursor {
-            Some(kv) => txn.pin(kv),
-            None => txn.compares.push(Compare::Absent(cursor_key.into())),
-        }
         txn.put(cursor_key.into(), ip.to_string().into_bytes());
         Ok(ip)
     }
