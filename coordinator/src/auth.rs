@@ -190,9 +190,8 @@ fn read_token_file(file: &Path) -> Result<String> {
 
 /// Writes `<data_dir>/admin.token` (0600) atomically.
 fn write_token_file(data_dir: &Path, token: &str) -> Result<()> {
-    crate::files::write_atomic(
-        data_dir,
-        ADMIN_TOKEN_FILE,
+    skymesh_proto::files::write_atomic(
+        &data_dir.join(ADMIN_TOKEN_FILE),
         format!("{token}\n").as_bytes(),
         0o600,
     )

@@ -1,11 +1,23 @@
 //! Address and key allocation: overlay IPs for gateways, VIPs for services,
 //! pre-shared keys for cluster pairs.
 //!
-//! Choosing a free address is pure ([`first_free`]); making it stick is the
+//! Choosing a free address is pure ([`next_free`]); making it stick is the
 //! caller's store transaction, which writes an allocation key
 //! (`/ipam/<pool>/<ip>`) guarded by `Compare::Absent`. Two allocators racing
 //! for one address (also on two coordinators sharing a store) cannot both
 //! win; the loser retries with the next free address.
+//!
+//! A freed address is not handed out again at once: clients may still
+//! have it cached (DNS answers, connections), and would reach whatever got
+//! it next. Each pool has a cursor in the store (`/ipam-cursor/overlay`,
+//! `/ipam-cursor/vip`: the last address handed out); the next allocation
+//! takes the first free address after it, wrapping around the pool. A
+//! freed address is thus reused only once the cursor has gone round the
+//! pool, or when it is the only one left. The cursor survives restarts and
+//! is shared by coordinators on one store. It is a hint, not a lock: the
+//! allocating transaction does not pin it (all allocations of a pool would
+//! then contend on one key), so allocators racing each other may leave it
+//! a few addresses back; only uniqueness is enforced by the store.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -17,26 +29,40 @@ use crate::keyspace::PSKS as PSK_PREFIX;
 #[cfg(test)]
 use crate::keyspace::VIPS as VIP_PREFIX;
 
-/// The lowest usable host address of `pool` not in `used`, or `None` when
-/// the pool is exhausted. Network and broadcast addresses are never handed
-/// out (for /31 and /32 every address is usable, RFC 3021).
-pub fn first_free(pool: Ipv4Net, used: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
-    pool.hosts().find(|a| !used.contains(a))
-}
+/// How far past the cursor an allocator that lost a race may start its
+/// next search (a random number of addresses below this).
+pub const RETRY_SPREAD: u64 = 64;
 
-/// The first free address at or after host number `offset` (wrapping), so
-/// allocators that lost a race spread out instead of all retrying the same
-/// lowest address.
-pub fn free_from(pool: Ipv4Net, used: &BTreeSet<Ipv4Addr>, offset: u64) -> Option<Ipv4Addr> {
+/// The first usable host address of `pool` after `cursor` (the last one
+/// handed out) and `skip` more, wrapping around, that is not in `used`;
+/// `None` when the pool is exhausted. Without a cursor, or with one outside
+/// the pool (the pool was changed), the search starts at the pool's first
+/// host. Network and broadcast addresses are never handed out (for /31 and
+/// /32 every address is usable, RFC 3021).
+pub fn next_free(
+    pool: Ipv4Net,
+    used: &BTreeSet<Ipv4Addr>,
+    cursor: Option<Ipv4Addr>,
+    skip: u64,
+) -> Option<Ipv4Addr> {
+    let first = u32::from(pool.hosts().next()?);
     let cap = capacity(pool);
-    let skip = usize::try_from(offset % cap).unwrap_or(0);
-    pool.hosts()
-        .skip(skip)
-        .chain(pool.hosts().take(skip))
+    // Host number (0-based) where the search starts.
+    let start = cursor
+        .map(|c| u64::from(u32::from(c).wrapping_sub(first)))
+        .filter(|&i| i < cap)
+        .map_or(0, |i| i + 1)
+        .saturating_add(skip)
+        % cap;
+    (0..cap)
+        .map(|k| {
+            let i = (start + k) % cap;
+            Ipv4Addr::from(first + u32::try_from(i).expect("a host number is below 2^32"))
+        })
         .find(|a| !used.contains(a))
 }
 
-/// Number of addresses [`first_free`] can hand out from `pool`.
+/// Number of addresses [`next_free`] can hand out from `pool`.
 pub fn capacity(pool: Ipv4Net) -> u64 {
     match pool.prefix_len() {
         32 => 1,
@@ -48,6 +74,11 @@ pub fn capacity(pool: Ipv4Net) -> u64 {
 /// Allocation key of `ip` under `prefix`.
 pub fn alloc_key(prefix: &str, ip: Ipv4Addr) -> String {
     format!("{prefix}{ip}")
+}
+
+/// Parses a pool cursor's value (the address, as text).
+pub fn parse_cursor(value: &[u8]) -> Option<Ipv4Addr> {
+    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 /// Parses the address out of an allocation key.
@@ -85,36 +116,90 @@ pub fn random_secret() -> [u8; 32] {
 mod tests {
     use super::*;
 
+    fn ip(d: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 0, d)
+    }
+
     #[test]
-    fn first_free_skips_used_network_and_broadcast() {
+    fn next_free_skips_used_network_and_broadcast() {
         let pool: Ipv4Net = "10.0.0.0/30".parse().unwrap();
         let mut used = BTreeSet::new();
-        assert_eq!(first_free(pool, &used), Some(Ipv4Addr::new(10, 0, 0, 1)));
-        used.insert(Ipv4Addr::new(10, 0, 0, 1));
-        assert_eq!(first_free(pool, &used), Some(Ipv4Addr::new(10, 0, 0, 2)));
-        used.insert(Ipv4Addr::new(10, 0, 0, 2));
-        assert_eq!(first_free(pool, &used), None, "broadcast is not handed out");
-        assert_eq!(capacity(pool), 2);
-        used.remove(&Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(next_free(pool, &used, None, 0), Some(ip(1)));
+        used.insert(ip(1));
+        assert_eq!(next_free(pool, &used, Some(ip(1)), 0), Some(ip(2)));
+        used.insert(ip(2));
         assert_eq!(
-            first_free(pool, &used),
-            Some(Ipv4Addr::new(10, 0, 0, 1)),
-            "reuse after free"
+            next_free(pool, &used, Some(ip(2)), 0),
+            None,
+            "broadcast is not handed out"
+        );
+        assert_eq!(capacity(pool), 2);
+        let one: Ipv4Net = "10.0.0.7/32".parse().unwrap();
+        assert_eq!(next_free(one, &used, Some(ip(7)), 0), Some(ip(7)));
+    }
+
+    #[test]
+    fn a_freed_address_waits_until_the_cursor_comes_round() {
+        let pool: Ipv4Net = "10.0.0.0/29".parse().unwrap(); // .1 - .6
+        let mut used = BTreeSet::new();
+        let mut cursor = None;
+        let take = |used: &mut BTreeSet<Ipv4Addr>, cursor: &mut Option<Ipv4Addr>| {
+            let a = next_free(pool, used, *cursor, 0).unwrap();
+            used.insert(a);
+            *cursor = Some(a);
+            a
+        };
+        assert_eq!(take(&mut used, &mut cursor), ip(1));
+        assert_eq!(take(&mut used, &mut cursor), ip(2));
+        used.remove(&ip(2));
+        assert_eq!(
+            take(&mut used, &mut cursor),
+            ip(3),
+            "the freed .2 is not reused at once"
+        );
+        used.remove(&ip(1));
+        assert_eq!(take(&mut used, &mut cursor), ip(4));
+        assert_eq!(take(&mut used, &mut cursor), ip(5));
+        assert_eq!(take(&mut used, &mut cursor), ip(6));
+        assert_eq!(
+            take(&mut used, &mut cursor),
+            ip(1),
+            "wraps around to the oldest freed"
+        );
+        assert_eq!(take(&mut used, &mut cursor), ip(2));
+        assert_eq!(next_free(pool, &used, cursor, 0), None, "full");
+        used.remove(&ip(4));
+        assert_eq!(
+            take(&mut used, &mut cursor),
+            ip(4),
+            "when it is the only free one, a freed address is reused"
         );
     }
 
     #[test]
-    fn free_from_wraps_around() {
-        let pool: Ipv4Net = "10.0.0.0/29".parse().unwrap();
-        let used: BTreeSet<_> = [Ipv4Addr::new(10, 0, 0, 5), Ipv4Addr::new(10, 0, 0, 6)].into();
-        assert_eq!(free_from(pool, &used, 4), Some(Ipv4Addr::new(10, 0, 0, 1)));
-        assert_eq!(free_from(pool, &used, 2), Some(Ipv4Addr::new(10, 0, 0, 3)));
+    fn a_retry_skips_ahead_and_wraps() {
+        let pool: Ipv4Net = "10.0.0.0/29".parse().unwrap(); // .1 - .6
+        let used: BTreeSet<_> = [ip(5)].into();
+        assert_eq!(next_free(pool, &used, Some(ip(2)), 1), Some(ip(4)));
         assert_eq!(
-            free_from(pool, &used, 6 + 2),
-            Some(Ipv4Addr::new(10, 0, 0, 3))
+            next_free(pool, &used, Some(ip(2)), 2),
+            Some(ip(6)),
+            "skips used .5"
         );
-        let full: BTreeSet<_> = pool.hosts().collect();
-        assert_eq!(free_from(pool, &full, 3), None);
+        assert_eq!(next_free(pool, &used, Some(ip(2)), 4), Some(ip(1)), "wraps");
+        assert_eq!(next_free(pool, &used, Some(ip(2)), 6 + 1), Some(ip(4)));
+        assert_eq!(next_free(pool, &used, None, u64::MAX), Some(ip(4)));
+    }
+
+    #[test]
+    fn a_cursor_outside_the_pool_starts_at_its_first_host() {
+        let pool: Ipv4Net = "10.0.0.0/29".parse().unwrap();
+        let used = BTreeSet::new();
+        for c in [ip(0), ip(7), ip(200), Ipv4Addr::new(192, 168, 0, 1)] {
+            assert_eq!(next_free(pool, &used, Some(c), 0), Some(ip(1)), "{c}");
+        }
+        assert_eq!(parse_cursor(b"10.0.0.3"), Some(ip(3)));
+        assert_eq!(parse_cursor(b"junk"), None);
     }
 
     #[test]

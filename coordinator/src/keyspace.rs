@@ -9,6 +9,7 @@
 //! | `/auth/join/<hex sha256>` | a join token: `cluster\nexpiry` |
 //! | `/auth/cluster/<name>` | SHA-256 of a cluster's credential |
 //! | `/ipam/overlay/<ip>`, `/ipam/vip/<ip>` | an allocated address: its owner |
+//! | `/ipam-cursor/overlay`, `/ipam-cursor/vip` | the pool's last allocated address (the next search starts after it) |
 //! | `/psk/<a>/<b>` | the pre-shared key of a pair of clusters (`a < b`) |
 //! | `/election/controllers` | the controller leader (etcd lease) |
 //! | `/tls/ca` | the mesh CA, certificate and key (shared stores only) |
@@ -38,6 +39,11 @@ pub const CREDENTIALS: &str = "/auth/cluster/";
 pub const OVERLAY_IPS: &str = "/ipam/overlay/";
 /// Allocated service VIPs.
 pub const VIPS: &str = "/ipam/vip/";
+/// The overlay pool's allocation cursor (outside [`OVERLAY_IPS`], so ranges
+/// of allocations never see it).
+pub const OVERLAY_CURSOR: &str = "/ipam-cursor/overlay";
+/// The VIP pool's allocation cursor.
+pub const VIP_CURSOR: &str = "/ipam-cursor/vip";
 /// Pre-shared keys of cluster pairs.
 pub const PSKS: &str = "/psk/";
 /// The controller leader's lease key.

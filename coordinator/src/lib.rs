@@ -20,7 +20,6 @@ pub mod auth;
 pub mod controller;
 pub mod election;
 pub mod error;
-pub mod files;
 pub mod gateway;
 pub mod ipam;
 pub mod keyspace;

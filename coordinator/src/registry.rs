@@ -138,7 +138,7 @@ pub struct Created {
 struct Txn {
     compares: Vec<Compare>,
     ops: Vec<Op>,
-    /// An earlier attempt lost a race: allocate from a random offset.
+    /// An earlier attempt lost a race: allocate a little further on.
     retry: bool,
 }
 
@@ -661,7 +661,13 @@ impl Registry {
             s.metadata.as_ref().map_or("", |m| m.name.as_str())
         );
         let ip = self
-            .allocate(keyspace::VIPS, self.services, "service", &owner, txn)
+            .allocate(
+                (keyspace::VIPS, keyspace::VIP_CURSOR),
+                self.services,
+                "service",
+                &owner,
+                txn,
+            )
             .await?;
         status.cluster_ip = ip.to_string();
         Ok(())
@@ -706,7 +712,13 @@ impl Registry {
             txn.delete(join_kv.key.clone());
             if st.overlay_ip.is_empty() {
                 st.overlay_ip = self
-                    .allocate(keyspace::OVERLAY_IPS, self.overlay, "overlay", cluster, &mut txn)
+                    .allocate(
+                        (keyspace::OVERLAY_IPS, keyspace::OVERLAY_CURSOR),
+                        self.overlay,
+                        "overlay",
+                        cluster,
+                        &mut txn,
+                    )
                     .await?
                     .to_string();
             }
@@ -746,25 +758,34 @@ impl Registry {
         .await
     }
 
+    /// Takes the next free address of `pool` after its cursor (see
+    /// [`ipam`]): `keys` are the pool's allocation prefix and cursor key.
+    /// The address's absence is pinned, so two allocators never take one
+    /// address; the cursor is not (every allocation of the pool would
+    /// contend on it): it is advanced to the address taken. After a lost
+    /// race the search starts a random few addresses further on, so
+    /// allocators that collided spread out.
     async fn allocate(
         &self,
-        prefix: &str,
+        (prefix, cursor_key): (&str, &str),
         pool: Ipv4Net,
         what: &str,
         owner: &str,
         txn: &mut Txn,
     ) -> Result<Ipv4Addr> {
+        let cursor = self.store.get(cursor_key).await?;
         let (kvs, _) = self.store.range(prefix).await?;
         let used: BTreeSet<Ipv4Addr> = kvs
             .iter()
             .filter_map(|kv| ipam::parse_alloc_key(prefix, &kv.key))
             .collect();
-        let ip = if txn.retry {
-            ipam::free_from(pool, &used, rand::random::<u64>())
+        let after = cursor.as_ref().and_then(|kv| ipam::parse_cursor(&kv.value));
+        let skip = if txn.retry {
+            rand::random::<u64>() % ipam::RETRY_SPREAD
         } else {
-            ipam::first_free(pool, &used)
+            0
         };
-        let Some(ip) = ip else {
+        let Some(ip) = ipam::next_free(pool, &used, after, skip) else {
             return Err(Error::Exhausted(format!(
                 "{what} CIDR {pool} is exhausted: all {} addresses are in use (delete unused objects or start the coordinator with a larger --{what}-cidr)",
                 ipam::capacity(pool)
@@ -773,6 +794,7 @@ impl Registry {
         let key = ipam::alloc_key(prefix, ip);
         txn.compares.push(Compare::Absent(key.clone()));
         txn.put(key, owner.as_bytes().to_vec());
+        txn.put(cursor_key.into(), ip.to_string().into_bytes());
         Ok(ip)
     }
 

@@ -24,11 +24,11 @@ use rcgen::{
 };
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use skymesh_proto::files::{PrivateFileError, read_private, write_atomic};
 use skymesh_proto::tls::{CA_FILE, Fingerprint};
 use skymesh_store::{Compare, Op, Store};
 
 use crate::error::{Error, Result};
-use crate::files::write_atomic;
 use crate::keyspace;
 
 /// The CA's private key in the data dir.
@@ -248,7 +248,8 @@ fn adopt(data_dir: &Path, local: Option<&Ca>, shared: &Ca) -> Result<()> {
 
 fn read_local_ca(data_dir: &Path) -> Result<Option<Ca>> {
     let (c, k) = (data_dir.join(CA_FILE), data_dir.join(CA_KEY_FILE));
-    match (std::fs::read_to_string(&c), std::fs::read_to_string(&k)) {
+    match (std::fs::read_to_string(&c), read_private(&k)) {
+        (_, Err(e @ PrivateFileError::TooOpen { .. })) => Err(Error::Precondition(e.to_string())),
         (Ok(cert_pem), Ok(key_pem)) => Ok(Some(Ca { cert_pem, key_pem })),
         (Err(_), Err(_)) => Ok(None),
         (Ok(_), Err(e)) => Err(Error::Internal(format!(
@@ -271,9 +272,9 @@ fn write_local_ca(data_dir: &Path, ca: &Ca) -> Result<()> {
             data_dir.join(name).display()
         ))
     };
-    write_atomic(data_dir, CA_KEY_FILE, ca.key_pem.as_bytes(), 0o600)
+    write_atomic(&data_dir.join(CA_KEY_FILE), ca.key_pem.as_bytes(), 0o600)
         .map_err(|e| io(CA_KEY_FILE, e))?;
-    write_atomic(data_dir, CA_FILE, ca.cert_pem.as_bytes(), 0o644).map_err(|e| io(CA_FILE, e))
+    write_atomic(&data_dir.join(CA_FILE), ca.cert_pem.as_bytes(), 0o644).map_err(|e| io(CA_FILE, e))
 }
 
 fn rcgen_err(what: &str) -> impl Fn(rcgen::Error) -> Error + '_ {
@@ -347,11 +348,14 @@ fn operator_identity(data_dir: &Path, cert: &Path, key: &Path) -> Result<ServerI
     let Some(anchor) = chain.last() else {
         return Err(bad("--tls-cert", cert, "holds no PEM certificate".into()));
     };
-    let key_pem = std::fs::read_to_string(key).map_err(|e| bad("--tls-key", key, e.to_string()))?;
+    let key_pem = read_private(key).map_err(|e| match e {
+        PrivateFileError::TooOpen { .. } => Error::Precondition(format!("--tls-key {e}")),
+        PrivateFileError::Io { source, .. } => bad("--tls-key", key, source.to_string()),
+    })?;
     PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
         .map_err(|e| bad("--tls-key", key, format!("not a PEM private key: {e}")))?;
     let anchor_pem = skymesh_proto::tls::to_pem(anchor);
-    write_atomic(data_dir, CA_FILE, anchor_pem.as_bytes(), 0o644).map_err(|e| {
+    write_atomic(&data_dir.join(CA_FILE), anchor_pem.as_bytes(), 0o644).map_err(|e| {
         Error::Internal(format!(
             "failed to write {}: {e}",
             data_dir.join(CA_FILE).display()
@@ -441,6 +445,56 @@ mod tests {
             std::fs::read(a.path().join(CA_FILE)).unwrap(),
             std::fs::read(b.path().join(CA_FILE)).unwrap()
         );
+    }
+
+    #[tokio::test]
+    async fn private_keys_open_to_others_are_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let db = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(&db.path().join("store.redb")).unwrap();
+        let a = tempfile::tempdir().unwrap();
+        let f = TlsFlags::default();
+        init(&s, a.path(), false, &f, listen()).await.unwrap();
+        let key = a.path().join(CA_KEY_FILE);
+        let before = std::fs::read(&key).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = init(&s, a.path(), false, &f, listen()).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("{} has mode 0644", key.display())),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(&format!("chmod 600 {}", key.display())),
+            "{msg}"
+        );
+        assert_eq!(std::fs::read(&key).unwrap(), before, "no new CA was made");
+        // Shared stores read the local CA too.
+        assert!(init(&s, a.path(), true, &f, listen()).await.is_err());
+
+        // The operator's --tls-key.
+        let ca = generate_ca().unwrap();
+        let id = issue_server(&ca, &["localhost".into()]).unwrap();
+        let (cert, k) = (a.path().join("op.crt"), a.path().join("op.key"));
+        std::fs::write(&cert, &id.chain_pem).unwrap();
+        std::fs::write(&k, &id.key_pem).unwrap();
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let flags = TlsFlags {
+            cert: Some(cert.clone()),
+            key: Some(k.clone()),
+            ..Default::default()
+        };
+        let e = init(&s, a.path(), false, &flags, listen())
+            .await
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("--tls-key "), "{msg}");
+        assert!(
+            msg.contains("mode 0640") && msg.contains(&format!("chmod 600 {}", k.display())),
+            "{msg}"
+        );
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(init(&s, a.path(), false, &flags, listen()).await.is_ok());
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! IPAM through the registry on a real embedded store: concurrent
-//! allocators never hand out one address twice; freed addresses are reused.
+//! allocators never hand out one address twice; a freed address is not
+//! handed out again at once (also across a restart), but is reused once the
+//! pool has gone round.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
@@ -7,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use coordinator::registry::Registry;
-use skymesh_proto::v1::{Kind, Object, ObjectMeta, Service, ServicePort, ServiceSpec, object::Obj};
+use skymesh_proto::v1::{
+    Cluster, ClusterSpec, Kind, Object, ObjectMeta, Service, ServicePort, ServiceSpec, object::Obj,
+};
 use skymesh_store::embedded::EmbeddedStore;
 
 fn service(name: &str) -> Object {
@@ -35,11 +39,29 @@ fn vip(o: &Object) -> String {
     }
 }
 
+fn cluster(name: &str, cidr: &str) -> Object {
+    Cluster {
+        metadata: Some(ObjectMeta {
+            name: name.into(),
+            ..Default::default()
+        }),
+        spec: Some(ClusterSpec {
+            workload_cidrs: vec![cidr.into()],
+        }),
+        status: None,
+    }
+    .into()
+}
+
 async fn registry(dir: &std::path::Path, pool: &str) -> Registry {
+    registry_with(dir, "100.64.0.0/16", pool).await
+}
+
+async fn registry_with(dir: &std::path::Path, overlay: &str, pool: &str) -> Registry {
     let store = EmbeddedStore::open(&dir.join("store.redb")).unwrap();
     let reg = Registry::new(
         Arc::new(store),
-        "100.64.0.0/16".parse().unwrap(),
+        overlay.parse().unwrap(),
         pool.parse().unwrap(),
         Duration::from_secs(3600),
     );
@@ -92,5 +114,69 @@ async fn freed_vips_are_reused_and_exhaustion_names_the_pool() {
     assert!(e.to_string().contains("all 6 addresses"), "{e}");
     reg.delete(Kind::Service, "default", "s2").await.unwrap();
     let again = vip(&reg.create(service("s6")).await.unwrap().object);
-    assert_eq!(again, vips[2], "the freed VIP is handed out again");
+    assert_eq!(
+        again, vips[2],
+        "the freed VIP is handed out again when it is the only one left"
+    );
+}
+
+#[tokio::test]
+async fn a_freed_vip_is_not_handed_out_at_once_even_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = registry(dir.path(), "100.65.0.0/29").await; // .1 - .6
+    let a = vip(&reg.create(service("a")).await.unwrap().object);
+    reg.delete(Kind::Service, "default", "a").await.unwrap();
+    let b = vip(&reg.create(service("b")).await.unwrap().object);
+    assert_ne!(a, b, "b must not get the VIP a just freed");
+    reg.delete(Kind::Service, "default", "b").await.unwrap();
+    // The cursor is in the store: a restarted coordinator goes on from it.
+    drop(reg);
+    let reg = registry(dir.path(), "100.65.0.0/29").await;
+    let c = vip(&reg.create(service("c")).await.unwrap().object);
+    assert!(c != a && c != b, "{c} after restart reuses a freed VIP");
+    assert_eq!(c, "100.65.0.3");
+    // Round the pool: .4 .5 .6, then the oldest freed (.1, .2).
+    let mut next = Vec::new();
+    for i in 0..5 {
+        next.push(vip(&reg
+            .create(service(&format!("n{i}")))
+            .await
+            .unwrap()
+            .object));
+    }
+    assert_eq!(
+        next,
+        [
+            "100.65.0.4",
+            "100.65.0.5",
+            "100.65.0.6",
+            "100.65.0.1",
+            "100.65.0.2"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_freed_overlay_ip_is_not_handed_out_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = registry_with(dir.path(), "100.64.0.0/29", "100.65.0.0/24").await;
+    let mut ips = Vec::new();
+    for (i, name) in ["east", "west", "north"].iter().enumerate() {
+        let created = reg
+            .create(cluster(name, &format!("10.{}.0.0/16", i + 1)))
+            .await
+            .unwrap();
+        let (token, _) = created.join_token.unwrap();
+        let key = format!("{:0>43}=", i);
+        let joined = reg
+            .join(name, &token, &key, "192.0.2.1:51820")
+            .await
+            .unwrap();
+        ips.push(joined.overlay_ip);
+        if i == 0 {
+            // east leaves; west must not get its address.
+            reg.delete(Kind::Cluster, "", name).await.unwrap();
+        }
+    }
+    assert_eq!(ips, ["100.64.0.1", "100.64.0.2", "100.64.0.3"]);
 }

@@ -1,9 +1,10 @@
 //! meshd's state directory: the private key, the cluster credential, the
-//! pinned coordinator CA and the netmap cache. Every file is written atomically with mode 0600 (the key
-//! never leaves this host; the cache holds pre-shared keys).
+//! pinned coordinator CA and the netmap cache. Every file is written
+//! atomically and durably with mode 0600 ([`skymesh_proto::files`]: the key
+//! never leaves this host; the cache holds pre-shared keys), and a private
+//! key that group or others may read is refused at start.
 
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
@@ -42,24 +43,16 @@ impl StateDir {
 
     fn write_private(&self, name: &str, data: &[u8]) -> Result<()> {
         let path = self.path.join(name);
-        let tmp = self.path.join(format!(".{name}.tmp"));
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("failed to write {}", tmp.display()))?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("failed to write {}", path.display()))
+        skymesh_proto::files::write_atomic(&path, data, 0o600)
+            .with_context(|| format!("failed to write {}", path.display()))
     }
 
     /// The x25519 private key, generated on first use (base64, as `wg genkey`).
-    /// Returns the key and whether it was just generated.
+    /// Returns the key and whether it was just generated. A key file whose
+    /// mode lets group or others read or write it is refused.
     pub fn private_key(&self) -> Result<([u8; 32], bool)> {
         let path = self.path.join(PRIVATE_KEY);
-        match std::fs::read_to_string(&path) {
+        match skymesh_proto::files::read_private(&path) {
             Ok(s) => {
                 let key = base64::engine::general_purpose::STANDARD
                     .decode(s.trim())
@@ -70,7 +63,7 @@ impl StateDir {
                     })?;
                 Ok((key, false))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e) if e.is_not_found() => {
                 let secret = x25519_dalek::StaticSecret::from(rand::random::<[u8; 32]>());
                 let key = secret.to_bytes();
                 let text = base64::engine::general_purpose::STANDARD.encode(key);
@@ -78,7 +71,7 @@ impl StateDir {
                 tracing::info!(path = %path.display(), "generated a new private key");
                 Ok((key, true))
             }
-            Err(e) => Err(e).with_context(|| format!("failed to read {}", path.display())),
+            Err(e) => Err(anyhow::anyhow!("{e}")),
         }
     }
 
@@ -155,5 +148,25 @@ mod tests {
         };
         sd.save_netmap(&st).unwrap();
         assert_eq!(sd.netmap(), Some(st));
+    }
+
+    #[test]
+    fn a_key_open_to_others_is_refused_naming_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StateDir::open(&dir.path().join("s")).unwrap();
+        sd.private_key().unwrap();
+        let path = sd.path().join(PRIVATE_KEY);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = format!("{:#}", sd.private_key().unwrap_err());
+        assert_eq!(
+            e,
+            format!(
+                "{} has mode 0644: a private key must not be readable or writable by group or others (fix: chmod 600 {})",
+                path.display(),
+                path.display()
+            )
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(!sd.private_key().unwrap().1, "the same key once fixed");
     }
 }

@@ -11,6 +11,7 @@ pub mod v1 {
     tonic::include_proto!("skymesh.v1");
 }
 
+pub mod files;
 pub mod tls;
 pub mod validate;
 

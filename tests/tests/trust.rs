@@ -352,6 +352,32 @@ fn an_operators_certificate_is_served_and_pinned() {
     let key_file = dir.path().join("key.pem");
     std::fs::write(&key_file, key.serialize_pem()).unwrap();
 
+    // A key that others may read is refused, with the fix.
+    let out = Command::new(bin_path("coordinator"))
+        .args(["--listen", "127.0.0.1:0", "--tls-cert"])
+        .arg(&chain)
+        .arg("--tls-key")
+        .arg(&key_file)
+        .arg("--data-dir")
+        .arg(dir.path().join("refused"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "{} has mode 0644: a private key must not be readable or writable by group or others (fix: chmod 600 {})",
+            key_file.display(),
+            key_file.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+
     let c = Coordinator::start_with(&[
         "--tls-cert",
         chain.to_str().unwrap(),
@@ -383,4 +409,65 @@ fn an_operators_certificate_is_served_and_pinned() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("--tls-key"), "{}", stderr(&out));
     assert!(!data.exists());
+}
+
+/// Private keys that group or others may read are refused at start, with a
+/// line naming the file, its mode and the fix: meshd's WireGuard key, and
+/// the coordinator's CA key (`--tls-key` above).
+#[test]
+fn private_keys_open_to_others_are_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let key = state.join("private.key");
+    let b64 = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+    std::fs::write(&key, format!("{b64}\n")).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(bin_path("meshd"))
+        .args([
+            "--coordinator",
+            "https://127.0.0.1:9",
+            "--cluster",
+            "east",
+            "--state-dir",
+        ])
+        .arg(&state)
+        .env_remove("MESHD_JOIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", stderr(&out));
+    let line = format!(
+        "{} has mode 0644: a private key must not be readable or writable by group or others (fix: chmod 600 {})",
+        key.display(),
+        key.display()
+    );
+    assert!(stderr(&out).contains(&line), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(&key).unwrap(),
+        format!("{b64}\n"),
+        "the key is left alone"
+    );
+
+    let mut c = Coordinator::start().unwrap();
+    c.kill9();
+    let ca_key = c.data_dir().join("ca.key");
+    std::fs::set_permissions(&ca_key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let out = Command::new(bin_path("coordinator"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(c.data_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "{} has mode 0640: a private key must not be readable or writable by group or others (fix: chmod 600 {})",
+            ca_key.display(),
+            ca_key.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::set_permissions(&ca_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    c.restart().unwrap();
 }

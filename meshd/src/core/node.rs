@@ -11,6 +11,19 @@
 //! rate-limit check, so a flood costs no Diffie-Hellman), every other
 //! message by its receiver index, whose upper 24 bits are the peer's slot
 //! (boringtun shifts the index it is given left by 8).
+//!
+//! The handshake rate limiter is applied here, once per handshake message
+//! (initiation or response), for all peers together: over the limit, a
+//! message without a valid cookie MAC is answered with a cookie reply and
+//! goes no further. The peers' `Tunn`s get a limiter without a limit, so
+//! inside boringtun only the MAC1 check remains and nothing is counted
+//! twice.
+//!
+//! Roaming (whitepaper §2.1, §6.5) follows authenticated packets only: a
+//! peer's endpoint moves to a datagram's source when it was a data message
+//! (or keepalive) that decrypted, or a handshake initiation or response
+//! that verified. Cookie replies, replays, forgeries and refused handshakes
+//! never move it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -150,11 +163,25 @@ impl PeerDiff {
     }
 }
 
+/// What a datagram proves about its source once `Tunn` accepted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Authenticates {
+    /// A handshake initiation or response: verified when answered.
+    Handshake,
+    /// A data message or keepalive: authenticated when it decrypted.
+    Data,
+    /// A cookie reply: proves nothing about where the peer is.
+    Nothing,
+}
+
 /// The WireGuard node of one gateway.
 pub struct Node {
     secret: StaticSecret,
     public: PublicKey,
     limiter: Arc<RateLimiter>,
+    /// What every peer's `Tunn` checks handshakes with: MAC1 only (its
+    /// limit is never reached); the load check is `limiter`'s.
+    mac_only: Arc<RateLimiter>,
     peers: BTreeMap<u32, Peer>,
     by_key: HashMap<[u8; 32], u32>,
     by_name: BTreeMap<String, u32>,
@@ -175,6 +202,7 @@ impl Node {
         let public = PublicKey::from(&secret);
         Node {
             limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            mac_only: Arc::new(RateLimiter::new(&public, u64::MAX)),
             secret,
             public,
             peers: BTreeMap::new(),
@@ -200,7 +228,7 @@ impl Node {
             Some(cfg.preshared_key),
             Some(PERSISTENT_KEEPALIVE_S),
             slot,
-            Some(self.limiter.clone()),
+            Some(self.mac_only.clone()),
         )
     }
 
@@ -358,29 +386,42 @@ impl Node {
 
     /// A UDP datagram from the network.
     pub fn handle_network(&mut self, src: SocketAddr, datagram: &[u8], out: &mut Vec<Transmit>) {
-        let slot = match Tunn::parse_incoming_packet(datagram) {
+        let packet = match Tunn::parse_incoming_packet(datagram) {
+            Ok(p) => p,
             Err(_) => {
                 self.drop_packet(DropReason::Garbage);
                 return;
             }
-            Ok(Packet::HandshakeInit(init)) => {
-                // MAC1 and load check before any Diffie-Hellman.
-                let mut cookie = [0u8; 64];
-                match self
-                    .limiter
-                    .verify_packet(Some(src.ip()), datagram, &mut cookie)
-                {
-                    Ok(_) => {}
-                    Err(TunnResult::WriteToNetwork(c)) => {
-                        out.push(Transmit::Network(src, c.to_vec()));
-                        self.drop_packet(DropReason::UnderLoad);
-                        return;
-                    }
-                    Err(_) => {
-                        self.drop_packet(DropReason::AuthFailed);
-                        return;
-                    }
+        };
+        // What a successful first decapsulate result proves; see the
+        // module doc on roaming.
+        let kind = match &packet {
+            Packet::HandshakeInit(_) | Packet::HandshakeResponse(_) => Authenticates::Handshake,
+            Packet::PacketData(_) => Authenticates::Data,
+            Packet::PacketCookieReply(_) => Authenticates::Nothing,
+        };
+        if kind == Authenticates::Handshake {
+            // MAC1 and the load check, once per handshake message, before
+            // any Diffie-Hellman.
+            let mut cookie = [0u8; 64];
+            match self
+                .limiter
+                .verify_packet(Some(src.ip()), datagram, &mut cookie)
+            {
+                Ok(_) => {}
+                Err(TunnResult::WriteToNetwork(c)) => {
+                    out.push(Transmit::Network(src, c.to_vec()));
+                    self.drop_packet(DropReason::UnderLoad);
+                    return;
                 }
+                Err(_) => {
+                    self.drop_packet(DropReason::AuthFailed);
+                    return;
+                }
+            }
+        }
+        let slot = match packet {
+            Packet::HandshakeInit(init) => {
                 match parse_handshake_anon(&self.secret, &self.public, &init) {
                     Ok(half) => match self.by_key.get(&half.peer_static_public) {
                         Some(s) => *s,
@@ -395,9 +436,9 @@ impl Node {
                     }
                 }
             }
-            Ok(Packet::HandshakeResponse(r)) => r.receiver_idx >> 8,
-            Ok(Packet::PacketCookieReply(c)) => c.receiver_idx >> 8,
-            Ok(Packet::PacketData(d)) => d.receiver_idx >> 8,
+            Packet::HandshakeResponse(r) => r.receiver_idx >> 8,
+            Packet::PacketCookieReply(c) => c.receiver_idx >> 8,
+            Packet::PacketData(d) => d.receiver_idx >> 8,
         };
         let Some(p) = self.peers.get_mut(&slot) else {
             self.drop_packet(DropReason::UnknownPeer);
@@ -408,9 +449,14 @@ impl Node {
         let mut first = true;
         loop {
             let input: &[u8] = if first { datagram } else { &[] };
-            first = false;
+            let was_first = std::mem::replace(&mut first, false);
             match p.tunn.decapsulate(Some(src.ip()), input, &mut self.buf) {
-                TunnResult::Done => break,
+                TunnResult::Done => {
+                    // First call: a keepalive that decrypted, or a cookie
+                    // reply taken. Later calls: the queue is empty.
+                    authenticated |= was_first && kind == Authenticates::Data;
+                    break;
+                }
                 TunnResult::Err(WireGuardError::UnderLoad) => {
                     drop = Some(DropReason::UnderLoad);
                     break;
@@ -421,12 +467,15 @@ impl Node {
                     break;
                 }
                 TunnResult::WriteToNetwork(b) => {
-                    authenticated = true;
+                    // First call: the answer to a verified handshake
+                    // message (the Tunn's limiter never sends cookies).
+                    // Later calls: packets queued while the handshake was
+                    // pending, flushed.
+                    authenticated |= was_first && kind == Authenticates::Handshake;
                     out.push(Transmit::Network(src, b.to_vec()));
-                    // Flush packets queued while the handshake was pending.
                 }
                 TunnResult::WriteToTunnelV4(b, inner_src) => {
-                    authenticated = true;
+                    authenticated |= was_first && kind == Authenticates::Data;
                     if !p.cfg.allowed_ips.iter().any(|n| n.contains(&inner_src)) {
                         drop = Some(DropReason::SourceNotAllowed);
                     } else if !ipv4_dst(b)
@@ -441,14 +490,15 @@ impl Node {
                     break;
                 }
                 TunnResult::WriteToTunnelV6(..) => {
-                    authenticated = true;
+                    authenticated |= was_first && kind == Authenticates::Data;
                     drop = Some(DropReason::NotIpv4);
                     break;
                 }
             }
         }
-        if authenticated {
-            // Roaming (whitepaper §2.1): follow the peer's latest address.
+        if authenticated && p.endpoint != Some(src) {
+            // Roaming: follow the peer's latest authenticated address.
+            tracing::debug!(peer = %p.cfg.name, from = ?p.endpoint, to = %src, "peer roamed");
             p.endpoint = Some(src);
         }
         Self::track_handshake(p);

@@ -255,3 +255,209 @@ fn peer_changes_keep_unchanged_sessions() {
     assert_eq!(diff.rekeyed, vec!["b"]);
     assert_eq!(p.a.route("10.3.1.1".parse().unwrap()), None);
 }
+
+const ATTACKER: &str = "203.0.113.66:4444";
+
+/// The network datagrams in `out`, with their destinations.
+fn datagrams(out: Vec<Transmit>) -> Vec<(SocketAddr, Vec<u8>)> {
+    out.into_iter()
+        .filter_map(|t| match t {
+            Transmit::Network(a, d) => Some((a, d)),
+            Transmit::Tunnel(_) => None,
+        })
+        .collect()
+}
+
+/// The WireGuard message type of a datagram (1 initiation, 2 response,
+/// 3 cookie reply, 4 data).
+fn msg_type(d: &[u8]) -> u8 {
+    d[0]
+}
+
+fn endpoint_of(n: &Node) -> Option<SocketAddr> {
+    n.peers()[0].endpoint
+}
+
+/// A pair whose handshake is done step by step, keeping a's initiation, b's
+/// response and a's first data message.
+fn established_capturing() -> (Pair, Vec<u8>, Vec<u8>, Vec<u8>) {
+    let mut p = pair();
+    let mut out = Vec::new();
+    p.a.handle_tun(&packet([10, 1, 0, 11], [10, 2, 0, 11], 100), &mut out);
+    let [(_, init)] = <[_; 1]>::try_from(datagrams(out)).unwrap();
+    assert_eq!(msg_type(&init), 1);
+    let mut out = Vec::new();
+    p.b.handle_network(addr(A_ADDR), &init, &mut out);
+    let [(to, resp)] = <[_; 1]>::try_from(datagrams(out)).unwrap();
+    assert_eq!((to, msg_type(&resp)), (addr(A_ADDR), 2));
+    let mut out = Vec::new();
+    p.a.handle_network(addr(B_ADDR), &resp, &mut out);
+    let sent = datagrams(out);
+    assert!(sent.iter().all(|(_, d)| msg_type(d) == 4));
+    let data = sent.last().unwrap().1.clone();
+    let mut tun = Vec::new();
+    for (_, d) in &sent {
+        p.b.handle_network(addr(A_ADDR), d, &mut tun);
+    }
+    assert!(tun.contains(&Transmit::Tunnel(packet(
+        [10, 1, 0, 11],
+        [10, 2, 0, 11],
+        100
+    ))));
+    (p, init, resp, data)
+}
+
+#[test]
+fn authenticated_data_from_a_new_address_moves_the_endpoint() {
+    let mut p = established();
+    assert_eq!(endpoint_of(&p.b), Some(addr(A_ADDR)));
+    let mut out = Vec::new();
+    p.a.handle_tun(&packet([10, 1, 0, 11], [10, 2, 0, 11], 10), &mut out);
+    let [(_, data)] = <[_; 1]>::try_from(datagrams(out)).unwrap();
+    let roamed = addr("198.51.100.77:40000");
+    let mut out = Vec::new();
+    p.b.handle_network(roamed, &data, &mut out);
+    assert_eq!(out.len(), 1, "delivered: {out:?}");
+    assert_eq!(endpoint_of(&p.b), Some(roamed), "the peer roamed");
+}
+
+#[test]
+fn replayed_and_forged_messages_from_elsewhere_never_move_the_endpoint() {
+    let (mut p, init, resp, data) = established_capturing();
+    let mut out = Vec::new();
+    // A captured initiation replayed (its timestamp is not newer), a
+    // response to a handshake b is not doing, a replayed data message.
+    p.b.handle_network(addr(ATTACKER), &init, &mut out);
+    p.b.handle_network(addr(ATTACKER), &resp, &mut out);
+    p.b.handle_network(addr(ATTACKER), &data, &mut out);
+    // A data message with b's receiver index but a bad tag.
+    let mut forged = data.clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    p.b.handle_network(addr(ATTACKER), &forged, &mut out);
+    assert!(datagrams(out).is_empty(), "nothing answered the attacker");
+    assert_eq!(endpoint_of(&p.b), Some(addr(A_ADDR)));
+    assert_eq!(p.b.drops().get(&DropReason::AuthFailed), Some(&4));
+    // The same for a: b's response replayed, at a that is not waiting.
+    let mut out = Vec::new();
+    p.a.handle_network(addr(ATTACKER), &resp, &mut out);
+    assert_eq!(endpoint_of(&p.a), Some(addr(B_ADDR)));
+}
+
+#[test]
+fn a_cookie_reply_from_elsewhere_never_moves_the_endpoint() {
+    let mut p = pair();
+    // b starts a handshake with a; a is flooded over its limit, so it
+    // answers b's initiation with a cookie reply, which an attacker
+    // relays to b from its own address.
+    let mut out = Vec::new();
+    p.b.handle_tun(&packet([10, 2, 0, 11], [10, 1, 0, 11], 10), &mut out);
+    let [(_, init)] = <[_; 1]>::try_from(datagrams(out)).unwrap();
+    let mut flood = Vec::new();
+    for _ in 0..=HANDSHAKE_RATE_LIMIT {
+        p.a.handle_network(addr(ATTACKER), &init, &mut flood);
+    }
+    let mut out = Vec::new();
+    p.a.handle_network(addr(B_ADDR), &init, &mut out);
+    let [(to, cookie)] = <[_; 1]>::try_from(datagrams(out)).unwrap();
+    assert_eq!((to, msg_type(&cookie)), (addr(B_ADDR), 3), "a cookie reply");
+    let mut out = Vec::new();
+    p.b.handle_network(addr(ATTACKER), &cookie, &mut out);
+    assert!(out.is_empty());
+    assert!(
+        !p.b.drops().contains_key(&DropReason::AuthFailed),
+        "b took the cookie: {:?}",
+        p.b.drops()
+    );
+    assert_eq!(endpoint_of(&p.b), Some(addr(A_ADDR)));
+}
+
+#[test]
+fn under_handshake_load_the_endpoint_stays_and_the_tunnel_works() {
+    let (mut p, init, resp, _) = established_capturing();
+    // A flood of initiations with a valid MAC1 (replays) takes b over its
+    // limit; none is answered, none moves the endpoint.
+    let flooder = addr("203.0.113.9:9");
+    let mut out = Vec::new();
+    for _ in 0..HANDSHAKE_RATE_LIMIT + 20 {
+        p.b.handle_network(flooder, &init, &mut out);
+    }
+    assert!(
+        datagrams(out)
+            .iter()
+            .all(|(to, d)| *to == flooder && msg_type(d) == 3),
+        "only cookie replies go to the flooder"
+    );
+    // b counted the handshake's initiation: 99 more fit, 21 are refused.
+    assert_eq!(p.b.drops().get(&DropReason::UnderLoad), Some(&21));
+    assert_eq!(endpoint_of(&p.b), Some(addr(A_ADDR)));
+    // Over the limit, an initiation from elsewhere gets a cookie reply
+    // there and goes no further.
+    let mut out = Vec::new();
+    p.b.handle_network(addr(ATTACKER), &init, &mut out);
+    let [(to, d)] = <[_; 1]>::try_from(datagrams(out)).unwrap();
+    assert_eq!((to, msg_type(&d)), (addr(ATTACKER), 3));
+    assert_eq!(endpoint_of(&p.b), Some(addr(A_ADDR)));
+    // The same for handshake responses, at a (b's response has a valid
+    // MAC1 for a): replayed, they take a over its limit; what is refused is
+    // answered with a cookie reply, which must not count as the peer
+    // speaking from there.
+    let mut out = Vec::new();
+    for _ in 0..HANDSHAKE_RATE_LIMIT + 20 {
+        p.a.handle_network(flooder, &resp, &mut out);
+        assert_eq!(endpoint_of(&p.a), Some(addr(B_ADDR)));
+    }
+    assert!(
+        datagrams(out)
+            .iter()
+            .all(|(to, d)| *to == flooder && msg_type(d) == 3)
+    );
+    assert_eq!(p.a.drops().get(&DropReason::UnderLoad), Some(&21));
+    let mut out = Vec::new();
+    p.a.handle_network(addr(ATTACKER), &resp, &mut out);
+    let [(to, d)] = <[_; 1]>::try_from(datagrams(out)).unwrap();
+    assert_eq!((to, msg_type(&d)), (addr(ATTACKER), 3));
+    assert_eq!(endpoint_of(&p.a), Some(addr(B_ADDR)));
+    // Data is not rate limited: the tunnel still carries traffic.
+    let mut out = Vec::new();
+    let pkt = packet([10, 1, 0, 11], [10, 2, 0, 12], 10);
+    p.a.handle_tun(&pkt, &mut out);
+    let (_, tun_b) = pump(&mut p, out, Vec::new());
+    assert_eq!(tun_b, vec![pkt]);
+    let mut out = Vec::new();
+    let pkt = packet([10, 2, 0, 12], [10, 1, 0, 11], 10);
+    p.b.handle_tun(&pkt, &mut out);
+    let (tun_a, _) = pump(&mut p, Vec::new(), out);
+    assert_eq!(tun_a, vec![pkt]);
+    assert_eq!(endpoint_of(&p.b), Some(addr(A_ADDR)));
+    assert_eq!(endpoint_of(&p.a), Some(addr(B_ADDR)));
+}
+
+#[test]
+fn an_initiation_counts_once_against_the_limiter() {
+    let (mut p, init, _, _) = established_capturing();
+    // The handshake above counted one initiation (and one response at a).
+    // HANDSHAKE_RATE_LIMIT - 1 more fit in the window; counted twice, the
+    // limit would be reached half way.
+    let mut out = Vec::new();
+    for _ in 1..HANDSHAKE_RATE_LIMIT {
+        p.b.handle_network(addr(ATTACKER), &init, &mut out);
+    }
+    assert!(
+        datagrams(out).is_empty(),
+        "no cookie reply within the limit"
+    );
+    assert_eq!(p.b.drops().get(&DropReason::UnderLoad), None);
+    let mut out = Vec::new();
+    p.b.handle_network(addr(ATTACKER), &init, &mut out);
+    assert_eq!(p.b.drops().get(&DropReason::UnderLoad), Some(&1));
+    let [(_, d)] = <[_; 1]>::try_from(datagrams(out)).unwrap();
+    assert_eq!(msg_type(&d), 3, "the next one gets a cookie reply");
+    // A new window.
+    std::thread::sleep(Duration::from_millis(1010));
+    p.b.reset_rate_limiter();
+    let mut out = Vec::new();
+    p.b.handle_network(addr(ATTACKER), &init, &mut out);
+    assert!(datagrams(out).is_empty());
+    assert_eq!(p.b.drops().get(&DropReason::UnderLoad), Some(&1));
+}
