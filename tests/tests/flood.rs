@@ -325,3 +325,166 @@ fn a_udp_spray_at_a_nodeport_leaves_the_gateway_serving() {
     after.expect("the UDP NodePort answers right after the spray");
     after_tcp.expect("the TCP NodePort answers right after the spray");
 }
+
+/// The WireGuard handshake initiations (type 1, 148 bytes) to `port` in a
+/// pcap file captured on an Ethernet interface.
+fn initiations(pcap: &[u8], port: u16) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut at = 24; // the global header
+    while at + 16 <= pcap.len() {
+        let len = u32::from_le_bytes(pcap[at + 8..at + 12].try_into().unwrap()) as usize;
+        let frame = &pcap[at + 16..(at + 16 + len).min(pcap.len())];
+        at += 16 + len;
+        // Ethernet, IPv4 (UDP), UDP.
+        if frame.len() < 14 + 20 + 8 || frame[12..14] != [0x08, 0x00] || frame[14 + 9] != 17 {
+            continue;
+        }
+        let ip = &frame[14..];
+        let udp = &ip[usize::from(ip[0] & 0x0f) * 4..];
+        let payload = &udp[8..];
+        if u16::from_be_bytes([udp[2], udp[3]]) == port && payload.len() == 148 && payload[0] == 1 {
+            out.push(payload.to_vec());
+        }
+    }
+    out
+}
+
+/// Bytes a TCP sink at `ip:5001` in `sink` receives from `client` in `secs`
+/// seconds of sending, as Mbit/s.
+fn bulk(client: &Netns, sink: &Netns, ip: Ipv4Addr, secs: u64) -> f64 {
+    use std::io::{Read as _, Write as _};
+    let listener = sink
+        .run_in(move || std::net::TcpListener::bind((ip, 5001)).unwrap())
+        .unwrap();
+    let got = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0u64;
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => return n,
+                Ok(k) => n += k as u64,
+            }
+        }
+    });
+    let elapsed = client
+        .run_in(move || {
+            let mut s =
+                TcpStream::connect_timeout(&SocketAddr::from((ip, 5001)), Duration::from_secs(3))
+                    .unwrap();
+            let buf = vec![0x5au8; 1 << 16];
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(secs) {
+                s.write_all(&buf).unwrap();
+            }
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            t0.elapsed()
+        })
+        .unwrap();
+    got.join().unwrap() as f64 * 8.0 / elapsed.as_secs_f64() / 1e6
+}
+
+#[test]
+fn a_handshake_flood_neither_moves_a_tunnel_nor_starves_it() {
+    skymesh_tests::netns::require_root().unwrap();
+    let topo = skymesh_tests::netns::Topology::new(2, 1).unwrap();
+    let pcap = topo.dir().join("wan.pcap");
+    let capture = topo
+        .wan()
+        .spawn(
+            &[
+                "tcpdump",
+                "-i",
+                "gw1",
+                "--immediate-mode",
+                "-U",
+                "-s",
+                "0",
+                "-w",
+                pcap.to_str().unwrap(),
+                "udp",
+            ],
+            &topo.dir().join("tcpdump.log"),
+        )
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || capture
+            .log()
+            .contains("listening on")),
+        "tcpdump did not start: {}",
+        capture.log()
+    );
+    let mut mesh = Mesh::start_in(topo).unwrap();
+    assert!(mesh.wait_for_tunnels(Duration::from_secs(20)));
+    // Delivered to tcpdump at once (--immediate-mode); give it a moment.
+    std::thread::sleep(Duration::from_millis(500));
+    capture.terminate(Duration::from_secs(2));
+    let gw1 = mesh.topo.gateway_wan_ip(1);
+    let real = initiations(&std::fs::read(&pcap).unwrap(), 51820);
+    assert!(!real.is_empty(), "no initiation to {gw1} captured");
+    let endpoint_of_c2 = |mesh: &Mesh| {
+        mesh.wg(1, &["endpoints"])
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+            .collect::<Vec<_>>()
+    };
+    let gw2 = format!("{}:51820", mesh.topo.gateway_wan_ip(2));
+    assert_eq!(endpoint_of_c2(&mesh), std::slice::from_ref(&gw2));
+    mesh.topo
+        .add_wan_host("attacker", Ipv4Addr::new(198, 51, 100, 66))
+        .unwrap();
+    let (c1, c2, c2_ip) = (
+        mesh.topo.app(1, 1),
+        mesh.topo.app(2, 1),
+        mesh.topo.app_ip(2, 1),
+    );
+    let before = bulk(c1, c2, c2_ip, 4);
+    // Replays of the real peer's initiations from the attacker, 10,000 a
+    // second, while the same transfer runs again.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let attacker = mesh.topo.wan_host("attacker");
+    let (during, sent) = std::thread::scope(|s| {
+        let flood = s.spawn(|| {
+            attacker
+                .run_in(|| {
+                    let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+                    let dst = SocketAddr::from((gw1, 51820));
+                    let mut sent = 0u64;
+                    let t0 = Instant::now();
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        for _ in 0..100 {
+                            let _ = sock.send_to(&real[sent as usize % real.len()], dst);
+                            sent += 1;
+                        }
+                        // 100 every 10 ms.
+                        let due = Duration::from_millis(sent / 10);
+                        if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                    sent
+                })
+                .unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let during = bulk(c1, c2, c2_ip, 4);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        (during, flood.join().unwrap())
+    });
+    let moved = endpoint_of_c2(&mesh);
+    eprintln!(
+        "TCP through the tunnel: {before:.0} Mbit/s before, {during:.0} Mbit/s under {sent} replayed initiations ({:.2}x)",
+        during / before
+    );
+    assert_eq!(moved, [gw2], "the tunnel's endpoint moved");
+    assert!(sent > 30_000, "only {sent} initiations sent");
+    assert!(
+        during >= 0.8 * before,
+        "{during:.0} < 0.8 × {before:.0} Mbit/s"
+    );
+    // The tunnel still works after the flood.
+    assert!(mesh.topo.app(1, 1).ping(c2_ip));
+}
