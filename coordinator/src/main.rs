@@ -84,6 +84,10 @@ struct Args {
     insecure_plaintext: bool,
 }
 
+/// How long the runtime waits for blocking tasks (a store call in flight)
+/// once the server has stopped.
+const RUNTIME_SHUTDOWN: Duration = Duration::from_millis(300);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum StoreKind {
     Embedded,
@@ -246,8 +250,17 @@ fn main() -> ExitCode {
         tracing::info!("shutting down");
         c.cancel();
     });
-    match rt.block_on(run(cfg, cancel)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = rt.block_on(run(cfg, cancel));
+    // Drops every task still running (connections cut at the drain
+    // deadline) and with them the last handles on the store, so that the
+    // database is closed before the process exits and a new coordinator
+    // opens it at once.
+    rt.shutdown_timeout(RUNTIME_SHUTDOWN);
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
