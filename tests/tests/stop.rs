@@ -10,8 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use skymesh_proto::v1::{Kind, WatchRequest};
 use skymesh_tests::mesh::Mesh;
 use skymesh_tests::netns::{require_root, wait_until};
+use skymesh_tests::{Bearer, Coordinator};
 
 /// What SIGTERM may take, at most, to stop a process.
 const STOP_WITHIN: Duration = Duration::from_secs(2);
@@ -328,5 +330,60 @@ fn meshd_stops_within_2s_with_or_without_the_coordinator() {
         wait_until(Duration::from_secs(15), || mesh.topo.app(1, 1).ping(dst)),
         "tunnel back from the cached netmap:\n{}",
         mesh.meshd_log(1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_stops_at_the_drain_deadline_with_a_client_that_does_not_read() {
+    let mut c = Coordinator::start().unwrap();
+    // A watch whose client never reads: with a 16-byte stream window the
+    // coordinator cannot even send the first response, let alone the
+    // UNAVAILABLE that ends the stream, so the connection never drains.
+    let channel = c
+        .tls()
+        .unwrap()
+        .endpoint(&c.url())
+        .unwrap()
+        .initial_stream_window_size(Some(16))
+        .connect()
+        .await
+        .unwrap();
+    let mut api = skymesh_proto::v1::api_client::ApiClient::with_interceptor(
+        channel,
+        Bearer::new(Some(&c.token())).unwrap(),
+    );
+    let stuck = api
+        .watch(WatchRequest {
+            kind: Kind::Namespace as i32,
+            all_namespaces: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (status, took) = tokio::task::block_in_place(|| c.terminate(GRACE));
+    eprintln!("coordinator exit with a stuck client took {took:?} ({status:?})");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the coordinator exits cleanly ({status:?} after {took:?}):\n{}",
+        c.log()
+    );
+    assert!(took < STOP_WITHIN, "the coordinator stopped in {took:?}");
+    let log = c.log();
+    assert!(
+        log.contains("connections still open at the drain deadline"),
+        "the drain deadline cut the stuck connection:\n{log}"
+    );
+    assert!(
+        log.contains("embedded store closed"),
+        "the store is closed before exit:\n{log}"
+    );
+    drop(stuck);
+    // The data dir opens at once in a new coordinator.
+    c.restart().unwrap();
+    let ns = c.skyctl(&["get", "namespaces"]);
+    assert!(
+        ns.status.success() && String::from_utf8_lossy(&ns.stdout).contains("default"),
+        "the restarted coordinator serves: {}",
+        String::from_utf8_lossy(&ns.stderr)
     );
 }
