@@ -98,7 +98,12 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     }
     crate::tls::check_flags(&cfg.tls, cfg.listen).map_err(|e| anyhow::anyhow!(e))?;
     create_private_dir(&cfg.data_dir)?;
-    let (store, shared) = open_store(&cfg).await?;
+    // A stop while connecting to etcd (or repairing the database file)
+    // needs no waiting.
+    let (store, shared) = tokio::select! {
+        r = open_store(&cfg) => r?,
+        () = cancel.cancelled() => return Ok(()),
+    };
     let admin = auth::init_admin(
         store.as_dyn(),
         &cfg.data_dir,

@@ -185,6 +185,11 @@ fn coordinator_stops_within_2s_and_its_clients_resume() {
         "meshd took the end of its stream as a reconnect:\n{meshd}"
     );
     assert!(connects(&mesh) >= 2, "meshd reconnected:\n{meshd}");
+    let log = mesh.coordinator_log();
+    assert!(
+        log.contains("netmap stream resumed"),
+        "the gateway resumed from its revision (no new snapshot):\n{log}"
+    );
 
     // Every change exactly once: each (type, name, revision) once, each
     // service ADDED once (`before` only in the list), and the last event
