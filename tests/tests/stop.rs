@@ -213,6 +213,10 @@ fn coordinator_stops_within_2s_and_its_clients_resume() {
             && last.keys().all(|n| now.contains_key(n))
     });
     let (list, events) = printed(&out);
+    eprintln!(
+        "the watch printed {} events across the restart: {events:?}",
+        events.len()
+    );
     assert!(
         settled,
         "the watch shows every service's current version: printed {events:?}, live {:?}",
