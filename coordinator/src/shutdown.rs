@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 /// The message of the UNAVAILABLE status that ends every stream on shutdown.
-pub const SHUTTING_DOWN: &str = "coordinator shutting down";
+pub use skymesh_proto::COORDINATOR_SHUTTING_DOWN as SHUTTING_DOWN;
 
 /// How long, from the shutdown signal, open connections may take to close
 /// before they are dropped (the process exits within 2 s whatever is open).

@@ -36,9 +36,6 @@ use crate::statedir::StateDir;
 pub type Gateway = GatewayClient<InterceptedService<Channel, Bearer>>;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
-/// The message of the UNAVAILABLE status a stopping coordinator ends the
-/// netmap stream with: a normal reconnect, not a failure.
-const COORDINATOR_STOPPING: &str = "coordinator shutting down";
 /// Longest time the netmap cache lags behind the applied netmap.
 pub const CACHE_INTERVAL: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -170,9 +167,11 @@ pub async fn run_netmap(
                             tracing::warn!("netmap stream ended; keeping the last netmap");
                             break;
                         }
+                        // A stopping coordinator: a normal reconnect,
+                        // not a failure.
                         Err(s)
                             if s.code() == tonic::Code::Unavailable
-                                && s.message() == COORDINATOR_STOPPING =>
+                                && s.message() == skymesh_proto::COORDINATOR_SHUTTING_DOWN =>
                         {
                             tracing::info!(
                                 revision = state.revision,
