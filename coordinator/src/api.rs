@@ -2,30 +2,31 @@
 //! token is checked by the [`crate::auth::AdminAuth`] interceptor before any
 //! of this runs.
 
-use std::pin::Pin;
-
-use futures::{Stream, StreamExt as _};
+use futures::StreamExt as _;
 use skymesh_proto::v1::{
     CreateRequest, CreateResponse, DeleteRequest, GetRequest, IssueJoinTokenRequest,
     IssueJoinTokenResponse, Kind, ListRequest, ListResponse, Object, UpdateRequest, WatchRequest,
     WatchResponse, api_server::Api,
 };
 use skymesh_proto::validate;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::registry::Registry;
+use crate::shutdown::{ResponseStream, until_shutdown};
 
 /// Implements [`Api`].
 #[derive(Clone)]
 pub struct ApiService {
     reg: Registry,
+    shutdown: CancellationToken,
 }
 
 impl ApiService {
-    /// The object API over `reg`.
-    pub fn new(reg: Registry) -> Self {
-        ApiService { reg }
+    /// The object API over `reg`; watches end when `shutdown` fires.
+    pub fn new(reg: Registry, shutdown: CancellationToken) -> Self {
+        ApiService { reg, shutdown }
     }
 }
 
@@ -43,8 +44,6 @@ fn kind(k: i32) -> Result<Kind, Status> {
 fn object(o: Option<Object>) -> Result<Object, Status> {
     o.ok_or_else(|| Status::invalid_argument("invalid object: no object given"))
 }
-
-type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Api for ApiService {
@@ -93,7 +92,7 @@ impl Api for ApiService {
         ))
     }
 
-    type WatchStream = WatchStream;
+    type WatchStream = ResponseStream<WatchResponse>;
 
     async fn watch(
         &self,
@@ -106,7 +105,10 @@ impl Api for ApiService {
             .reg
             .watch(kind(r.kind)?, ns, name, r.resource_version)
             .await?;
-        Ok(Response::new(Box::pin(s.map(|r| r.map_err(Status::from)))))
+        Ok(Response::new(until_shutdown(
+            s.map(|r| r.map_err(Status::from)),
+            self.shutdown.clone(),
+        )))
     }
 
     async fn issue_join_token(

@@ -2,21 +2,22 @@
 //! registers its jobs.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::pin::Pin;
 
-use futures::{Stream, StreamExt as _};
+use futures::StreamExt as _;
 use skymesh_proto::v1::{
     ClusterPhase, JobHealth, JoinRequest, JoinResponse, Kind, NetmapDelta, NetmapRequest,
     NetmapUpdate, Object, StatusAck, StatusReport, SyncJobsRequest, SyncJobsResponse,
     gateway_server::Gateway, netmap_update::Update, object::Obj,
 };
 use skymesh_proto::validate;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{self, AdminAuth};
 use crate::error::{Error, Result};
 use crate::netmap::World;
 use crate::registry::{REGISTERED_BY, Registry, decode, object_key, optimistic, unix_now};
+use crate::shutdown::{ResponseStream, until_shutdown};
 
 /// Jobs one cluster may register (its jobs file), a bound on what a
 /// gateway's credential can make the store hold.
@@ -27,12 +28,18 @@ pub const MAX_JOBS_PER_CLUSTER: usize = 10_000;
 pub struct GatewayService {
     reg: Registry,
     admin: AdminAuth,
+    shutdown: CancellationToken,
 }
 
 impl GatewayService {
-    /// A gateway API over `reg`; the admin token is also accepted.
-    pub fn new(reg: Registry, admin: AdminAuth) -> Self {
-        GatewayService { reg, admin }
+    /// A gateway API over `reg`; the admin token is also accepted. Netmap
+    /// streams end when `shutdown` fires.
+    pub fn new(reg: Registry, admin: AdminAuth, shutdown: CancellationToken) -> Self {
+        GatewayService {
+            reg,
+            admin,
+            shutdown,
+        }
     }
 
     async fn authorize(&self, md: &tonic::metadata::MetadataMap, cluster: &str) -> Result<()> {
@@ -233,7 +240,7 @@ fn same_user_fields(a: &Object, b: &Object) -> bool {
     }
 }
 
-type NetmapStream = Pin<Box<dyn Stream<Item = Result<NetmapUpdate, Status>> + Send>>;
+type NetmapStream = ResponseStream<NetmapUpdate>;
 
 /// Streams a cluster's netmap: a snapshot (or, when resuming, the changes
 /// since `from`), then one delta per store revision that changes it.
@@ -331,10 +338,9 @@ impl Gateway for GatewayService {
         let cluster = validate::name("cluster", &req.get_ref().cluster).map_err(Error::from)?;
         self.authorize(req.metadata(), &cluster).await?;
         let from = req.get_ref().resource_version;
-        Ok(Response::new(netmap_stream(
-            self.reg.clone(),
-            cluster,
-            from,
+        Ok(Response::new(until_shutdown(
+            netmap_stream(self.reg.clone(), cluster, from),
+            self.shutdown.clone(),
         )))
     }
 

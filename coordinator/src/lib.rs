@@ -13,6 +13,7 @@
 //! - [`netmap`]: what one gateway needs, as snapshot or changes.
 //! - [`api`], [`gateway`]: the gRPC services.
 //! - [`server`]: wiring for the binary.
+//! - [`shutdown`]: graceful stop (streams end with UNAVAILABLE, a drain deadline).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod api;
@@ -26,4 +27,5 @@ pub mod keyspace;
 pub mod netmap;
 pub mod registry;
 pub mod server;
+pub mod shutdown;
 pub mod tls;

@@ -84,6 +84,14 @@ struct Args {
     insecure_plaintext: bool,
 }
 
+/// How long the runtime waits for blocking tasks (a store call in flight)
+/// once the server has stopped.
+const RUNTIME_SHUTDOWN: Duration = Duration::from_millis(300);
+/// How long after SIGTERM/SIGINT the coordinator stops waiting for itself,
+/// whatever it is doing: just past its drain deadline (which `run` keeps
+/// once serving).
+const STOP_BACKSTOP: Duration = Duration::from_millis(1600);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum StoreKind {
     Embedded,
@@ -231,8 +239,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let cancel = CancellationToken::new();
-    let c = cancel.clone();
+    // `stop` fires on SIGTERM/SIGINT only; `cancel` (its child) also when
+    // the server fails.
+    let stop = CancellationToken::new();
+    let cancel = stop.child_token();
+    let c = stop.clone();
     rt.spawn(async move {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -246,8 +257,32 @@ fn main() -> ExitCode {
         tracing::info!("shutting down");
         c.cancel();
     });
-    match rt.block_on(run(cfg, cancel)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = rt.block_on(async {
+        let run = std::pin::pin!(run(cfg, cancel));
+        // Running, `run` stops by its own drain deadline; this one also
+        // covers a signal during start-up (an etcd that does not answer).
+        let backstop = async {
+            stop.cancelled().await;
+            tokio::time::sleep(STOP_BACKSTOP).await;
+        };
+        tokio::select! {
+            r = run => r,
+            () = backstop => {
+                tracing::warn!(deadline = ?STOP_BACKSTOP, "still starting or stopping at the stop deadline; exiting");
+                Ok(())
+            }
+        }
+    });
+    // Drops every task still running (connections cut at the drain
+    // deadline) and with them the last handles on the store, so that the
+    // database is closed before the process exits and a new coordinator
+    // opens it at once.
+    rt.shutdown_timeout(RUNTIME_SHUTDOWN);
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE

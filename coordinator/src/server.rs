@@ -19,6 +19,7 @@ use crate::auth::{self, AdminAuth, AdminTokenSource};
 use crate::election::Election;
 use crate::gateway::GatewayService;
 use crate::registry::Registry;
+use crate::shutdown::DRAIN_DEADLINE;
 use crate::tls::TlsFlags;
 
 /// Which store backend the coordinator uses.
@@ -82,7 +83,9 @@ pub struct Config {
     pub tls: TlsFlags,
 }
 
-/// Runs the coordinator until `cancel` fires.
+/// Runs the coordinator until `cancel` fires, then stops within
+/// [`DRAIN_DEADLINE`]: streams end with UNAVAILABLE, connections that are
+/// still open at the deadline are dropped.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     if cfg.overlay_cidr.contains(&cfg.service_cidr.network())
         || cfg.service_cidr.contains(&cfg.overlay_cidr.network())
@@ -95,7 +98,12 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     }
     crate::tls::check_flags(&cfg.tls, cfg.listen).map_err(|e| anyhow::anyhow!(e))?;
     create_private_dir(&cfg.data_dir)?;
-    let (store, shared) = open_store(&cfg).await?;
+    // A stop while connecting to etcd (or repairing the database file)
+    // needs no waiting.
+    let (store, shared) = tokio::select! {
+        r = open_store(&cfg) => r?,
+        () = cancel.cancelled() => return Ok(()),
+    };
     let admin = auth::init_admin(
         store.as_dyn(),
         &cfg.data_dir,
@@ -148,8 +156,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         }))
     };
     let admin_auth = AdminAuth::new(admin);
-    let api = ApiServer::with_interceptor(ApiService::new(reg.clone()), admin_auth.clone());
-    let gw = GatewayServer::new(GatewayService::new(reg, admin_auth));
+    let api = ApiServer::with_interceptor(
+        ApiService::new(reg.clone(), cancel.clone()),
+        admin_auth.clone(),
+    );
+    let gw = GatewayServer::new(GatewayService::new(reg, admin_auth, cancel.clone()));
     let shutdown = cancel.clone();
     let mut server = tonic::transport::Server::builder();
     if let Some(id) = &identity {
@@ -159,7 +170,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             ))
             .context("TLS configuration failed")?;
     }
-    server
+    let serve = server
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(api)
@@ -167,11 +178,35 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             async move { shutdown.cancelled().await },
-        )
-        .await
-        .context("gRPC server failed")?;
+        );
+    let mut serve = std::pin::pin!(serve);
+    let stopped = tokio::select! {
+        r = &mut serve => Some(r),
+        () = cancel.cancelled() => None,
+    };
+    // Stopping: every stream ends with UNAVAILABLE (crate::shutdown), so the
+    // connections close by themselves; past the deadline, whatever is still
+    // open is dropped.
+    let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
+    match stopped {
+        Some(r) => r.context("gRPC server failed")?,
+        None => match tokio::time::timeout_at(deadline, &mut serve).await {
+            Ok(r) => r.context("gRPC server failed")?,
+            Err(_) => tracing::warn!(
+                deadline = ?DRAIN_DEADLINE,
+                "connections still open at the drain deadline; dropping them"
+            ),
+        },
+    }
     cancel.cancel();
-    let _ = controllers.await;
+    if tokio::time::timeout_at(deadline, controllers)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the controllers did not stop by the drain deadline");
+    }
+    // The store closes when the last task holding it is dropped: the
+    // binary shuts the runtime down right after this returns.
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use meshd::core::lb::FlowLimits;
@@ -78,6 +79,12 @@ struct Args {
           value_parser = clap::value_parser!(u32).range(1..))]
     max_flows_per_source: u32,
 }
+
+/// How long after SIGTERM/SIGINT meshd exits at the latest, whatever its
+/// tasks are doing (they stop on their own well before).
+const STOP_DEADLINE: Duration = Duration::from_millis(1500);
+/// How long the runtime waits for blocking tasks once meshd has stopped.
+const RUNTIME_SHUTDOWN: Duration = Duration::from_millis(300);
 
 fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
     s.parse::<ipnet::IpNet>()
@@ -175,8 +182,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let cancel = CancellationToken::new();
-    let c = cancel.clone();
+    // `stop` fires on SIGTERM/SIGINT only; `cancel` (its child) also when
+    // a task fails.
+    let stop = CancellationToken::new();
+    let cancel = stop.child_token();
+    let c = stop.clone();
     rt.spawn(async move {
         let Ok(mut term) =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -190,7 +200,24 @@ fn main() -> ExitCode {
         tracing::info!("shutting down");
         c.cancel();
     });
-    match rt.block_on(run(cfg, cancel)) {
+    let result = rt.block_on(async {
+        let run = std::pin::pin!(run(cfg, cancel));
+        let deadline = async {
+            stop.cancelled().await;
+            tokio::time::sleep(STOP_DEADLINE).await;
+        };
+        tokio::select! {
+            r = run => r,
+            () = deadline => {
+                tracing::warn!(deadline = ?STOP_DEADLINE, "tasks still running at the stop deadline; exiting");
+                Ok(())
+            }
+        }
+    });
+    // Whatever still runs is dropped; the TUN interface (and its routes)
+    // goes when the process exits and its file descriptor closes.
+    rt.shutdown_timeout(RUNTIME_SHUTDOWN);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

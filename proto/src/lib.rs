@@ -127,6 +127,11 @@ macro_rules! into_object {
 }
 into_object!(Namespace, Cluster, Job, Service, Endpoints);
 
+/// The message of the UNAVAILABLE status a stopping coordinator ends every
+/// Watch and Netmap stream with: clients reconnect and resume from their
+/// last revision.
+pub const COORDINATOR_SHUTTING_DOWN: &str = "coordinator shutting down";
+
 /// A tonic interceptor adding `authorization: Bearer <token>` to every
 /// request (or nothing, for `None`).
 #[derive(Clone, Debug, Default)]

@@ -2,12 +2,14 @@
 //! list's revision and print one line (or document) per change, until
 //! Ctrl-C.
 //!
-//! The watch survives a dropped stream or a restarted coordinator: it
-//! reconnects with backoff (200 ms doubling to 5 s) and resumes after the
-//! last revision it processed (BOOKMARKs advance it too), so nothing is lost
-//! and nothing printed twice. When the coordinator answers OUT_OF_RANGE
-//! (history compacted) it relists and prints the difference from what it
-//! has shown as ADDED/MODIFIED/DELETED. [`State`] holds that bookkeeping as
+//! The watch survives a dropped stream or a restarted coordinator (a
+//! coordinator that stops ends every watch with UNAVAILABLE "coordinator
+//! shutting down"): it says so in one line on stderr, reconnects with
+//! backoff (200 ms doubling to 5 s) and resumes after the last revision it
+//! processed (BOOKMARKs advance it too), so nothing is lost and nothing
+//! printed twice. When the coordinator answers OUT_OF_RANGE (history
+//! compacted) it says so in one line, relists and prints the difference
+//! from what it has shown as ADDED/MODIFIED/DELETED. [`State`] holds that bookkeeping as
 //! plain data, tested without a server.
 
 use std::collections::BTreeMap;
@@ -242,7 +244,13 @@ async fn follow(ctx: &mut Ctx, state: &mut State, printer: &mut Printer) -> Resu
             stream_once(ctx, state, printer, &mut backoff, &mut outage).await?
         };
         match stop {
-            Interruption::TooOld => relist = true,
+            Interruption::TooOld => {
+                eprintln!(
+                    "warning: watch history after revision {} was compacted; listing again",
+                    state.resource_version()
+                );
+                relist = true;
+            }
             Interruption::Fatal(e) => return Err(e.into()),
             Interruption::Retry(reason) => {
                 if !outage {

@@ -83,6 +83,12 @@ struct Inner {
     notify: watch::Sender<u64>,
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        tracing::info!(path = %self.path.display(), "embedded store closed");
+    }
+}
+
 impl fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EmbeddedStore")

@@ -171,6 +171,33 @@ impl Coordinator {
         std::fs::read_to_string(self.data.path().join("coordinator.log")).unwrap_or_default()
     }
 
+    /// Sends SIGTERM and waits up to `grace` for the process to exit (then
+    /// SIGKILLs it). Returns its exit status (`None` if it had to be killed
+    /// or was not running) and how long it took to exit.
+    pub fn terminate(&mut self, grace: Duration) -> (Option<std::process::ExitStatus>, Duration) {
+        let Some(mut c) = self.child.take() else {
+            return (None, Duration::ZERO);
+        };
+        let t0 = Instant::now();
+        if let Ok(pid) = i32::try_from(c.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return (Some(st), t0.elapsed());
+            }
+            if t0.elapsed() > grace {
+                let _ = c.kill();
+                let _ = c.wait();
+                return (None, t0.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Sends SIGKILL and waits for the process to end.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

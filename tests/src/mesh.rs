@@ -4,9 +4,9 @@
 //! operator brings one up.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
-use std::process::Output;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Output};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -208,6 +208,24 @@ impl Mesh {
         Ok(())
     }
 
+    /// Sends the coordinator SIGTERM and waits up to `grace` for it to exit
+    /// (then SIGKILLs it). Returns its exit status (`None` if it had to be
+    /// killed or was not running) and how long it took to exit.
+    pub fn terminate_coordinator(&mut self, grace: Duration) -> (Option<ExitStatus>, Duration) {
+        terminate(self.coordinator.take(), grace)
+    }
+
+    /// The coordinator's process id (to freeze it with SIGSTOP, say), if
+    /// it runs.
+    pub fn coordinator_pid(&self) -> Option<u32> {
+        self.coordinator.as_ref().map(NsProcess::pid)
+    }
+
+    /// Everything the coordinator logged, over all its starts.
+    pub fn coordinator_log(&self) -> String {
+        std::fs::read_to_string(self.topo.dir().join("coordinator.log")).unwrap_or_default()
+    }
+
     /// Kills the coordinator (SIGKILL).
     pub fn stop_coordinator(&mut self) {
         if let Some(p) = self.coordinator.take() {
@@ -294,6 +312,36 @@ impl Mesh {
     /// The process id of cluster `i`'s meshd while it runs.
     pub fn meshd_pid(&self, i: usize) -> Option<u32> {
         self.meshd[i - 1].as_ref().map(NsProcess::pid)
+    }
+
+    /// Sends cluster `i`'s meshd SIGTERM and waits up to `grace` for it to
+    /// exit (then SIGKILLs it). Returns its exit status (`None` if it had to
+    /// be killed or was not running) and how long it took to exit.
+    pub fn terminate_meshd(&mut self, i: usize, grace: Duration) -> (Option<ExitStatus>, Duration) {
+        terminate(self.meshd[i - 1].take(), grace)
+    }
+
+    /// Starts a long-running skyctl (e.g. `get service --watch`) in the WAN
+    /// namespace with the coordinator's URL and token file; its stdout goes
+    /// to `stdout`, its stderr to `stderr`. It is killed when the handle or
+    /// the mesh is dropped.
+    pub fn spawn_skyctl(&self, args: &[&str], stdout: &Path, stderr: &Path) -> Result<NsProcess> {
+        let bin = bin_path("skyctl");
+        let token_file = self.coordinator_dir().join("admin.token");
+        // The shell only redirects stderr and execs skyctl (same pid, so
+        // the handle signals skyctl itself).
+        let script = format!(
+            "exec \"$@\" 2>>'{}'",
+            stderr.to_str().context("stderr path is UTF-8")?
+        );
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", &script, "sh"])
+            .arg(&bin)
+            .args(["--coordinator", &self.urls, "--token-file"])
+            .arg(&token_file)
+            .args(args)
+            .env_remove("RUST_LOG");
+        self.topo.wan().spawn_command(&cmd, stdout)
     }
 
     /// Kills cluster `i`'s meshd (SIGKILL).
@@ -419,6 +467,18 @@ impl Drop for Mesh {
             p.kill();
         }
     }
+}
+
+/// SIGTERM, then the time to exit (SIGKILL after `grace`).
+fn terminate(p: Option<NsProcess>, grace: Duration) -> (Option<ExitStatus>, Duration) {
+    let Some(p) = p else {
+        return (None, Duration::ZERO);
+    };
+    let t0 = Instant::now();
+    let status = p.terminate(grace);
+    let took = t0.elapsed();
+    // A status after the grace period is the SIGKILL's: report none.
+    (status.filter(|_| took < grace), took)
 }
 
 /// Writes a secret file with mode 0600.

@@ -167,6 +167,18 @@ pub async fn run_netmap(
                             tracing::warn!("netmap stream ended; keeping the last netmap");
                             break;
                         }
+                        // A stopping coordinator: a normal reconnect,
+                        // not a failure.
+                        Err(s)
+                            if s.code() == tonic::Code::Unavailable
+                                && s.message() == skymesh_proto::COORDINATOR_SHUTTING_DOWN =>
+                        {
+                            tracing::info!(
+                                revision = state.revision,
+                                "the coordinator is shutting down; reconnecting and resuming from the last revision"
+                            );
+                            break;
+                        }
                         Err(s) => {
                             tracing::warn!(code = ?s.code(), error = %s.message(), "netmap stream failed; keeping the last netmap");
                             break;
@@ -239,25 +251,34 @@ pub fn report(
 }
 
 /// Keeps the on-disk netmap cache (fail-static across restarts) at most
-/// [`CACHE_INTERVAL`] behind the applied netmap.
+/// [`CACHE_INTERVAL`] behind the applied netmap, and writes the newest one
+/// when meshd stops.
 pub async fn run_cache_writer(
     mut rx: watch::Receiver<Arc<NetState>>,
     dir: StateDir,
     cancel: CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            r = rx.changed() => if r.is_err() { return },
-        }
+    let save = |rx: &mut watch::Receiver<Arc<NetState>>| {
         let s = rx.borrow_and_update().clone();
         if let Err(e) = dir.save_netmap(&s) {
             tracing::warn!(error = %e, "failed to cache the netmap");
         }
+    };
+    loop {
         tokio::select! {
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => break,
+            r = rx.changed() => if r.is_err() { return },
+        }
+        save(&mut rx);
+        tokio::select! {
+            () = cancel.cancelled() => break,
             () = tokio::time::sleep(CACHE_INTERVAL) => {}
         }
+    }
+    // Stopping: cache what was applied since the last write, so that the
+    // next start resumes from the newest revision.
+    if rx.has_changed().unwrap_or(false) {
+        save(&mut rx);
     }
 }
 
@@ -288,7 +309,13 @@ pub async fn run_reporter(
             &peers.borrow_and_update(),
             &jobs.borrow_and_update(),
         );
-        if let Err(s) = gw.report_status(r).await {
+        // A frozen coordinator holds a call until the keepalive gives up:
+        // never let that delay a stop.
+        let sent = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = gw.report_status(r) => r,
+        };
+        if let Err(s) = sent {
             tracing::debug!(code = ?s.code(), error = %s.message(), "status report failed");
         }
     }
@@ -324,13 +351,14 @@ pub async fn run_job_sync(
             }
         };
         let n = jobs.len();
-        match gw
-            .sync_jobs(SyncJobsRequest {
+        let synced_now = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = gw.sync_jobs(SyncJobsRequest {
                 cluster: cluster.clone(),
                 jobs,
-            })
-            .await
-        {
+            }) => r,
+        };
+        match synced_now {
             Ok(_) => {
                 tracing::info!(file = %file.display(), jobs = n, "jobs registered");
                 synced = mtime;
