@@ -349,6 +349,19 @@ fn initiations(pcap: &[u8], port: u16) -> Vec<Vec<u8>> {
     out
 }
 
+/// CPU time (user + system) a process has used, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and
+    // stime are the 12th and 13th.
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
+}
+
 /// Bytes a TCP sink at `ip:5001` in `sink` receives from `client` in `secs`
 /// seconds of sending, as Mbit/s.
 fn bulk(client: &Netns, sink: &Netns, ip: Ipv4Addr, secs: u64) -> f64 {
@@ -441,7 +454,10 @@ fn a_handshake_flood_neither_moves_a_tunnel_nor_starves_it() {
         mesh.topo.app(2, 1),
         mesh.topo.app_ip(2, 1),
     );
+    let (p1, p2) = (mesh.meshd_pid(1).unwrap(), mesh.meshd_pid(2).unwrap());
+    let cpu0 = (cpu_secs(p1), cpu_secs(p2));
     let before = bulk(c1, c2, c2_ip, 4);
+    let cpu1 = (cpu_secs(p1), cpu_secs(p2));
     // Replays of the real peer's initiations from the attacker, 10,000 a
     // second, while the same transfer runs again.
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -474,6 +490,14 @@ fn a_handshake_flood_neither_moves_a_tunnel_nor_starves_it() {
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         (during, flood.join().unwrap())
     });
+    let cpu2 = (cpu_secs(p1), cpu_secs(p2));
+    eprintln!(
+        "meshd CPU seconds, gateway 1 / 2: {:.2} / {:.2} before, {:.2} / {:.2} under the flood",
+        cpu1.0 - cpu0.0,
+        cpu1.1 - cpu0.1,
+        cpu2.0 - cpu1.0,
+        cpu2.1 - cpu1.1
+    );
     let moved = endpoint_of_c2(&mesh);
     eprintln!(
         "TCP through the tunnel: {before:.0} Mbit/s before, {during:.0} Mbit/s under {sent} replayed initiations ({:.2}x)",
