@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
+use crate::limits::{MAX_WATCHES, StreamLimit};
 use crate::registry::Registry;
 use crate::shutdown::{ResponseStream, until_shutdown};
 
@@ -21,12 +22,17 @@ use crate::shutdown::{ResponseStream, until_shutdown};
 pub struct ApiService {
     reg: Registry,
     shutdown: CancellationToken,
+    watches: StreamLimit,
 }
 
 impl ApiService {
     /// The object API over `reg`; watches end when `shutdown` fires.
     pub fn new(reg: Registry, shutdown: CancellationToken) -> Self {
-        ApiService { reg, shutdown }
+        ApiService {
+            reg,
+            shutdown,
+            watches: StreamLimit::new("watches", MAX_WATCHES),
+        }
     }
 }
 
@@ -101,12 +107,17 @@ impl Api for ApiService {
         let r = req.into_inner();
         let ns = namespace(&r.namespace, r.all_namespaces);
         let name = (!r.name.is_empty()).then_some(r.name.as_str());
+        let permit = self.watches.acquire("admin")?;
         let s = self
             .reg
             .watch(kind(r.kind)?, ns, name, r.resource_version)
             .await?;
         Ok(Response::new(until_shutdown(
-            s.map(|r| r.map_err(Status::from)),
+            s.map(move |r| {
+                // The place is held as long as the stream lives.
+                let _held = &permit;
+                r.map_err(Status::from)
+            }),
             self.shutdown.clone(),
         )))
     }

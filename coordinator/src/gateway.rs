@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{self, AdminAuth};
 use crate::error::{Error, Result};
+use crate::limits::{MAX_NETMAP_STREAMS_PER_CLUSTER, StreamLimit};
 use crate::netmap::World;
 use crate::registry::{REGISTERED_BY, Registry, decode, object_key, optimistic, unix_now};
 use crate::shutdown::{ResponseStream, until_shutdown};
@@ -29,6 +30,7 @@ pub struct GatewayService {
     reg: Registry,
     admin: AdminAuth,
     shutdown: CancellationToken,
+    netmaps: StreamLimit,
 }
 
 impl GatewayService {
@@ -39,6 +41,7 @@ impl GatewayService {
             reg,
             admin,
             shutdown,
+            netmaps: StreamLimit::new("netmap streams", MAX_NETMAP_STREAMS_PER_CLUSTER),
         }
     }
 
@@ -338,10 +341,13 @@ impl Gateway for GatewayService {
         let cluster = validate::name("cluster", &req.get_ref().cluster).map_err(Error::from)?;
         self.authorize(req.metadata(), &cluster).await?;
         let from = req.get_ref().resource_version;
-        Ok(Response::new(until_shutdown(
-            netmap_stream(self.reg.clone(), cluster, from),
-            self.shutdown.clone(),
-        )))
+        let permit = self.netmaps.acquire(&cluster)?;
+        let stream = netmap_stream(self.reg.clone(), cluster, from).map(move |u| {
+            // The place is held as long as the stream lives.
+            let _held = &permit;
+            u
+        });
+        Ok(Response::new(until_shutdown(stream, self.shutdown.clone())))
     }
 
     async fn report_status(

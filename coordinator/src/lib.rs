@@ -14,6 +14,7 @@
 //! - [`api`], [`gateway`]: the gRPC services.
 //! - [`server`]: wiring for the binary.
 //! - [`shutdown`]: graceful stop (streams end with UNAVAILABLE, a drain deadline).
+//! - [`limits`]: streams per connection and credential, message sizes.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod api;
@@ -24,6 +25,7 @@ pub mod error;
 pub mod gateway;
 pub mod ipam;
 pub mod keyspace;
+pub mod limits;
 pub mod netmap;
 pub mod registry;
 pub mod server;

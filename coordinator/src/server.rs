@@ -18,6 +18,7 @@ use crate::api::ApiService;
 use crate::auth::{self, AdminAuth, AdminTokenSource};
 use crate::election::Election;
 use crate::gateway::GatewayService;
+use crate::limits;
 use crate::registry::Registry;
 use crate::shutdown::DRAIN_DEADLINE;
 use crate::tls::TlsFlags;
@@ -156,11 +157,15 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         }))
     };
     let admin_auth = AdminAuth::new(admin);
-    let api = ApiServer::with_interceptor(
-        ApiService::new(reg.clone(), cancel.clone()),
+    let api = tonic::service::interceptor::InterceptedService::new(
+        ApiServer::new(ApiService::new(reg.clone(), cancel.clone()))
+            .max_decoding_message_size(limits::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(limits::MAX_MESSAGE_BYTES),
         admin_auth.clone(),
     );
-    let gw = GatewayServer::new(GatewayService::new(reg, admin_auth, cancel.clone()));
+    let gw = GatewayServer::new(GatewayService::new(reg, admin_auth, cancel.clone()))
+        .max_decoding_message_size(limits::MAX_REQUEST_BYTES)
+        .max_encoding_message_size(limits::MAX_MESSAGE_BYTES);
     let shutdown = cancel.clone();
     let mut server = tonic::transport::Server::builder();
     if let Some(id) = &identity {
@@ -173,6 +178,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let serve = server
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(Some(limits::MAX_STREAMS_PER_CONNECTION))
         .add_service(api)
         .add_service(gw)
         .serve_with_incoming_shutdown(

@@ -132,6 +132,11 @@ into_object!(Namespace, Cluster, Job, Service, Endpoints);
 /// last revision.
 pub const COORDINATOR_SHUTTING_DOWN: &str = "coordinator shutting down";
 
+/// Largest gRPC message the coordinator sends and meshd and skyctl accept
+/// (tonic's default is 4 MiB): a netmap snapshot or a list of a mesh of
+/// 100 clusters and 10,000 services is ~45 MB.
+pub const MAX_MESSAGE_BYTES: usize = 128 << 20;
+
 /// A tonic interceptor adding `authorization: Bearer <token>` to every
 /// request (or nothing, for `None`).
 #[derive(Clone, Debug, Default)]

@@ -160,7 +160,9 @@ pub(crate) async fn connect(global: &GlobalArgs) -> Result<Ctx, Exit> {
         return Err(error::unreachable(&url, &last));
     };
     Ok(Ctx {
-        api: ApiClient::with_interceptor(channel, auth),
+        // A large mesh's lists are well over tonic's 4 MiB default.
+        api: ApiClient::with_interceptor(channel, auth)
+            .max_decoding_message_size(skymesh_proto::MAX_MESSAGE_BYTES),
         url,
         output: global.output,
     })

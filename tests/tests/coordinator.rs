@@ -653,6 +653,42 @@ async fn join_pins_keys_and_streams_netmaps() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
+    // One credential holds at most two netmap streams at once.
+    let (_, second) = snapshot(east.credential.clone(), "east").await;
+    let e = coord
+        .gateway(&east.credential)
+        .await
+        .unwrap()
+        .netmap(NetmapRequest {
+            cluster: "east".into(),
+            resource_version: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(e.message().contains("at most 2"), "{}", e.message());
+    drop(second);
+    // The server frees the place once it sees the stream cancelled.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = coord
+            .gateway(&east.credential)
+            .await
+            .unwrap()
+            .netmap(NetmapRequest {
+                cluster: "east".into(),
+                resource_version: 0,
+            })
+            .await;
+        if r.is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a closed stream never freed its place"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // A service appears as a delta; its Endpoints follow the jobs.
     create(&mut api, service("web", 80)).await.unwrap();

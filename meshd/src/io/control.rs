@@ -80,7 +80,9 @@ pub fn client(ch: Channel, token: &str) -> Result<Gateway> {
     Ok(GatewayClient::with_interceptor(
         ch,
         Bearer::new(Some(token)).context("token is not printable ASCII")?,
-    ))
+    )
+    // A large mesh's netmap snapshot is well over tonic's 4 MiB default.
+    .max_decoding_message_size(skymesh_proto::MAX_MESSAGE_BYTES))
 }
 
 /// The local address this host would use to reach the coordinator: the
