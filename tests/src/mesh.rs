@@ -104,6 +104,17 @@ impl Mesh {
                 .to_string();
             mesh.start_meshd(i, Some(&token))?;
         }
+        // Joined once its credential and the pinned CA are on disk: from
+        // then on a gateway restarts without a token (tests restart them
+        // straight away).
+        for i in 1..=n {
+            let dir = mesh.state_dir(i);
+            if !wait_until(Duration::from_secs(20), || {
+                dir.join("credential").exists() && dir.join(skymesh_proto::tls::CA_FILE).exists()
+            }) {
+                bail!("meshd {i} did not join:\n{}", mesh.meshd_log(i));
+            }
+        }
         Ok(mesh)
     }
 
