@@ -312,10 +312,10 @@ fn a_udp_spray_at_a_nodeport_leaves_the_gateway_serving() {
         "the spray never reached the relay ({fds_before} → {max_fds} files)"
     );
     assert!(max_fds < fds_before + 1024 + 64, "{max_fds} open files");
-    // Tunnels, DNS and the TCP NodePort are served throughout; the UDP
-    // NodePort (whose every new client costs a socket) serves again at
-    // once when the spray ends.
+    // Tunnels, DNS and both NodePorts are served throughout, and right
+    // after.
     for (what, r) in [
+        ("NodePort UDP", &nodeport_udp),
         ("NodePort TCP", &nodeport_tcp),
         ("tunnel", &tunnel),
         ("DNS", &dns),

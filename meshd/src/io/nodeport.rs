@@ -294,7 +294,9 @@ async fn relay_udp(sock: UdpSocket, vip: Ipv4Addr, port: u16, stop: Cancellation
             }
             let _ = gone.send(from);
         });
-        let _ = up.try_send(&buf[..n]);
+        // Awaited, not `try_send`: a socket this new has no readiness
+        // from the reactor yet, and `try_send` would drop the datagram.
+        let _ = up.send(&buf[..n]).await;
         clients.put(from, UdpClient { up, stop: child });
     }
 }
