@@ -10,6 +10,16 @@ use skymesh_tests::mesh::Mesh;
 use skymesh_tests::netns::{Netns, wait_until};
 use skymesh_tests::replica::{Replica, TCP_PORT, UDP_PORT};
 
+/// One flood at a time: each measures what a real client gets while the
+/// machine is busy with its own flood, not with another test's.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The flow table of cluster 1's gateway in these tests: small, so that a
 /// flood fills it many times over within seconds even from a slow sender.
 const MAX_FLOWS: &str = "8192";
@@ -110,6 +120,7 @@ fn summary(results: &[Result<Duration, String>]) -> String {
 
 #[test]
 fn a_syn_flood_from_spoofed_sources_does_not_deny_a_vip() {
+    let _serial = serial();
     let (mesh, _replicas, vip) = mesh_with_web(&["--max-flows", MAX_FLOWS]);
     let dst = SocketAddr::from((vip, 80));
     let (flooder, client) = (mesh.topo.app(1, 1), mesh.topo.app(1, 2));
@@ -206,6 +217,7 @@ fn fds(pid: u32) -> usize {
 
 #[test]
 fn a_udp_spray_at_a_nodeport_leaves_the_gateway_serving() {
+    let _serial = serial();
     let (mut mesh, _replicas, _) = mesh_with_web(&[]);
     mesh.sky(&[
         "create",
@@ -401,6 +413,7 @@ fn bulk(client: &Netns, sink: &Netns, ip: Ipv4Addr, secs: u64) -> f64 {
 
 #[test]
 fn a_handshake_flood_neither_moves_a_tunnel_nor_starves_it() {
+    let _serial = serial();
     skymesh_tests::netns::require_root().unwrap();
     let topo = skymesh_tests::netns::Topology::new(2, 1).unwrap();
     let pcap = topo.dir().join("wan.pcap");
