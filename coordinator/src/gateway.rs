@@ -16,9 +16,10 @@ use tonic::{Request, Response, Status};
 use crate::auth::{self, AdminAuth};
 use crate::error::{Error, Result};
 use crate::limits::{MAX_NETMAP_STREAMS_PER_CLUSTER, StreamLimit};
-use crate::netmap::World;
 use crate::registry::{REGISTERED_BY, Registry, decode, object_key, optimistic, unix_now};
 use crate::shutdown::{ResponseStream, until_shutdown};
+use crate::worldcache::{Update as CacheUpdate, WorldCache};
+use tokio::sync::broadcast;
 
 /// Jobs one cluster may register (its jobs file), a bound on what a
 /// gateway's credential can make the store hold.
@@ -31,17 +32,22 @@ pub struct GatewayService {
     admin: AdminAuth,
     shutdown: CancellationToken,
     netmaps: StreamLimit,
+    cache: WorldCache,
 }
 
 impl GatewayService {
     /// A gateway API over `reg`; the admin token is also accepted. Netmap
-    /// streams end when `shutdown` fires.
+    /// streams end when `shutdown` fires. Spawns the shared netmap cache
+    /// (call within a tokio runtime).
     pub fn new(reg: Registry, admin: AdminAuth, shutdown: CancellationToken) -> Self {
+        // One world for every netmap stream, kept current by one watch.
+        let cache = WorldCache::start(reg.store().clone(), shutdown.clone());
         GatewayService {
             reg,
             admin,
             shutdown,
             netmaps: StreamLimit::new("netmap streams", MAX_NETMAP_STREAMS_PER_CLUSTER),
+            cache,
         }
     }
 
@@ -245,26 +251,30 @@ fn same_user_fields(a: &Object, b: &Object) -> bool {
 
 type NetmapStream = ResponseStream<NetmapUpdate>;
 
-/// Streams a cluster's netmap: a snapshot (or, when resuming, the changes
-/// since `from`), then one delta per store revision that changes it.
-fn netmap_stream(reg: Registry, cluster: String, from: u64) -> NetmapStream {
+/// Streams a cluster's netmap from the shared world: a snapshot (or, when
+/// resuming, the changes since `from`), then one delta per store revision
+/// that changes it; a snapshot again when its identity changes or the
+/// stream fell behind the cache's backlog.
+fn netmap_stream(reg: Registry, cache: WorldCache, cluster: String, from: u64) -> NetmapStream {
     let overlay = reg.overlay_cidr().to_string();
     let services = reg.service_cidr().to_string();
     let s = async_stream::try_stream! {
-        let store = reg.store().clone();
-        let (kvs, rev) = store.range("/").await.map_err(Error::from)?;
-        let mut world = World::new(kvs);
-        if !world.has_cluster(&cluster) {
+        cache.ready().await?;
+        // Subscribed before reading: every revision after `rev` arrives.
+        let mut updates = cache.subscribe();
+        let (rev, exists) = {
+            let v = cache.view();
+            (v.revision(), v.world().has_cluster(&cluster))
+        };
+        if !exists {
             Err(Error::Precondition(format!("cluster {cluster:?} does not exist")))?;
         }
-        let mut sent_peers: Option<BTreeMap<String, _>>;
-        let mut watch = store.watch("/", rev);
         let resumed = if from > 0 && from <= rev {
             // Collect what changed in (from, rev]; compacted history means
-            // a snapshot instead.
+            // a snapshot instead. Reads only the history, never the store.
             let mut touched = BTreeSet::new();
             let mut ok = from == rev;
-            let mut catch_up = store.watch("/", from);
+            let mut catch_up = reg.store().watch("/", from);
             while !ok {
                 match catch_up.next().await {
                     Some(Ok(b)) => {
@@ -278,45 +288,70 @@ fn netmap_stream(reg: Registry, cluster: String, from: u64) -> NetmapStream {
         } else {
             None
         };
-        let mut identity = world.identity(&cluster);
-        match resumed {
-            Some(touched) => {
-                sent_peers = None;
-                let changes = world.changes(&cluster, &touched, &mut sent_peers);
-                tracing::info!(%cluster, from, to = rev, changes = changes.len(), "netmap stream resumed");
-                yield NetmapUpdate { resource_version: rev, update: Some(Update::Delta(NetmapDelta { changes })) };
-            }
-            None => {
-                sent_peers = Some(world.peers(&cluster));
-                tracing::info!(%cluster, revision = rev, "netmap snapshot sent");
-                yield NetmapUpdate { resource_version: rev, update: Some(Update::Snapshot(world.snapshot(&cluster, &overlay, &services))) };
-            }
-        }
-        while let Some(batch) = watch.next().await {
-            let batch = batch.map_err(Error::from)?;
-            let mut touched = BTreeSet::new();
-            for ev in &batch.events {
-                world.apply(ev);
-                if crate::netmap::relevant(&ev.kv.key) {
-                    touched.insert(ev.kv.key.clone());
+        let mut sent_peers: Option<BTreeMap<String, _>> = None;
+        let (first, mut identity) = {
+            let v = cache.view();
+            let w = v.world();
+            let first = match &resumed {
+                Some(touched) => {
+                    let changes = w.changes(&cluster, touched, &mut sent_peers);
+                    tracing::info!(%cluster, from, to = rev, changes = changes.len(), "netmap stream resumed");
+                    Update::Delta(NetmapDelta { changes })
                 }
-            }
-            if touched.is_empty() {
+                None => {
+                    sent_peers = Some(w.peers(&cluster));
+                    tracing::info!(%cluster, revision = rev, "netmap snapshot sent");
+                    Update::Snapshot(w.snapshot(&cluster, &overlay, &services))
+                }
+            };
+            (first, w.identity(&cluster))
+        };
+        yield NetmapUpdate { resource_version: rev, update: Some(first) };
+        let mut last = rev;
+        loop {
+            let (revision, keys) = match updates.recv().await {
+                Ok(CacheUpdate::Touched { revision, keys }) => (revision, Some(keys)),
+                Ok(CacheUpdate::Reloaded { revision }) => (revision, None),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::info!(%cluster, missed, "netmap stream fell behind; sending a snapshot");
+                    (0, None)
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    Err(Error::Internal("the netmap cache stopped".into()))?;
+                    break;
+                }
+            };
+            if keys.is_some() && revision <= last {
                 continue;
             }
-            if !world.has_cluster(&cluster) {
+            let next = {
+                let v = cache.view();
+                let w = v.world();
+                if !w.has_cluster(&cluster) {
+                    None
+                } else {
+                    let now = w.identity(&cluster);
+                    let update = match &keys {
+                        Some(keys) if now == identity => {
+                            let changes = w.changes(&cluster, keys, &mut sent_peers);
+                            (!changes.is_empty()).then_some(Update::Delta(NetmapDelta { changes }))
+                        }
+                        _ => {
+                            identity = now;
+                            sent_peers = Some(w.peers(&cluster));
+                            Some(Update::Snapshot(w.snapshot(&cluster, &overlay, &services)))
+                        }
+                    };
+                    Some((revision.max(if keys.is_none() { v.revision() } else { 0 }), update))
+                }
+            };
+            let Some((revision, update)) = next else {
                 Err(Error::NotFound { kind: "cluster", namespace: String::new(), name: cluster.clone() })?;
-            }
-            let now = world.identity(&cluster);
-            if now != identity {
-                identity = now;
-                sent_peers = Some(world.peers(&cluster));
-                yield NetmapUpdate { resource_version: batch.revision, update: Some(Update::Snapshot(world.snapshot(&cluster, &overlay, &services))) };
-                continue;
-            }
-            let changes = world.changes(&cluster, &touched, &mut sent_peers);
-            if !changes.is_empty() {
-                yield NetmapUpdate { resource_version: batch.revision, update: Some(Update::Delta(NetmapDelta { changes })) };
+                break;
+            };
+            last = revision;
+            if let Some(update) = update {
+                yield NetmapUpdate { resource_version: revision, update: Some(update) };
             }
         }
     };
@@ -342,11 +377,12 @@ impl Gateway for GatewayService {
         self.authorize(req.metadata(), &cluster).await?;
         let from = req.get_ref().resource_version;
         let permit = self.netmaps.acquire(&cluster)?;
-        let stream = netmap_stream(self.reg.clone(), cluster, from).map(move |u| {
-            // The place is held as long as the stream lives.
-            let _held = &permit;
-            u
-        });
+        let stream =
+            netmap_stream(self.reg.clone(), self.cache.clone(), cluster, from).map(move |u| {
+                // The place is held as long as the stream lives.
+                let _held = &permit;
+                u
+            });
         Ok(Response::new(until_shutdown(stream, self.shutdown.clone())))
     }
 

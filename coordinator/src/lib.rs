@@ -11,6 +11,7 @@
 //! - [`election`]: which replica runs the controllers (an etcd lease when
 //!   several coordinators share one etcd).
 //! - [`netmap`]: what one gateway needs, as snapshot or changes.
+//! - [`worldcache`]: one world for every netmap stream, kept current by one watch.
 //! - [`api`], [`gateway`]: the gRPC services.
 //! - [`server`]: wiring for the binary.
 //! - [`shutdown`]: graceful stop (streams end with UNAVAILABLE, a drain deadline).
@@ -31,3 +32,4 @@ pub mod registry;
 pub mod server;
 pub mod shutdown;
 pub mod tls;
+pub mod worldcache;
