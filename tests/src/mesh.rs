@@ -320,6 +320,30 @@ impl Mesh {
         self.meshd_ports[i - 1] = port;
     }
 
+    /// The VIP (`status.cluster_ip`) of service `name` in `default`, as
+    /// `skyctl get service -o json` shows it.
+    pub fn service_vip(&self, name: &str) -> Result<Ipv4Addr> {
+        let json = self.sky(&["get", "service", name, "-o", "json"])?;
+        let v: serde_json::Value =
+            serde_json::from_str(&json).context("skyctl -o json printed no JSON")?;
+        v.pointer("/status/cluster_ip")
+            .and_then(|i| i.as_str())
+            .with_context(|| format!("no VIP in {json}"))?
+            .parse()
+            .with_context(|| format!("the VIP in {json} is no IPv4 address"))
+    }
+
+    /// Waits up to `timeout` until service `name`'s endpoints (in
+    /// `default`) list at least `n` ready addresses.
+    pub fn wait_for_ready(&self, name: &str, n: usize, timeout: Duration) -> bool {
+        wait_until(timeout, || {
+            let ep = self
+                .sky(&["get", "endpoints", name, "-o", "json"])
+                .unwrap_or_default();
+            ep.matches("\"ready\": true").count() + ep.matches("\"ready\":true").count() >= n
+        })
+    }
+
     /// The process id of cluster `i`'s meshd while it runs.
     pub fn meshd_pid(&self, i: usize) -> Option<u32> {
         self.meshd[i - 1].as_ref().map(NsProcess::pid)

@@ -390,6 +390,39 @@ impl Netns {
             .is_ok_and(|s| s.success())
     }
 
+    /// Starts tcpdump on `interface` (with more tcpdump arguments `extra`,
+    /// e.g. a filter) writing every packet whole to `pcap` as it arrives;
+    /// returns once it captures. Needs tcpdump.
+    pub fn capture(
+        &self,
+        interface: &str,
+        extra: &[&str],
+        pcap: &Path,
+        log: &Path,
+    ) -> Result<NsProcess> {
+        let pcap = pcap.to_str().context("pcap path is UTF-8")?;
+        let mut args = vec![
+            "tcpdump",
+            "-i",
+            interface,
+            "--immediate-mode",
+            "-U",
+            "-s",
+            "0",
+            "-w",
+            pcap,
+        ];
+        args.extend(extra);
+        let p = self.spawn(&args, log)?;
+        // tcpdump says "listening on ..." once it captures.
+        ensure!(
+            wait_until(Duration::from_secs(10), || p.log().contains("listening on")),
+            "tcpdump did not start: {}",
+            p.log()
+        );
+        Ok(p)
+    }
+
     /// Starts `args` inside the namespace as a long-running process with
     /// stdout and stderr appended to `log`. It gets its own process group;
     /// the returned handle (and this namespace's drop) kills the group.

@@ -15,6 +15,17 @@ pub const TCP_PORT: u16 = 8080;
 /// The UDP port replicas answer on.
 pub const UDP_PORT: u16 = 9090;
 
+/// The `[[job]]` entry of a meshd jobs file (`--jobs`) for the replica
+/// `name` at `ip`, labelled `app = "web"`, with these ports (e.g.
+/// `http:8080`, `dns:9090/UDP`).
+pub fn job_entry(name: &str, ip: Ipv4Addr, ports: &[&str]) -> String {
+    let ports: Vec<String> = ports.iter().map(|p| format!("\"{p}\"")).collect();
+    format!(
+        "[[job]]\nname = \"{name}\"\nip = \"{ip}\"\nlabels = {{ app = \"web\" }}\nports = [{}]\n\n",
+        ports.join(", ")
+    )
+}
+
 /// A replica: answers every TCP connection with its name and a newline,
 /// then echoes lines; answers every UDP datagram with its name. Stops
 /// (closes its listeners) when dropped or [`Replica::stop`]ped.

@@ -44,17 +44,6 @@ fn listen(mesh: &Mesh, i: usize, k: usize, port: u16) -> NsProcess {
         .unwrap()
 }
 
-fn vip_of(mesh: &Mesh, svc: &str) -> String {
-    let json = mesh.sky(&["get", "service", svc, "-o", "json"]).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let ip = v
-        .pointer("/status/cluster_ip")
-        .or_else(|| v.pointer("/status/clusterIP"));
-    ip.and_then(|i| i.as_str())
-        .unwrap_or_else(|| panic!("no VIP in {json}"))
-        .to_string()
-}
-
 #[test]
 fn names_resolve_in_exposing_clusters_and_follow_changes() {
     let mesh = Mesh::start(3, 2).unwrap();
@@ -75,7 +64,7 @@ fn names_resolve_in_exposing_clusters_and_follow_changes() {
         "c2",
     ])
     .unwrap();
-    let vip = vip_of(&mesh, "web");
+    let vip = mesh.service_vip("web").unwrap().to_string();
     let t0 = Instant::now();
     assert!(
         wait_until(Duration::from_secs(1), || [1, 2].iter().all(|i| short(

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use skymesh_tests::mesh::Mesh;
 use skymesh_tests::netns::{Netns, wait_until};
-use skymesh_tests::replica::{Replica, TCP_PORT, UDP_PORT};
+use skymesh_tests::replica::{Replica, TCP_PORT, UDP_PORT, job_entry};
 
 /// One flood at a time: each measures what a real client gets while the
 /// machine is busy with its own flood, not with another test's.
@@ -28,9 +28,8 @@ const MAX_FLOWS: &str = "8192";
 /// each (one local to cluster 1, one behind the tunnel). Cluster 1's meshd
 /// runs with `extra` flags.
 fn mesh_with_web(extra: &[&str]) -> (Mesh, Vec<Replica>, Ipv4Addr) {
+    // Joined (Mesh::start waits for that), then restarted with `extra`.
     let mut mesh = Mesh::start(2, 3).unwrap();
-    // Joined (so the restart needs no token), then restarted with `extra`.
-    assert!(mesh.wait_for_tunnels(Duration::from_secs(20)));
     mesh.stop_meshd(1);
     mesh.set_meshd_args(1, extra);
     mesh.start_meshd(1, None).unwrap();
@@ -39,13 +38,9 @@ fn mesh_with_web(extra: &[&str]) -> (Mesh, Vec<Replica>, Ipv4Addr) {
         let ip = mesh.topo.app_ip(c, 3);
         let name = format!("web-{c}");
         replicas.push(Replica::start(mesh.topo.app(c, 3), ip, &name));
-        std::fs::write(
-            mesh.jobs_file(c),
-            format!(
-                "[[job]]\nname = \"{name}\"\nip = \"{ip}\"\nlabels = {{ app = \"web\" }}\nports = [\"http:{TCP_PORT}\", \"dns:{UDP_PORT}/UDP\"]\n"
-            ),
-        )
-        .unwrap();
+        let ports = [format!("http:{TCP_PORT}"), format!("dns:{UDP_PORT}/UDP")];
+        let ports: Vec<&str> = ports.iter().map(String::as_str).collect();
+        std::fs::write(mesh.jobs_file(c), job_entry(&name, ip, &ports)).unwrap();
     }
     assert!(mesh.wait_for_tunnels(Duration::from_secs(20)));
     mesh.sky(&[
@@ -59,24 +54,12 @@ fn mesh_with_web(extra: &[&str]) -> (Mesh, Vec<Replica>, Ipv4Addr) {
     ])
     .unwrap();
     assert!(
-        wait_until(Duration::from_secs(15), || {
-            let ep = mesh
-                .sky(&["get", "endpoints", "web", "-o", "json"])
-                .unwrap_or_default();
-            ep.matches("\"ready\": true").count() + ep.matches("\"ready\":true").count() >= 2
-        }),
+        mesh.wait_for_ready("web", 2, Duration::from_secs(15)),
         "{}",
         mesh.sky(&["get", "endpoints", "web", "-o", "wide"])
             .unwrap_or_default()
     );
-    let json = mesh.sky(&["get", "service", "web", "-o", "json"]).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let vip = v
-        .pointer("/status/cluster_ip")
-        .and_then(|i| i.as_str())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let vip = mesh.service_vip("web").unwrap();
     (mesh, replicas, vip)
 }
 
@@ -419,29 +402,8 @@ fn a_handshake_flood_neither_moves_a_tunnel_nor_starves_it() {
     let pcap = topo.dir().join("wan.pcap");
     let capture = topo
         .wan()
-        .spawn(
-            &[
-                "tcpdump",
-                "-i",
-                "gw1",
-                "--immediate-mode",
-                "-U",
-                "-s",
-                "0",
-                "-w",
-                pcap.to_str().unwrap(),
-                "udp",
-            ],
-            &topo.dir().join("tcpdump.log"),
-        )
+        .capture("gw1", &["udp"], &pcap, &topo.dir().join("tcpdump.log"))
         .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(10), || capture
-            .log()
-            .contains("listening on")),
-        "tcpdump did not start: {}",
-        capture.log()
-    );
     let mut mesh = Mesh::start_in(topo).unwrap();
     assert!(mesh.wait_for_tunnels(Duration::from_secs(20)));
     // Delivered to tcpdump at once (--immediate-mode); give it a moment.

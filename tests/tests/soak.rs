@@ -17,12 +17,12 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead as _, BufReader};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use skymesh_tests::mesh::Mesh;
 use skymesh_tests::netns::{Netns, wait_until};
-use skymesh_tests::replica::{Replica, TCP_PORT};
+use skymesh_tests::replica::{Replica, TCP_PORT, job_entry};
 
 /// How long a new connection may take, retries included, after a failure.
 const RECOVERY: Duration = Duration::from_secs(3);
@@ -111,13 +111,8 @@ fn soak_mixed_traffic_with_random_kill_9() {
         let ip = mesh.topo.app_ip(c, 2);
         let name = format!("web-{c}");
         replicas.push(Replica::start(mesh.topo.app(c, 2), ip, &name));
-        std::fs::write(
-            mesh.jobs_file(c),
-            format!(
-                "[[job]]\nname = \"{name}\"\nip = \"{ip}\"\nlabels = {{ app = \"web\" }}\nports = [\"http:{TCP_PORT}\"]\n"
-            ),
-        )
-        .unwrap();
+        let port = format!("http:{TCP_PORT}");
+        std::fs::write(mesh.jobs_file(c), job_entry(&name, ip, &[&port])).unwrap();
     }
     assert!(mesh.wait_for_tunnels(Duration::from_secs(30)));
     mesh.sky(&[
@@ -130,14 +125,7 @@ fn soak_mixed_traffic_with_random_kill_9() {
         "http:80:8080",
     ])
     .unwrap();
-    let json = mesh.sky(&["get", "service", "web", "-o", "json"]).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let vip: Ipv4Addr = v
-        .pointer("/status/cluster_ip")
-        .and_then(|i| i.as_str())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let vip = mesh.service_vip("web").unwrap();
     let dst = SocketAddr::from((vip, 80));
     assert!(wait_until(Duration::from_secs(30), || connect(
         mesh.topo.app(1, 1),

@@ -40,28 +40,8 @@ fn the_wan_carries_no_secret_in_the_clear() {
     let pcap = topo.dir().join("wan.pcap");
     let capture = topo
         .wan()
-        .spawn(
-            &[
-                "tcpdump",
-                "-i",
-                "any",
-                "-U",
-                "-s",
-                "0",
-                "-w",
-                pcap.to_str().unwrap(),
-            ],
-            &topo.dir().join("tcpdump.log"),
-        )
+        .capture("any", &[], &pcap, &topo.dir().join("tcpdump.log"))
         .unwrap();
-    // tcpdump says "listening on any" once it captures.
-    assert!(
-        wait_until(Duration::from_secs(10), || capture
-            .log()
-            .contains("listening on")),
-        "tcpdump did not start: {}",
-        capture.log()
-    );
     let mesh = Mesh::start_in(topo).unwrap();
     assert!(mesh.wait_for_tunnels(Duration::from_secs(20)));
     mesh.sky(&["create", "namespace", "shop"]).unwrap();

@@ -5,12 +5,12 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use skymesh_tests::mesh::Mesh;
 use skymesh_tests::netns::{Netns, wait_until};
-use skymesh_tests::replica::{Replica, TCP_PORT, UDP_PORT};
+use skymesh_tests::replica::{Replica, TCP_PORT, UDP_PORT, job_entry};
 
 /// Three clusters, two replicas each (`web-<c>-<k>` on app host k of
 /// cluster c), registered through each gateway's `--jobs` file.
@@ -26,24 +26,16 @@ fn with_replicas(mesh: Mesh) -> (Mesh, Vec<Replica>) {
             let ip = mesh.topo.app_ip(c, k);
             let name = format!("web-{c}-{k}");
             replicas.push(Replica::start(mesh.topo.app(c, k), ip, &name));
-            jobs.push_str(&format!(
-                "[[job]]\nname = \"{name}\"\nip = \"{ip}\"\nlabels = {{ app = \"web\" }}\nports = [\"http:{TCP_PORT}\", \"dns:{UDP_PORT}/UDP\"]\n\n"
+            jobs.push_str(&job_entry(
+                &name,
+                ip,
+                &[&format!("http:{TCP_PORT}"), &format!("dns:{UDP_PORT}/UDP")],
             ));
         }
         std::fs::write(mesh.jobs_file(c), jobs).unwrap();
     }
     assert!(mesh.wait_for_tunnels(Duration::from_secs(20)));
     (mesh, replicas)
-}
-
-fn vip_of(mesh: &Mesh, svc: &str) -> Ipv4Addr {
-    let json = mesh.sky(&["get", "service", svc, "-o", "json"]).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    v.pointer("/status/cluster_ip")
-        .and_then(|i| i.as_str())
-        .unwrap_or_else(|| panic!("no VIP in {json}"))
-        .parse()
-        .unwrap()
 }
 
 /// Opens `n` TCP connections from `ns` to `dst` and counts the names that
@@ -88,15 +80,6 @@ fn udp_names(ns: &Netns, dst: SocketAddr, n: usize) -> BTreeMap<String, usize> {
     .unwrap()
 }
 
-fn all_ready(mesh: &Mesh, svc: &str, n: usize) -> bool {
-    wait_until(Duration::from_secs(15), || {
-        let ep = mesh
-            .sky(&["get", "endpoints", svc, "-o", "json"])
-            .unwrap_or_default();
-        ep.matches("\"ready\": true").count() + ep.matches("\"ready\":true").count() >= n
-    })
-}
-
 #[test]
 fn vip_balances_across_every_replica_and_fails_over() {
     let (mut mesh, replicas) = mesh_with_replicas();
@@ -113,12 +96,12 @@ fn vip_balances_across_every_replica_and_fails_over() {
     ])
     .unwrap();
     assert!(
-        all_ready(&mesh, "web", 6),
+        mesh.wait_for_ready("web", 6, Duration::from_secs(15)),
         "{}",
         mesh.sky(&["get", "endpoints", "web", "-o", "wide"])
             .unwrap()
     );
-    let vip = vip_of(&mesh, "web");
+    let vip = mesh.service_vip("web").unwrap();
     let client = mesh.topo.app(1, 1);
 
     // ping to the VIP is answered by meshd.
@@ -248,10 +231,14 @@ fn traffic_policies_affinity_and_user_endpoints() {
     ])
     .unwrap();
     for s in ["near", "here", "sticky"] {
-        assert!(all_ready(&mesh, s, 6));
+        assert!(mesh.wait_for_ready(s, 6, Duration::from_secs(15)));
     }
     for s in ["near", "here"] {
-        let seen = tcp_names(client, SocketAddr::from((vip_of(&mesh, s), 80)), 40);
+        let seen = tcp_names(
+            client,
+            SocketAddr::from((mesh.service_vip(s).unwrap(), 80)),
+            40,
+        );
         eprintln!("{s}: {seen:?}");
         assert!(
             seen.keys().all(|k| k.starts_with("web-1-")),
@@ -259,7 +246,11 @@ fn traffic_policies_affinity_and_user_endpoints() {
         );
         assert_eq!(seen.len(), 2, "{s} uses both local replicas: {seen:?}");
     }
-    let seen = tcp_names(client, SocketAddr::from((vip_of(&mesh, "sticky"), 80)), 30);
+    let seen = tcp_names(
+        client,
+        SocketAddr::from((mesh.service_vip("sticky").unwrap(), 80)),
+        30,
+    );
     assert_eq!(seen.len(), 1, "ClientIP pins the client: {seen:?}");
 
     // A service without a selector uses user-made Endpoints.
@@ -278,8 +269,8 @@ fn traffic_policies_affinity_and_user_endpoints() {
         "app=web",
     ])
     .unwrap();
-    let vip = vip_of(&mesh, "solo");
-    assert!(all_ready(&mesh, "solo", 1));
+    let vip = mesh.service_vip("solo").unwrap();
+    assert!(mesh.wait_for_ready("solo", 1, Duration::from_secs(15)));
     let seen = tcp_names(client, SocketAddr::from((vip, 80)), 20);
     assert_eq!(
         seen.len(),
@@ -302,7 +293,7 @@ fn traffic_policies_affinity_and_user_endpoints() {
         "app=web",
     ])
     .unwrap();
-    let vip = vip_of(&mesh, "private");
+    let vip = mesh.service_vip("private").unwrap();
     std::thread::sleep(Duration::from_secs(1));
     let seen = tcp_names(client, SocketAddr::from((vip, 80)), 5);
     assert!(
@@ -335,7 +326,7 @@ fn nodeport_services_are_reachable_from_outside_the_mesh() {
         "c1",
     ])
     .unwrap();
-    assert!(all_ready(&mesh, "edge", 6));
+    assert!(mesh.wait_for_ready("edge", 6, Duration::from_secs(15)));
     let gw1 = mesh.topo.gateway_wan_ip(1);
     // The coordinator lists the exposing gateway's underlay address.
     assert!(
@@ -373,8 +364,8 @@ fn vips_keep_working_with_two_coordinators_on_etcd_when_one_dies() {
     let (mut mesh, _replicas) = with_replicas(Mesh::start_on_etcd(3, 2).unwrap());
     mesh.sky(&["create", "service", "web", "-s", "app=web", "-p", "80:8080"])
         .unwrap();
-    assert!(all_ready(&mesh, "web", 6));
-    let vip = vip_of(&mesh, "web");
+    assert!(mesh.wait_for_ready("web", 6, Duration::from_secs(15)));
+    let vip = mesh.service_vip("web").unwrap();
     let seen = tcp_names(mesh.topo.app(1, 1), SocketAddr::from((vip, 80)), 60);
     assert_eq!(seen.len(), 6, "{seen:?}");
 
@@ -396,7 +387,7 @@ fn vips_keep_working_with_two_coordinators_on_etcd_when_one_dies() {
         mesh.sky(&["get", "endpoints", "api", "-o", "wide"])
             .unwrap_or_default()
     );
-    let vip2 = vip_of(&mesh, "api");
+    let vip2 = mesh.service_vip("api").unwrap();
     assert_ne!(vip, vip2);
     // The new service reaches meshd through the surviving replica.
     let client = mesh.topo.app(1, 1);
