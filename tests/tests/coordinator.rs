@@ -642,45 +642,32 @@ async fn join_pins_keys_and_streams_netmaps() {
     assert_eq!(en.peers[0].preshared_key, wn.peers[0].preshared_key);
     assert!(!en.peers[0].preshared_key.is_empty());
     // A credential only opens its own cluster's netmap.
-    let e = coord
-        .gateway(&east.credential)
-        .await
-        .unwrap()
-        .netmap(NetmapRequest {
-            cluster: "west".into(),
-            resource_version: 0,
-        })
-        .await
-        .unwrap_err();
+    let open = |cluster: &'static str| {
+        let (coord, cred) = (&coord, east.credential.clone());
+        async move {
+            coord
+                .gateway(&cred)
+                .await
+                .unwrap()
+                .netmap(NetmapRequest {
+                    cluster: cluster.into(),
+                    resource_version: 0,
+                })
+                .await
+        }
+    };
+    let e = open("west").await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     // One credential holds at most two netmap streams at once.
     let (_, second) = snapshot(east.credential.clone(), "east").await;
-    let e = coord
-        .gateway(&east.credential)
-        .await
-        .unwrap()
-        .netmap(NetmapRequest {
-            cluster: "east".into(),
-            resource_version: 0,
-        })
-        .await
-        .unwrap_err();
+    let e = open("east").await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
     assert!(e.message().contains("at most 2"), "{}", e.message());
     drop(second);
     // The server frees the place once it sees the stream cancelled.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let r = coord
-            .gateway(&east.credential)
-            .await
-            .unwrap()
-            .netmap(NetmapRequest {
-                cluster: "east".into(),
-                resource_version: 0,
-            })
-            .await;
-        if r.is_ok() {
+        if open("east").await.is_ok() {
             break;
         }
         assert!(
