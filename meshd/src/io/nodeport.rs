@@ -127,15 +127,15 @@ pub async fn run(
 
 /// Tuning: TCP connections one external listener relays at once; beyond
 /// it new ones are closed at once (each holds two sockets and a task).
-const MAX_TCP_CONNECTIONS: usize = 4096;
+pub const MAX_TCP_CONNECTIONS: usize = 4096;
 /// Tuning: TCP connections (or UDP clients) one source address may hold at
 /// once on a listener.
-const MAX_PER_SOURCE: usize = 64;
+pub const MAX_PER_SOURCE: usize = 64;
 /// Tuning: UDP clients (each with its own socket towards the VIP) one
 /// external listener relays at once. When full, the client idle longest
 /// makes room for a new one, so a spray from many addresses cannot lock
 /// out a client that talks.
-const MAX_UDP_CLIENTS: usize = 1024;
+pub const MAX_UDP_CLIENTS: usize = 1024;
 
 /// Counts of what each source address holds, with a cap.
 #[derive(Debug, Default)]
