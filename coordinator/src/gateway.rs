@@ -342,7 +342,9 @@ fn netmap_stream(reg: Registry, cache: WorldCache, cluster: String, from: u64) -
                             Some(Update::Snapshot(w.snapshot(&cluster, &overlay, &services)))
                         }
                     };
-                    Some((revision.max(if keys.is_none() { v.revision() } else { 0 }), update))
+                    // A snapshot is of the world as it is now.
+                    let at = if keys.is_some() { revision } else { v.revision() };
+                    Some((at, update))
                 }
             };
             let Some((revision, update)) = next else {

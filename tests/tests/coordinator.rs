@@ -608,10 +608,10 @@ async fn join_pins_keys_and_streams_netmaps() {
     assert_ne!(west.overlay_ip, east.overlay_ip);
 
     // Each side's netmap has the other as peer with the same pair key.
-    let snapshot = |cred: String, cluster: &'static str| {
+    let open = |cred: String, cluster: &'static str| {
         let coord = &coord;
         async move {
-            let mut s = coord
+            coord
                 .gateway(&cred)
                 .await
                 .unwrap()
@@ -620,8 +620,12 @@ async fn join_pins_keys_and_streams_netmaps() {
                     resource_version: 0,
                 })
                 .await
-                .unwrap()
-                .into_inner();
+        }
+    };
+    let snapshot = |cred: String, cluster: &'static str| {
+        let open = &open;
+        async move {
+            let mut s = open(cred, cluster).await.unwrap().into_inner();
             let first = s.next().await.unwrap().unwrap();
             (first, s)
         }
@@ -642,32 +646,18 @@ async fn join_pins_keys_and_streams_netmaps() {
     assert_eq!(en.peers[0].preshared_key, wn.peers[0].preshared_key);
     assert!(!en.peers[0].preshared_key.is_empty());
     // A credential only opens its own cluster's netmap.
-    let open = |cluster: &'static str| {
-        let (coord, cred) = (&coord, east.credential.clone());
-        async move {
-            coord
-                .gateway(&cred)
-                .await
-                .unwrap()
-                .netmap(NetmapRequest {
-                    cluster: cluster.into(),
-                    resource_version: 0,
-                })
-                .await
-        }
-    };
-    let e = open("west").await.unwrap_err();
+    let e = open(east.credential.clone(), "west").await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     // One credential holds at most two netmap streams at once.
     let (_, second) = snapshot(east.credential.clone(), "east").await;
-    let e = open("east").await.unwrap_err();
+    let e = open(east.credential.clone(), "east").await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
     assert!(e.message().contains("at most 2"), "{}", e.message());
     drop(second);
     // The server frees the place once it sees the stream cancelled.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        if open("east").await.is_ok() {
+        if open(east.credential.clone(), "east").await.is_ok() {
             break;
         }
         assert!(

@@ -260,6 +260,34 @@ fn control_report_interval() -> Duration {
     Duration::from_secs(5)
 }
 
+/// Whether cluster 1's TUN interface exists.
+fn iface_exists(mesh: &Mesh) -> bool {
+    let iface = mesh.topo.iface(1);
+    mesh.topo
+        .gateway(1)
+        .exec(&["ip", "link", "show", &iface])
+        .status
+        .success()
+}
+
+/// meshd exited 0 within [`STOP_WITHIN`] of its SIGTERM and took its TUN
+/// interface with it (`when`: the coordinator's state, for the messages).
+fn assert_meshd_stopped(
+    mesh: &Mesh,
+    status: Option<std::process::ExitStatus>,
+    took: Duration,
+    when: &str,
+) {
+    eprintln!("meshd exit after SIGTERM{when}, took {took:?} ({status:?})");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "meshd exits cleanly on SIGTERM{when} ({status:?} after {took:?}):\n{}",
+        mesh.meshd_log(1)
+    );
+    assert!(took < STOP_WITHIN, "meshd stopped in {took:?}");
+    assert!(!iface_exists(mesh), "the TUN interface is gone");
+}
+
 #[test]
 fn meshd_stops_within_2s_with_or_without_the_coordinator() {
     require_root().unwrap();
@@ -268,26 +296,11 @@ fn meshd_stops_within_2s_with_or_without_the_coordinator() {
         mesh.wait_for_tunnels(Duration::from_secs(20)),
         "both gateways have a handshake"
     );
-    let iface = mesh.topo.iface(1);
-    let iface_exists = |mesh: &Mesh| {
-        mesh.topo
-            .gateway(1)
-            .exec(&["ip", "link", "show", &iface])
-            .status
-            .success()
-    };
     assert!(iface_exists(&mesh));
 
     // Coordinator up, netmap stream open.
     let (status, took) = mesh.terminate_meshd(1, GRACE);
-    eprintln!("meshd exit after SIGTERM took {took:?} ({status:?})");
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "meshd exits cleanly on SIGTERM ({status:?} after {took:?}):\n{}",
-        mesh.meshd_log(1)
-    );
-    assert!(took < STOP_WITHIN, "meshd stopped in {took:?}");
-    assert!(!iface_exists(&mesh), "the TUN interface is gone");
+    assert_meshd_stopped(&mesh, status, took, "");
 
     // It comes back from its state dir.
     mesh.start_meshd(1, None).unwrap();
@@ -305,14 +318,7 @@ fn meshd_stops_within_2s_with_or_without_the_coordinator() {
     std::thread::sleep(control_report_interval() + Duration::from_secs(1));
     let (status, took) = mesh.terminate_meshd(1, GRACE);
     signal(&pid, "-CONT");
-    eprintln!("meshd exit after SIGTERM, coordinator frozen, took {took:?} ({status:?})");
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "meshd exits cleanly on SIGTERM with a frozen coordinator ({status:?} after {took:?}):\n{}",
-        mesh.meshd_log(1)
-    );
-    assert!(took < STOP_WITHIN, "meshd stopped in {took:?}");
-    assert!(!iface_exists(&mesh), "the TUN interface is gone");
+    assert_meshd_stopped(&mesh, status, took, ", coordinator frozen");
 
     // Coordinator gone (reports and reconnects failing): still within 2 s.
     mesh.start_meshd(1, None).unwrap();
@@ -324,14 +330,7 @@ fn meshd_stops_within_2s_with_or_without_the_coordinator() {
     mesh.stop_coordinator();
     std::thread::sleep(Duration::from_secs(1));
     let (status, took) = mesh.terminate_meshd(1, GRACE);
-    eprintln!("meshd exit after SIGTERM, coordinator down, took {took:?} ({status:?})");
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "meshd exits cleanly on SIGTERM without a coordinator ({status:?} after {took:?}):\n{}",
-        mesh.meshd_log(1)
-    );
-    assert!(took < STOP_WITHIN, "meshd stopped in {took:?}");
-    assert!(!iface_exists(&mesh), "the TUN interface is gone");
+    assert_meshd_stopped(&mesh, status, took, ", coordinator down");
 
     // And starts again from its cached netmap (fail-static).
     mesh.start_meshd(1, None).unwrap();

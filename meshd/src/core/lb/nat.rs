@@ -673,11 +673,6 @@ impl NatTable {
     pub fn expire(&mut self, now: Instant) -> usize {
         self.retain(|f| !f.expired(now))
     }
-
-    /// Every flow, in no particular order (callers only aggregate).
-    pub fn flows(&self) -> impl Iterator<Item = &Flow> {
-        self.flows.values()
-    }
 }
 
 /// How the later fragments of a datagram are translated: the first
