@@ -469,6 +469,11 @@ pub fn lb_health(
             .filter(|(_, h)| !h.up)
             .map(|(n, _)| n.clone())
             .collect(),
+        peers_suspect: peers
+            .iter()
+            .filter(|(_, h)| h.suspect)
+            .map(|(n, _)| n.clone())
+            .collect(),
         local_unready: jobs
             .iter()
             .filter(|(_, r)| !**r)

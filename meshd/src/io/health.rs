@@ -34,6 +34,8 @@ const REPLY: u8 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerHealth {
     pub up: bool,
+    /// Missed its latest probe, not down yet: no new flows.
+    pub suspect: bool,
     pub rtt: Option<Duration>,
 }
 
@@ -180,6 +182,7 @@ fn publish(state: &BTreeMap<String, PeerProbe>, out: &watch::Sender<BTreeMap<Str
                 k.clone(),
                 PeerHealth {
                     up: p.up,
+                    suspect: p.suspect(),
                     rtt: p.rtt,
                 },
             )

@@ -172,7 +172,11 @@ impl Lb {
     /// Switches to a new table. New flows use it at once; an established
     /// flow stays on its backend while that backend is still eligible
     /// (ready, healthy, visible) for the same VIP and target port, and is
-    /// removed otherwise, so its next packet is balanced afresh.
+    /// removed otherwise, so its next packet is balanced afresh. A flow its
+    /// backend never answered is also moved when the backend is no longer
+    /// a candidate for new flows (its gateway is suspect, say): a client's
+    /// retransmitted SYN then reaches a live replica instead of the one
+    /// that just died.
     pub fn set_table(&mut self, t: Arc<LbTable>) {
         self.nat.retain(|f| {
             let i = f.inside.0;
@@ -182,6 +186,7 @@ impl Lb {
                     && s.eligible
                         .get(o.dst.ip())
                         .is_some_and(|b| b.local == (f.path == Path::Local))
+                    && (f.is_answered() || s.candidate(*o.dst.ip()).is_some())
             })
         });
         let stale: Vec<AffinityKey> = self

@@ -214,6 +214,11 @@ impl Flow {
         self.rst || (self.fin_in && self.fin_out)
     }
 
+    /// Whether the backend has answered yet.
+    pub fn is_answered(&self) -> bool {
+        self.reply_seen
+    }
+
     /// Whether the client has answered a reply (see [`UNASSURED_IDLE`]).
     pub fn is_assured(&self) -> bool {
         self.assured

@@ -66,6 +66,10 @@ impl LbConfig {
 pub struct Health {
     /// Clusters whose gateway missed 3 probes.
     pub peers_down: BTreeSet<String>,
+    /// Clusters whose gateway missed its latest probe but is not down:
+    /// their replicas take no new flows while another cluster's can (flows
+    /// they already serve, and DNS answers, stay).
+    pub peers_suspect: BTreeSet<String>,
     /// Local jobs failing their checks, as `(namespace, job)`.
     pub local_unready: BTreeSet<(String, String)>,
 }
@@ -270,7 +274,7 @@ fn vip_service(
     let policy = spec.traffic_policy();
     let any_local = eligible.iter().any(|b| b.local);
     let eligible: Vec<Arc<Backend>> = eligible.into_iter().map(Arc::new).collect();
-    let backends: Vec<Arc<Backend>> = eligible
+    let mut backends: Vec<Arc<Backend>> = eligible
         .iter()
         .filter(|b| match policy {
             TrafficPolicy::Unspecified | TrafficPolicy::Spread => true,
@@ -279,6 +283,14 @@ fn vip_service(
         })
         .cloned()
         .collect();
+    // Behind a suspect gateway: no new flows, unless nothing else is left
+    // (a lost probe must not take a service away).
+    if backends
+        .iter()
+        .any(|b| !health.peers_suspect.contains(&b.cluster))
+    {
+        backends.retain(|b| !health.peers_suspect.contains(&b.cluster));
+    }
     let affinity = (spec.session_affinity() == SessionAffinity::ClientIp).then(|| {
         match spec.affinity_timeout_s {
             0 => DEFAULT_AFFINITY_TIMEOUT,
@@ -504,6 +516,7 @@ mod tests {
         let health = Health {
             peers_down: ["c3".into()].into(),
             local_unready: [("default".into(), "b".into()), ("other".into(), "a".into())].into(),
+            ..Default::default()
         };
         let t = LbTable::build(&s, &cfg(), &health);
         assert_eq!(ips(&t, vip(1)), ["10.1.0.1", "10.2.0.1"]);

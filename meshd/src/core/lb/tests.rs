@@ -161,6 +161,7 @@ fn unhealthy_backends_get_no_new_flows() {
     let health = Health {
         peers_down: ["c2".to_string()].into(),
         local_unready: [("default".to_string(), "web-1a".to_string())].into(),
+        ..Default::default()
     };
     let mut lb = lb(&web_state(TrafficPolicy::Spread), &health);
     let got = spread(&mut lb, 120, Instant::now());
@@ -681,6 +682,61 @@ fn peer_down_moves_its_flows_at_once() {
         );
         assert_ne!(dst_ip(&p).octets()[1], 3);
     }
+}
+
+#[test]
+fn a_suspect_peer_takes_no_new_flows_and_loses_only_unanswered_ones() {
+    let s = web_state(TrafficPolicy::Spread);
+    let mut lb = lb(&s, &Health::default());
+    let now = Instant::now();
+    // Flows to c3: some answered by their backend, some not yet.
+    let mut answered = Vec::new();
+    let mut unanswered = Vec::new();
+    for i in 0..200u16 {
+        let c = sa(CLIENT, 30_000 + i);
+        let (_, p) = out(&mut lb, syn(c, sa(VIP, 80)), now);
+        let b = dst_ip(&p);
+        if b.octets()[1] != 3 {
+            continue;
+        }
+        if i % 2 == 0 {
+            let reply = tcp(sa(b, 8080), c, TCP_SYN | TCP_ACK, 1, 1, &[]);
+            let (v, _) = inb(&mut lb, reply, now);
+            assert_eq!(v, Verdict::ToTun);
+            answered.push((c, b));
+        } else {
+            unanswered.push(c);
+        }
+    }
+    assert!(!answered.is_empty() && !unanswered.is_empty());
+    let health = Health {
+        peers_suspect: ["c3".into()].into(),
+        ..Default::default()
+    };
+    lb.set_table(Arc::new(LbTable::build(&s, lb.config(), &health)));
+    // Answered flows stay where they are.
+    for (c, b) in &answered {
+        let (_, p) = out(&mut lb, tcp(*c, sa(VIP, 80), TCP_ACK, 2, 2, &[]), now);
+        assert_eq!(dst_ip(&p), *b);
+    }
+    // A retransmitted SYN of an unanswered flow, and every new flow, goes
+    // elsewhere.
+    for c in unanswered {
+        let (_, p) = out(&mut lb, syn(c, sa(VIP, 80)), now);
+        assert_ne!(dst_ip(&p).octets()[1], 3, "retransmitted SYN moved");
+    }
+    for i in 0..100u16 {
+        let (_, p) = out(&mut lb, syn(sa(CLIENT, 40_000 + i), sa(VIP, 80)), now);
+        assert_ne!(dst_ip(&p).octets()[1], 3, "no new flows to a suspect peer");
+    }
+    // When every candidate is suspect, they all keep serving.
+    let health = Health {
+        peers_suspect: ["c1".into(), "c2".into(), "c3".into()].into(),
+        ..Default::default()
+    };
+    lb.set_table(Arc::new(LbTable::build(&s, lb.config(), &health)));
+    let got = spread(&mut lb, 120, now);
+    assert!(got.len() > 1, "{got:?}");
 }
 
 #[test]
