@@ -13,6 +13,7 @@ use ipnet::Ipv4Net;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::engine::Engine;
 use crate::core::lb::{Health, Lb, LbConfig, LbTable, routable};
 use crate::core::node::Node;
 use crate::io::{control, device, health, metrics, nodeport, tun, uapi};
@@ -201,10 +202,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
             Ok(())
         });
     }
-    let engine = device::Engine {
-        node,
-        lb: Lb::new(lb_cfg),
-    };
+    let engine = Engine::new(node, Lb::new(lb_cfg), std::time::Instant::now());
     tasks.spawn(device::spawn(
         engine,
         dev,

@@ -1,10 +1,13 @@
 //! The WireGuard node: one boringtun [`Tunn`] per peer, cryptokey routing
 //! both ways, the shared handshake rate limiter, drop counters.
 //!
-//! Sans-IO: packets go in as bytes, [`Transmit`]s come out; no sockets, no
-//! TUN, no tasks. The caller (`io::device`) owns the node exclusively, so a
-//! peer's `Tunn` is never behind a mutex. boringtun reads the clock itself
-//! for its timers; everything else here is driven by the caller.
+//! Sans-IO: packets go in as bytes; encrypted datagrams are sealed straight
+//! into the caller's [`Datagrams`] batch and decrypted packets opened
+//! straight into the caller's buffer (no copy, no allocation of ours per
+//! packet); no sockets, no TUN, no tasks. The caller
+//! ([`super::engine::Engine`]) owns the node exclusively, so a peer's
+//! `Tunn` is never behind a mutex. boringtun reads the clock itself for its
+//! timers; everything else here is driven by the caller.
 //!
 //! Peer lookup for incoming datagrams follows the protocol: handshake
 //! initiations are matched by the initiator's static key (after the MAC and
@@ -37,6 +40,7 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::Ipv4Net;
 
+use super::batch::Datagrams;
 use super::route::RouteTable;
 
 /// Handshakes per second across all peers before cookies are required
@@ -46,6 +50,9 @@ const HANDSHAKE_RATE_LIMIT: u64 = 100;
 pub const PERSISTENT_KEEPALIVE_S: u16 = 25;
 /// WireGuard's data message overhead: header 16 + tag 16 (whitepaper §5.4.6).
 pub const DATA_OVERHEAD: usize = 32;
+/// A handshake initiation, the largest message `Tunn::encapsulate` writes
+/// besides data.
+const HANDSHAKE_INIT_LEN: usize = 148;
 /// Largest UDP payload we handle.
 pub const MAX_DATAGRAM: usize = 65_535;
 
@@ -89,15 +96,6 @@ impl DropReason {
             DropReason::UnderLoad => "under_load",
         }
     }
-}
-
-/// What the node wants sent.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Transmit {
-    /// A UDP datagram to a peer.
-    Network(SocketAddr, Vec<u8>),
-    /// A decrypted IP packet for the TUN interface.
-    Tunnel(Vec<u8>),
 }
 
 /// A peer as the netmap describes it.
@@ -347,8 +345,8 @@ impl Node {
     }
 
     /// A packet read from the TUN interface: encrypt it for the peer whose
-    /// allowed IPs hold its destination.
-    pub fn handle_tun(&mut self, packet: &[u8], out: &mut Vec<Transmit>) {
+    /// allowed IPs hold its destination, into `out`.
+    pub fn handle_tun(&mut self, packet: &[u8], out: &mut Datagrams) {
         let Some(dst) = ipv4_dst(packet) else {
             self.drop_packet(DropReason::NotIpv4);
             return;
@@ -360,8 +358,10 @@ impl Node {
         self.encapsulate(slot, packet, out);
     }
 
-    /// Encrypts `packet` for the peer in `slot`.
-    fn encapsulate(&mut self, slot: u32, packet: &[u8], out: &mut Vec<Transmit>) {
+    /// Encrypts `packet` for the peer in `slot`, sealing it in `out`'s
+    /// buffer (or writing a handshake initiation there if the peer has no
+    /// session yet; boringtun queues the packet meanwhile).
+    fn encapsulate(&mut self, slot: u32, packet: &[u8], out: &mut Datagrams) {
         let Some(p) = self.peers.get_mut(&slot) else {
             return;
         };
@@ -369,28 +369,39 @@ impl Node {
             *self.drops.entry(DropReason::NoEndpoint).or_default() += 1;
             return;
         };
-        match p.tunn.encapsulate(packet, &mut self.buf) {
-            TunnResult::WriteToNetwork(b) => {
-                p.tx_packets += 1;
-                p.tx_bytes += packet.len() as u64;
-                out.push(Transmit::Network(ep, b.to_vec()));
-            }
+        let room = out.room((packet.len() + DATA_OVERHEAD).max(HANDSHAKE_INIT_LEN));
+        let written = match p.tunn.encapsulate(packet, room) {
+            // boringtun writes at the start of the buffer it is given.
+            TunnResult::WriteToNetwork(b) => b.len(),
             TunnResult::Err(e) => {
-                tracing::debug!(peer = %p.cfg.name, error = ?e, "encapsulate failed")
+                tracing::debug!(peer = %p.cfg.name, error = ?e, "encapsulate failed");
+                return;
             }
             TunnResult::Done
             | TunnResult::WriteToTunnelV4(..)
-            | TunnResult::WriteToTunnelV6(..) => {}
-        }
+            | TunnResult::WriteToTunnelV6(..) => return,
+        };
+        p.tx_packets += 1;
+        p.tx_bytes += packet.len() as u64;
+        out.commit(ep, written);
     }
 
-    /// A UDP datagram from the network.
-    pub fn handle_network(&mut self, src: SocketAddr, datagram: &[u8], out: &mut Vec<Transmit>) {
+    /// A UDP datagram from the network. A data message that decrypts and
+    /// passes cryptokey routing is opened into `tun` (which must hold
+    /// `datagram.len()` bytes) and its length returned; handshake answers
+    /// and packets queued for a new session go to `out`.
+    pub fn handle_network(
+        &mut self,
+        src: SocketAddr,
+        datagram: &[u8],
+        out: &mut Datagrams,
+        tun: &mut [u8],
+    ) -> Option<usize> {
         let packet = match Tunn::parse_incoming_packet(datagram) {
             Ok(p) => p,
             Err(_) => {
                 self.drop_packet(DropReason::Garbage);
-                return;
+                return None;
             }
         };
         // What a successful first decapsulate result proves; see the
@@ -410,13 +421,13 @@ impl Node {
             {
                 Ok(_) => {}
                 Err(TunnResult::WriteToNetwork(c)) => {
-                    out.push(Transmit::Network(src, c.to_vec()));
+                    out.push(src, c);
                     self.drop_packet(DropReason::UnderLoad);
-                    return;
+                    return None;
                 }
                 Err(_) => {
                     self.drop_packet(DropReason::AuthFailed);
-                    return;
+                    return None;
                 }
             }
         }
@@ -427,12 +438,12 @@ impl Node {
                         Some(s) => *s,
                         None => {
                             self.drop_packet(DropReason::UnknownPeer);
-                            return;
+                            return None;
                         }
                     },
                     Err(_) => {
                         self.drop_packet(DropReason::AuthFailed);
-                        return;
+                        return None;
                     }
                 }
             }
@@ -442,15 +453,19 @@ impl Node {
         };
         let Some(p) = self.peers.get_mut(&slot) else {
             self.drop_packet(DropReason::UnknownPeer);
-            return;
+            return None;
         };
         let mut authenticated = false;
         let mut drop = None;
+        let mut delivered = None;
         let mut first = true;
         loop {
             let input: &[u8] = if first { datagram } else { &[] };
             let was_first = std::mem::replace(&mut first, false);
-            match p.tunn.decapsulate(Some(src.ip()), input, &mut self.buf) {
+            // The datagram opens straight into `tun`; what follows it (the
+            // queue flushed after a handshake) is sealed in scratch space.
+            let dst: &mut [u8] = if was_first { tun } else { &mut self.buf };
+            match p.tunn.decapsulate(Some(src.ip()), input, dst) {
                 TunnResult::Done => {
                     // First call: a keepalive that decrypted, or a cookie
                     // reply taken. Later calls: the queue is empty.
@@ -472,7 +487,7 @@ impl Node {
                     // Later calls: packets queued while the handshake was
                     // pending, flushed.
                     authenticated |= was_first && kind == Authenticates::Handshake;
-                    out.push(Transmit::Network(src, b.to_vec()));
+                    out.push(src, b);
                 }
                 TunnResult::WriteToTunnelV4(b, inner_src) => {
                     authenticated |= was_first && kind == Authenticates::Data;
@@ -485,7 +500,8 @@ impl Node {
                     } else {
                         p.rx_packets += 1;
                         p.rx_bytes += b.len() as u64;
-                        out.push(Transmit::Tunnel(b.to_vec()));
+                        // boringtun opens at the start of the buffer given.
+                        delivered = Some(b.len());
                     }
                     break;
                 }
@@ -505,6 +521,7 @@ impl Node {
         if let Some(why) = drop {
             self.drop_packet(why);
         }
+        delivered
     }
 
     fn track_handshake(p: &mut Peer) {
@@ -519,12 +536,12 @@ impl Node {
 
     /// Drives WireGuard's timers (handshake retries, rekeys, keepalives).
     /// Call every 250 ms or so; also resets the rate limiter's window.
-    pub fn handle_timers(&mut self, out: &mut Vec<Transmit>) {
+    pub fn handle_timers(&mut self, out: &mut Datagrams) {
         for p in self.peers.values_mut() {
             match p.tunn.update_timers(&mut self.buf) {
                 TunnResult::WriteToNetwork(b) => {
                     if let Some(ep) = p.endpoint {
-                        out.push(Transmit::Network(ep, b.to_vec()));
+                        out.push(ep, b);
                     }
                 }
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {}

@@ -5,6 +5,16 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
+/// The one rule for an address field of the netmap (a peer's allowed IPs,
+/// this gateway's overlay IP and workload CIDRs): an IPv4 CIDR, or a bare
+/// IPv4 address meaning its /32. Host bits of a CIDR are cleared.
+pub fn parse_allowed(s: &str) -> Option<Ipv4Net> {
+    s.parse::<Ipv4Net>()
+        .map(|n| n.trunc())
+        .ok()
+        .or_else(|| s.parse::<Ipv4Addr>().ok().map(Ipv4Net::from))
+}
+
 /// Maps prefixes to values; lookups return the value of the longest prefix
 /// containing the address.
 #[derive(Debug, Clone)]
@@ -51,6 +61,17 @@ impl<T: Clone + PartialEq> RouteTable<T> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn allowed_ips_are_cidrs_or_bare_addresses() {
+        let p = |s| super::parse_allowed(s).map(|n| n.to_string());
+        assert_eq!(p("10.1.0.0/16").as_deref(), Some("10.1.0.0/16"));
+        assert_eq!(p("10.1.2.3/16").as_deref(), Some("10.1.0.0/16"));
+        assert_eq!(p("100.64.0.7").as_deref(), Some("100.64.0.7/32"));
+        assert_eq!(p("fd00::/8"), None);
+        assert_eq!(p("10.1.0.0/33"), None);
+        assert_eq!(p(""), None);
+    }
+
     use super::*;
 
     fn net(s: &str) -> Ipv4Net {

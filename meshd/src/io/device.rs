@@ -1,46 +1,47 @@
-//! The packet loop: TUN ⇄ [`Node`] ⇄ UDP.
+//! The packet path's I/O: TUN and UDP in, the sans-IO
+//! [`Engine`] in the middle, TUN and UDP out — on three threads that hand
+//! each other whole batches, never single packets.
 //!
-//! One thread owns the node and the balancer, so no peer state is shared
-//! or locked. It reads from the TUN interface and the UDP socket in
-//! batches, hands packets to the balancer and the node, and writes their
-//! transmits out in batches; a 250 ms tick drives WireGuard's timers.
-//! Netmap changes arrive on a watch channel and are applied between
-//! batches as a peer diff. Every tick it publishes counters for status,
-//! metrics and `wg show`.
+//! - `meshd-packets` waits in `epoll` on the TUN and the UDP socket, reads
+//!   in batches (TUN offloads: one read is a whole TSO segment; `recvmmsg`
+//!   with UDP GRO: one buffer holds many datagrams), and runs the engine,
+//!   which seals datagrams straight into a [`Datagrams`] batch and opens
+//!   packets straight into a [`Packets`] batch. It also applies netmap and
+//!   balancer-table changes between batches and sleeps on the engine's
+//!   [`Engine::poll_timeout`].
+//! - `meshd-udp-tx` sends each full [`Datagrams`] batch (one GSO `sendmsg`
+//!   per group) and hands the emptied batch back.
+//! - `meshd-tun-tx` writes each full [`Packets`] batch to the TUN,
+//!   coalesced per flow (GRO), and hands it back. A TUN write runs the
+//!   receiving TCP stack inline, so on this thread that kernel work no
+//!   longer holds up decryption.
 //!
-//! Why one thread and not crypto on every core (as DESIGN.md planned):
-//! boringtun's `Tunn` takes `&mut self` for both directions, so one
-//! peer's encryption and decryption serialise whatever the threading, and
-//! on the benchmark's 2-core machine the cores are busy with the kernel's
-//! TCP stacks and iperf3 anyway. What made the tunnel fast was batching
-//! (TUN offloads, UDP GSO/GRO, `recvmmsg`); boringtun-cli, which is
-//! boringtun's device module (4 threads, a mutex per peer, one packet per
-//! syscall), measures far below this loop in the same run
-//! (`BENCHMARKS.md`).
+//! Each writer owns a small pool of batches ([`POOL`]); when all are in
+//! flight the packet thread waits for one (backpressure, never loss). The
+//! batches are reused: once warm, nothing on the path allocates per packet.
+//! Crypto itself still runs on `meshd-packets` (boringtun's `Tunn` takes
+//! `&mut self` for both directions; DESIGN.md, "data plane").
 
 use std::collections::BTreeMap;
 use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket as StdUdp};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use arc_swap::ArcSwap;
-use base64::Engine as _;
-use ipnet::Ipv4Net;
 use quinn_udp::{RecvMeta, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
-use crate::core::lb::{Lb, LbStats, LbTable, Verdict};
-use crate::core::node::{DropReason, MAX_DATAGRAM, Node, PeerConfig, PeerInfo, Transmit};
+use crate::core::batch::{Datagrams, Packets};
+use crate::core::engine::{DATAGRAM_RESERVE, Engine};
+use crate::core::lb::{LbStats, LbTable};
+use crate::core::node::{DropReason, MAX_DATAGRAM, PeerInfo};
 use crate::state::NetState;
-
-/// WireGuard timer granularity (boringtun expects ~4 calls per second).
-const TIMER_TICK: Duration = Duration::from_millis(250);
 
 /// Counters published by the device loop.
 #[derive(Debug, Clone, Default)]
@@ -52,39 +53,6 @@ pub struct DeviceStats {
     pub lb: LbStats,
 }
 
-/// Peer configurations from the netmap; peers with unusable fields are
-/// skipped with a warning.
-pub fn peer_configs(s: &NetState) -> Vec<PeerConfig> {
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let key = |v: &str| {
-        b64.decode(v)
-            .ok()
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
-    };
-    s.peers
-        .values()
-        .filter_map(|p| {
-            let (Some(public_key), Some(preshared_key)) =
-                (key(&p.public_key), key(&p.preshared_key))
-            else {
-                tracing::warn!(peer = %p.cluster, "peer has an invalid key; skipped");
-                return None;
-            };
-            Some(PeerConfig {
-                name: p.cluster.clone(),
-                public_key,
-                preshared_key,
-                endpoint: p.endpoint.parse::<SocketAddr>().ok(),
-                allowed_ips: p
-                    .allowed_ips
-                    .iter()
-                    .filter_map(|a| a.parse().ok())
-                    .collect(),
-            })
-        })
-        .collect()
-}
-
 /// Binds the WireGuard UDP socket.
 pub fn bind_udp(port: u16) -> Result<StdUdp> {
     let std = StdUdp::bind(("0.0.0.0", port))
@@ -93,10 +61,11 @@ pub fn bind_udp(port: u16) -> Result<StdUdp> {
     Ok(std)
 }
 
-/// Runs the packet loop on a thread of its own ([`super::thread`]), with
-/// a single-threaded runtime that owns the TUN and UDP sockets: the thread
-/// that waits in `epoll` is the one that encrypts. The returned future
-/// ends with the loop.
+/// Runs the packet path on threads of its own ([`super::thread`]): the
+/// packet thread with a single-threaded runtime that owns the TUN and UDP
+/// sockets (the thread that waits in `epoll` is the one that encrypts),
+/// and the two writers. The returned future ends with the packet loop,
+/// after the writers have finished.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn(
     engine: Engine,
@@ -110,52 +79,238 @@ pub fn spawn(
 ) -> Result<impl Future<Output = Result<()>>> {
     super::thread::spawn("meshd-packets", move || async move {
         let tun = Arc::new(AsyncDevice::new(tun)?);
+        let udp_tx = udp.try_clone().context("failed to clone the UDP socket")?;
         let udp = UdpSocket::from_std(udp)?;
-        let io = BatchIo::new(tun, udp, offload)?;
-        run(engine, io, netmap, lb_table, stats, cancel).await
+        let udp_state = UdpSocketState::new((&udp).into())?;
+        let max_segments = if offload {
+            udp_state.max_gso_segments()
+        } else {
+            1
+        };
+        // Room for bursts while the loop is busy encrypting.
+        for size in [4 << 20, 2 << 20] {
+            if udp_state.set_recv_buffer_size((&udp).into(), size).is_ok() {
+                break;
+            }
+        }
+        let _ = udp_state.set_send_buffer_size((&udp).into(), 4 << 20);
+        tracing::info!(
+            gso_segments = max_segments,
+            gro_segments = udp_state.gro_segments(),
+            "UDP offloads"
+        );
+        let (net, net_end) = writer("meshd-udp-tx", || {
+            Datagrams::new(DATAGRAM_BATCH, max_segments)
+        });
+        let (tun_out, tun_end) = writer("meshd-tun-tx", || {
+            Packets::new(IDEAL_BATCH_SIZE, TUN_OFFSET)
+        });
+        let udp_done = spawn_udp_writer(udp_tx, net_end)?;
+        let tun_done = spawn_tun_writer(tun.clone(), tun_end)?;
+        let io = BatchIo::new(tun, udp, udp_state);
+        let result = run(engine, io, net, tun_out, netmap, lb_table, stats, cancel).await;
+        // The writers end once their channels from `run` are gone.
+        let _ = udp_done.join();
+        let _ = tun_done.join();
+        result
     })
 }
 
-/// The packet loop's state: the WireGuard node and the VIP balancer, owned
-/// by the loop alone.
-pub struct Engine {
-    pub node: Node,
-    pub lb: Lb,
+/// Batches per writer, the one being filled included.
+pub const POOL: usize = 3;
+
+/// Bytes of one [`Datagrams`] batch: a few whole TUN reads.
+const DATAGRAM_BATCH: usize = 4 * 65_536;
+
+/// The packet thread's end of a writer: it fills `current`, hands it over
+/// when full and takes an emptied one back.
+struct Writer<T> {
+    current: T,
+    full: mpsc::Sender<T>,
+    empty: mpsc::Receiver<T>,
+    name: &'static str,
+}
+
+/// The writer thread's end.
+struct WriterEnd<T> {
+    full: mpsc::Receiver<T>,
+    empty: mpsc::Sender<T>,
+}
+
+/// A writer's two ends with [`POOL`] batches made by `make`.
+fn writer<T>(name: &'static str, make: impl Fn() -> T) -> (Writer<T>, WriterEnd<T>) {
+    let (full_tx, full_rx) = mpsc::channel(POOL);
+    let (empty_tx, empty_rx) = mpsc::channel(POOL);
+    for _ in 1..POOL {
+        // Capacity POOL: never full here.
+        let _ = empty_tx.try_send(make());
+    }
+    (
+        Writer {
+            current: make(),
+            full: full_tx,
+            empty: empty_rx,
+            name,
+        },
+        WriterEnd {
+            full: full_rx,
+            empty: empty_tx,
+        },
+    )
+}
+
+impl<T> Writer<T> {
+    /// Hands the current batch over and takes an empty one, waiting while
+    /// every batch is in flight.
+    async fn swap(&mut self) -> Result<()> {
+        let fresh = self.empty.recv().await;
+        let fresh = fresh.with_context(|| format!("the {} thread ended", self.name))?;
+        let full = std::mem::replace(&mut self.current, fresh);
+        self.full
+            .send(full)
+            .await
+            .map_err(|_| anyhow::anyhow!("the {} thread ended", self.name))
+    }
+}
+
+/// Starts `meshd-udp-tx`: one GSO `sendmsg` per datagram group, on a clone
+/// of the WireGuard socket registered with a runtime of its own.
+fn spawn_udp_writer(
+    sock: StdUdp,
+    mut end: WriterEnd<Datagrams>,
+) -> Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("meshd-udp-tx".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "failed to start the UDP writer's runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let (sock, state) = match UdpSocket::from_std(sock).and_then(|s| {
+                    let st = UdpSocketState::new((&s).into())?;
+                    Ok((s, st))
+                }) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::error!(error = %e, "UDP writer: socket setup failed");
+                        return;
+                    }
+                };
+                while let Some(mut d) = end.full.recv().await {
+                    send_datagrams(&sock, &state, &d).await;
+                    d.clear();
+                    if end.empty.send(d).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        })
+        .context("failed to start the meshd-udp-tx thread")
+}
+
+/// Sends every group of `d`, waiting while the socket buffer is full
+/// (backpressure instead of loss).
+async fn send_datagrams(sock: &UdpSocket, state: &UdpSocketState, d: &Datagrams) {
+    for s in d.sends() {
+        match s.segment_size {
+            // quinn-udp turns GSO off when the kernel refuses it: then one
+            // datagram at a time.
+            Some(seg) if state.max_gso_segments() <= 1 => {
+                for one in s.contents.chunks(seg) {
+                    send_one(sock, state, s.dst, one, None).await;
+                }
+            }
+            seg => send_one(sock, state, s.dst, s.contents, seg).await,
+        }
+    }
+}
+
+async fn send_one(
+    sock: &UdpSocket,
+    state: &UdpSocketState,
+    dst: SocketAddr,
+    contents: &[u8],
+    segment_size: Option<usize>,
+) {
+    let transmit = quinn_udp::Transmit {
+        destination: dst,
+        ecn: None,
+        contents,
+        segment_size,
+        src_ip: None,
+    };
+    loop {
+        match sock.try_io(Interest::WRITABLE, || {
+            state.try_send(sock.into(), &transmit)
+        }) {
+            Ok(()) => return,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Err(e) = sock.writable().await {
+                    tracing::debug!(error = %e, "UDP poll failed");
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(%dst, error = %e, "UDP send failed");
+                return;
+            }
+        }
+    }
+}
+
+/// Starts `meshd-tun-tx`: writes each batch to the TUN, coalescing packets
+/// of a flow into one write where the kernel takes offloads. TUN writes do
+/// not block, so this thread needs no runtime.
+fn spawn_tun_writer(
+    tun: Arc<AsyncDevice>,
+    mut end: WriterEnd<Packets>,
+) -> Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("meshd-tun-tx".into())
+        .spawn(move || {
+            let mut gro = GROTable::new();
+            while let Some(mut p) = end.full.blocking_recv() {
+                let headroom = p.headroom();
+                // The device's own (blocking-style) batch write, not the
+                // async one of `AsyncDevice`.
+                let dev: &tun_rs::DeviceImpl = &tun;
+                if let Err(e) = dev.send_multiple(&mut gro, p.bufs_mut(), headroom) {
+                    tracing::debug!(error = %e, "TUN write failed");
+                }
+                p.clear();
+                if end.empty.blocking_send(p).is_err() {
+                    return;
+                }
+            }
+        })
+        .context("failed to start the meshd-tun-tx thread")
 }
 
 /// Runs the packet loop until `cancel` fires.
-///
-/// Every packet from the TUN goes through the balancer first (it
-/// recognises replies of its own SNAT flows, answers pings and refusals for
-/// VIPs, and rewrites new VIP flows), then to the node for encryption when
-/// it must cross a tunnel. Every packet a tunnel delivers goes through the
-/// balancer's reverse translation before it is written to the TUN.
-///
-/// I/O is batched both ways, which is where a userspace tunnel spends its
-/// time: one TUN read returns a whole TSO segment (split here into
-/// MTU-sized packets), whose datagrams leave in one UDP GSO send; one
-/// `recvmmsg` returns up to `UDP_BATCH` buffers, each possibly holding
-/// many GRO-coalesced datagrams, and the decrypted packets are coalesced
-/// per flow into few TUN writes.
+#[allow(clippy::too_many_arguments)]
 async fn run(
-    engine: Engine,
+    mut engine: Engine,
     mut io: BatchIo,
+    mut net: Writer<Datagrams>,
+    mut tun: Writer<Packets>,
     mut netmap: watch::Receiver<Arc<NetState>>,
     mut lb_table: watch::Receiver<Arc<LbTable>>,
     stats: Arc<ArcSwap<DeviceStats>>,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let Engine { mut node, mut lb } = engine;
     let listen_port = io.udp.local_addr()?.port();
-    let mut out: Vec<Transmit> = Vec::with_capacity(IDEAL_BATCH_SIZE);
-    let mut reply: Vec<u8> = Vec::with_capacity(1500);
-    let mut timers = tokio::time::interval(TIMER_TICK);
-    timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut ticks: u64 = 0;
-    apply_netmap(&mut node, &netmap.borrow_and_update());
-    lb.set_table(lb_table.borrow_and_update().clone());
-    publish(&node, &lb, listen_port, &stats);
+    apply_netmap(&mut engine, &netmap.borrow_and_update());
+    engine.set_table(lb_table.borrow_and_update().clone());
+    publish(&engine, listen_port, &stats);
     loop {
+        let wake = tokio::time::Instant::from_std(engine.poll_timeout());
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
             changed = netmap.changed() => {
@@ -163,14 +318,14 @@ async fn run(
                     return Ok(());
                 }
                 let s = netmap.borrow_and_update().clone();
-                apply_netmap(&mut node, &s);
-                publish(&node, &lb, listen_port, &stats);
+                apply_netmap(&mut engine, &s);
+                publish(&engine, listen_port, &stats);
             }
             changed = lb_table.changed() => {
                 if changed.is_err() {
                     return Ok(());
                 }
-                lb.set_table(lb_table.borrow_and_update().clone());
+                engine.set_table(lb_table.borrow_and_update().clone());
             }
             r = io.tun.readable() => {
                 if let Err(e) = r {
@@ -186,20 +341,18 @@ async fn run(
                             break;
                         }
                     };
-                    let now = std::time::Instant::now();
+                    let now = Instant::now();
                     for i in 0..n {
-                        let packet = io.tun_packet(i);
-                        match lb.outbound(packet, &mut reply, now) {
-                            Verdict::Pass | Verdict::ToTunnel => node.handle_tun(packet, &mut out),
-                            Verdict::ToTun => out.push(Transmit::Tunnel(packet.to_vec())),
-                            Verdict::Reply => out.push(Transmit::Tunnel(reply.clone())),
-                            Verdict::Drop(_) => {}
+                        engine.handle_tun(io.tun_packet(i), now, &mut net.current, &mut tun.current);
+                        if tun.current.is_full() {
+                            tun.swap().await?;
                         }
-                        io.queue(&mut out);
                     }
-                    io.flush_if_full().await;
+                    if net.current.needs_flush(DATAGRAM_RESERVE) {
+                        net.swap().await?;
+                    }
                 }
-                io.flush().await;
+                flush(&mut net, &mut tun).await?;
             }
             r = io.udp.readable() => {
                 if let Err(e) = r {
@@ -216,35 +369,41 @@ async fn run(
                             continue;
                         }
                     };
-                    let now = std::time::Instant::now();
+                    let now = Instant::now();
                     for i in 0..n {
                         let (src, data, stride) = io.udp_buffer(i);
                         for datagram in data.chunks(stride) {
-                            node.handle_network(src, datagram, &mut out);
+                            engine.handle_network(src, datagram, now, &mut net.current, &mut tun.current);
+                            if tun.current.is_full() {
+                                tun.swap().await?;
+                            }
                         }
-                        out.retain_mut(|t| match t {
-                            Transmit::Tunnel(p) => matches!(lb.inbound(p, now), Verdict::Pass | Verdict::ToTun),
-                            Transmit::Network(..) => true,
-                        });
-                        io.queue(&mut out);
                     }
-                    io.flush_if_full().await;
+                    if net.current.needs_flush(DATAGRAM_RESERVE) {
+                        net.swap().await?;
+                    }
                 }
-                io.flush().await;
+                flush(&mut net, &mut tun).await?;
             }
-            _ = timers.tick() => {
-                node.handle_timers(&mut out);
-                lb.handle_timeout(std::time::Instant::now());
-                ticks += 1;
-                if ticks.is_multiple_of(4) {
-                    node.reset_rate_limiter();
+            () = tokio::time::sleep_until(wake) => {
+                if engine.handle_timeout(Instant::now(), &mut net.current) {
+                    publish(&engine, listen_port, &stats);
                 }
-                publish(&node, &lb, listen_port, &stats);
-                io.queue(&mut out);
-                io.flush().await;
+                flush(&mut net, &mut tun).await?;
             }
         }
     }
+}
+
+/// Hands over whatever is pending, datagrams first.
+async fn flush(net: &mut Writer<Datagrams>, tun: &mut Writer<Packets>) -> Result<()> {
+    if !net.current.is_empty() {
+        net.swap().await?;
+    }
+    if !tun.current.is_empty() {
+        tun.swap().await?;
+    }
+    Ok(())
 }
 
 /// TUN or UDP reads handled per readiness event before the loop looks at
@@ -267,15 +426,11 @@ const TUN_PACKET: usize = 9216 + 256;
 /// virtio-net header that offloading TUN writes carry.
 const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN;
 
-/// The loop's batched I/O: reads from the TUN and UDP socket into reused
-/// buffers, and collects outgoing datagrams into GSO batches and decrypted
-/// packets into one coalescing TUN write.
+/// The packet thread's reads: the TUN and UDP socket into reused buffers.
 struct BatchIo {
     tun: Arc<AsyncDevice>,
     udp: UdpSocket,
     udp_state: UdpSocketState,
-    /// Datagrams per GSO send (1: offloads off or unsupported).
-    max_segments: usize,
     /// A raw TUN read: virtio header and up to 64 KiB of segment.
     tun_raw: Vec<u8>,
     /// The TUN read split into packets (each at offset 0).
@@ -283,63 +438,20 @@ struct BatchIo {
     tun_sizes: Vec<usize>,
     udp_bufs: Vec<Vec<u8>>,
     udp_meta: Vec<RecvMeta>,
-    /// Packets for the TUN, each after [`TUN_OFFSET`] bytes of room.
-    tun_out: Vec<Vec<u8>>,
-    tun_out_len: usize,
-    gro: GROTable,
-    /// Pending datagrams, back to back, in [`GsoBatch`]es.
-    gso: Vec<u8>,
-    batches: Vec<GsoBatch>,
-}
-
-/// Datagrams for one destination sent with one `sendmsg`: all of
-/// `segment` bytes but the last, which may be shorter.
-struct GsoBatch {
-    dst: SocketAddr,
-    /// Offset of the first datagram in [`BatchIo::gso`].
-    start: usize,
-    segment: usize,
-    count: usize,
-    /// The last datagram was short: nothing more may join.
-    closed: bool,
 }
 
 impl BatchIo {
-    fn new(tun: Arc<AsyncDevice>, udp: UdpSocket, offload: bool) -> Result<Self> {
-        let udp_state = UdpSocketState::new((&udp).into())?;
-        let max_segments = if offload {
-            udp_state.max_gso_segments()
-        } else {
-            1
-        };
-        // Room for bursts while the loop is busy encrypting.
-        for size in [4 << 20, 2 << 20] {
-            if udp_state.set_recv_buffer_size((&udp).into(), size).is_ok() {
-                break;
-            }
-        }
-        let _ = udp_state.set_send_buffer_size((&udp).into(), 4 << 20);
-        tracing::info!(
-            gso_segments = max_segments,
-            gro_segments = udp_state.gro_segments(),
-            "UDP offloads"
-        );
-        Ok(BatchIo {
+    fn new(tun: Arc<AsyncDevice>, udp: UdpSocket, udp_state: UdpSocketState) -> Self {
+        BatchIo {
             tun,
             udp,
             udp_state,
-            max_segments,
             tun_raw: vec![0u8; VIRTIO_NET_HDR_LEN + MAX_DATAGRAM],
             tun_bufs: vec![vec![0u8; TUN_PACKET]; IDEAL_BATCH_SIZE],
             tun_sizes: vec![0; IDEAL_BATCH_SIZE],
             udp_bufs: vec![vec![0u8; UDP_BUFFER]; UDP_BATCH],
             udp_meta: vec![RecvMeta::default(); UDP_BATCH],
-            tun_out: Vec::new(),
-            tun_out_len: 0,
-            gro: GROTable::new(),
-            gso: Vec::with_capacity(4 * UDP_BUFFER),
-            batches: Vec::with_capacity(16),
-        })
+        }
     }
 
     /// One TUN read (non-blocking), split into packets; returns how many.
@@ -366,8 +478,10 @@ impl BatchIo {
             udp_meta,
             ..
         } = self;
-        let mut slices: Vec<IoSliceMut<'_>> =
-            udp_bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let mut slices: [IoSliceMut<'_>; UDP_BATCH] = {
+            let mut it = udp_bufs.iter_mut();
+            std::array::from_fn(|_| IoSliceMut::new(it.next().map_or(&mut [][..], |b| &mut b[..])))
+        };
         udp.try_io(Interest::READABLE, || {
             udp_state.recv((&*udp).into(), &mut slices, udp_meta)
         })
@@ -378,139 +492,23 @@ impl BatchIo {
         let m = &self.udp_meta[i];
         (m.addr, &self.udp_bufs[i][..m.len], m.stride.max(1))
     }
-
-    /// Moves the node's transmits into the pending batches.
-    fn queue(&mut self, out: &mut Vec<Transmit>) {
-        for t in out.drain(..) {
-            match t {
-                Transmit::Network(dst, data) => self.queue_datagram(dst, &data),
-                Transmit::Tunnel(packet) => {
-                    if self.tun_out_len == self.tun_out.len() {
-                        self.tun_out.push(Vec::with_capacity(TUN_OFFSET + 1500));
-                    }
-                    let buf = &mut self.tun_out[self.tun_out_len];
-                    buf.clear();
-                    buf.resize(TUN_OFFSET, 0);
-                    buf.extend_from_slice(&packet);
-                    self.tun_out_len += 1;
-                }
-            }
-        }
-    }
-
-    /// Appends a datagram to the last GSO batch, or starts a new batch
-    /// when it cannot join (other destination, larger than the batch's
-    /// segments, after a short last segment, or the batch is full).
-    fn queue_datagram(&mut self, dst: SocketAddr, data: &[u8]) {
-        // quinn-udp lowers its limit to 1 if the kernel refuses GSO.
-        let max_segments = self.max_segments.min(self.udp_state.max_gso_segments());
-        let start = self.gso.len();
-        self.gso.extend_from_slice(data);
-        if let Some(b) = self.batches.last_mut()
-            && b.dst == dst
-            && !b.closed
-            && data.len() <= b.segment
-            && b.count < max_segments
-            && self.gso.len() - b.start <= UDP_BUFFER - 512
-        {
-            b.count += 1;
-            b.closed = data.len() < b.segment;
-            return;
-        }
-        self.batches.push(GsoBatch {
-            dst,
-            start,
-            segment: data.len(),
-            count: 1,
-            closed: false,
-        });
-    }
-
-    /// Sends the pending GSO batches, waiting while the socket buffer is
-    /// full (backpressure instead of loss).
-    async fn send_batches(&mut self) {
-        for (i, b) in self.batches.iter().enumerate() {
-            let end = self.batches.get(i + 1).map_or(self.gso.len(), |n| n.start);
-            let transmit = quinn_udp::Transmit {
-                destination: b.dst,
-                ecn: None,
-                contents: &self.gso[b.start..end],
-                segment_size: (b.count > 1).then_some(b.segment),
-                src_ip: None,
-            };
-            let (udp, state) = (&self.udp, &self.udp_state);
-            loop {
-                match udp.try_io(Interest::WRITABLE, || state.try_send(udp.into(), &transmit)) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if let Err(e) = udp.writable().await {
-                            tracing::debug!(error = %e, "UDP poll failed");
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::debug!(dst = %b.dst, error = %e, "UDP send failed");
-                        break;
-                    }
-                }
-            }
-        }
-        self.batches.clear();
-        self.gso.clear();
-    }
-
-    /// Sends what is pending once a batch is big enough that waiting for
-    /// more reads gains nothing.
-    async fn flush_if_full(&mut self) {
-        if self.tun_out_len >= IDEAL_BATCH_SIZE || self.gso.len() >= 2 * UDP_BUFFER {
-            self.flush().await;
-        }
-    }
-
-    /// Sends everything pending: the GSO batch, then the TUN packets
-    /// (coalesced per flow where the kernel takes offloads).
-    async fn flush(&mut self) {
-        self.send_batches().await;
-        if self.tun_out_len > 0 {
-            let bufs = &mut self.tun_out[..self.tun_out_len];
-            if let Err(e) = self
-                .tun
-                .send_multiple(&mut self.gro, bufs, TUN_OFFSET)
-                .await
-            {
-                tracing::debug!(error = %e, "TUN write failed");
-            }
-            self.tun_out_len = 0;
-        }
-    }
 }
 
-/// Publishes the node's counters (every timer tick and after peer changes,
-/// so `wg show` is never more than 250 ms behind).
-fn publish(node: &Node, lb: &Lb, listen_port: u16, stats: &ArcSwap<DeviceStats>) {
+/// Publishes the engine's counters (every timer tick and after peer
+/// changes, so `wg show` is never more than 250 ms behind).
+fn publish(engine: &Engine, listen_port: u16, stats: &ArcSwap<DeviceStats>) {
+    let node = engine.node();
     stats.store(Arc::new(DeviceStats {
         public_key: node.public_key(),
         listen_port,
         peers: node.peers(),
         drops: node.drops().clone(),
-        lb: lb.stats(),
+        lb: engine.lb().stats(),
     }));
 }
 
-/// This gateway's own networks: its overlay IP and its workload CIDRs.
-pub fn local_nets(s: &NetState) -> Vec<Ipv4Net> {
-    s.overlay_ip
-        .parse::<std::net::Ipv4Addr>()
-        .ok()
-        .map(Ipv4Net::from)
-        .into_iter()
-        .chain(s.workload_cidrs.iter().filter_map(|c| c.parse().ok()))
-        .collect()
-}
-
-fn apply_netmap(node: &mut Node, s: &NetState) {
-    node.set_local(local_nets(s));
-    let diff = node.set_peers(peer_configs(s));
+fn apply_netmap(engine: &mut Engine, s: &NetState) {
+    let diff = engine.apply_netmap(s);
     if !diff.is_empty() {
         tracing::info!(added = ?diff.added, removed = ?diff.removed, rekeyed = ?diff.rekeyed, updated = ?diff.updated, "peers changed");
     }

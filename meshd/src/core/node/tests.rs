@@ -2,6 +2,48 @@
 //! cryptokey routing drops, garbage, live peer changes.
 
 use super::*;
+use crate::core::batch::Datagrams;
+
+/// What a node produced, as these tests compare it.
+#[derive(Debug, PartialEq, Eq)]
+enum Transmit {
+    /// A UDP datagram to a peer.
+    Network(SocketAddr, Vec<u8>),
+    /// A decrypted IP packet for the TUN interface.
+    Tunnel(Vec<u8>),
+}
+
+fn drain(d: &mut Datagrams, out: &mut Vec<Transmit>) {
+    out.extend(
+        d.datagrams()
+            .map(|(dst, b)| Transmit::Network(dst, b.to_vec())),
+    );
+    d.clear();
+}
+
+/// The node's batch API, collected into [`Transmit`]s.
+trait Collect {
+    fn tun_t(&mut self, packet: &[u8], out: &mut Vec<Transmit>);
+    fn net_t(&mut self, src: SocketAddr, datagram: &[u8], out: &mut Vec<Transmit>);
+}
+
+impl Collect for Node {
+    fn tun_t(&mut self, packet: &[u8], out: &mut Vec<Transmit>) {
+        let mut d = Datagrams::new(1 << 16, 64);
+        self.handle_tun(packet, &mut d);
+        drain(&mut d, out);
+    }
+
+    fn net_t(&mut self, src: SocketAddr, datagram: &[u8], out: &mut Vec<Transmit>) {
+        let mut d = Datagrams::new(1 << 16, 64);
+        let mut tun = vec![0u8; datagram.len()];
+        let n = self.handle_network(src, datagram, &mut d, &mut tun);
+        drain(&mut d, out);
+        if let Some(n) = n {
+            out.push(Transmit::Tunnel(tun[..n].to_vec()));
+        }
+    }
+}
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -74,7 +116,7 @@ fn pump(
             match t {
                 Transmit::Network(dst, d) => {
                     assert_eq!(dst, addr(B_ADDR));
-                    p.b.handle_network(addr(A_ADDR), &d, &mut next_b);
+                    p.b.net_t(addr(A_ADDR), &d, &mut next_b);
                 }
                 Transmit::Tunnel(pk) => tun_a.push(pk),
             }
@@ -83,7 +125,7 @@ fn pump(
             match t {
                 Transmit::Network(dst, d) => {
                     assert_eq!(dst, addr(A_ADDR));
-                    p.a.handle_network(addr(B_ADDR), &d, &mut next_a);
+                    p.a.net_t(addr(B_ADDR), &d, &mut next_a);
                 }
                 Transmit::Tunnel(pk) => tun_b.push(pk),
             }
@@ -99,7 +141,7 @@ fn established() -> Pair {
     let mut p = pair();
     let mut out = Vec::new();
     let first = packet([10, 1, 0, 11], [10, 2, 0, 11], 100);
-    p.a.handle_tun(&first, &mut out);
+    p.a.tun_t(&first, &mut out);
     let (_, tun_b) = pump(&mut p, out, Vec::new());
     assert_eq!(
         tun_b,
@@ -114,7 +156,7 @@ fn handshake_and_data_both_ways() {
     let mut p = established();
     let mut out = Vec::new();
     let reply = packet([10, 2, 0, 11], [10, 1, 0, 11], 1400);
-    p.b.handle_tun(&reply, &mut out);
+    p.b.tun_t(&reply, &mut out);
     let (tun_a, _) = pump(&mut p, Vec::new(), out);
     assert_eq!(tun_a, vec![reply]);
     let a = &p.a.peers()[0];
@@ -132,7 +174,7 @@ fn inner_source_outside_allowed_ips_is_dropped_and_counted() {
     // come from 10.3.0.1 (a's own routing would let it out: dst is b's).
     let spoofed = packet([10, 3, 0, 1], [10, 2, 0, 11], 60);
     let mut out = Vec::new();
-    p.a.handle_tun(&spoofed, &mut out);
+    p.a.tun_t(&spoofed, &mut out);
     let (_, tun_b) = pump(&mut p, out, Vec::new());
     assert!(tun_b.is_empty(), "spoofed packet not delivered");
     assert_eq!(p.b.drops().get(&DropReason::SourceNotAllowed), Some(&1));
@@ -154,8 +196,8 @@ fn inner_destination_outside_the_local_networks_is_dropped_and_counted() {
         allowed_ips: cfg.allowed_ips,
     }]);
     let mut out = Vec::new();
-    p.a.handle_tun(&packet([10, 1, 0, 11], [192, 0, 2, 1], 60), &mut out);
-    p.a.handle_tun(&packet([10, 1, 0, 11], [100, 64, 0, 2], 60), &mut out);
+    p.a.tun_t(&packet([10, 1, 0, 11], [192, 0, 2, 1], 60), &mut out);
+    p.a.tun_t(&packet([10, 1, 0, 11], [100, 64, 0, 2], 60), &mut out);
     let (_, tun_b) = pump(&mut p, out, Vec::new());
     assert_eq!(tun_b.len(), 1, "only the packet to b's overlay IP arrives");
     assert_eq!(ipv4_dst(&tun_b[0]), Some(Ipv4Addr::new(100, 64, 0, 2)));
@@ -169,12 +211,12 @@ fn inner_destination_outside_the_local_networks_is_dropped_and_counted() {
 fn garbage_and_forged_datagrams_are_counted_and_harmless() {
     let mut p = established();
     let mut out = Vec::new();
-    p.b.handle_network(addr(A_ADDR), b"hello, not wireguard", &mut out);
+    p.b.net_t(addr(A_ADDR), b"hello, not wireguard", &mut out);
     // A data message with a valid-looking header but a bad tag.
     let mut forged = vec![0u8; 64];
     forged[0] = 4;
     forged[4..8].copy_from_slice(&(1u32 << 8).to_le_bytes());
-    p.b.handle_network(addr(A_ADDR), &forged, &mut out);
+    p.b.net_t(addr(A_ADDR), &forged, &mut out);
     // A handshake initiation from a stranger's key.
     let mut stranger = Node::new([9u8; 32]);
     stranger.set_peers(vec![PeerConfig {
@@ -185,10 +227,10 @@ fn garbage_and_forged_datagrams_are_counted_and_harmless() {
         allowed_ips: vec![net("10.2.0.0/16")],
     }]);
     let mut init = Vec::new();
-    stranger.handle_tun(&packet([10, 9, 0, 1], [10, 2, 0, 1], 10), &mut init);
+    stranger.tun_t(&packet([10, 9, 0, 1], [10, 2, 0, 1], 10), &mut init);
     for t in init {
         if let Transmit::Network(_, d) = t {
-            p.b.handle_network(addr("198.51.100.99:1"), &d, &mut out);
+            p.b.net_t(addr("198.51.100.99:1"), &d, &mut out);
         }
     }
     assert!(out.is_empty(), "nothing answered: {out:?}");
@@ -199,7 +241,7 @@ fn garbage_and_forged_datagrams_are_counted_and_harmless() {
     // The established tunnel still works.
     let mut out = Vec::new();
     let pkt = packet([10, 1, 0, 11], [10, 2, 0, 12], 10);
-    p.a.handle_tun(&pkt, &mut out);
+    p.a.tun_t(&pkt, &mut out);
     let (_, tun_b) = pump(&mut p, out, Vec::new());
     assert_eq!(tun_b, vec![pkt]);
 }
@@ -208,8 +250,8 @@ fn garbage_and_forged_datagrams_are_counted_and_harmless() {
 fn unrouted_and_non_ipv4_packets_are_dropped() {
     let mut p = pair();
     let mut out = Vec::new();
-    p.a.handle_tun(&packet([10, 1, 0, 1], [8, 8, 8, 8], 10), &mut out);
-    p.a.handle_tun(&[0x60; 40], &mut out);
+    p.a.tun_t(&packet([10, 1, 0, 1], [8, 8, 8, 8], 10), &mut out);
+    p.a.tun_t(&[0x60; 40], &mut out);
     assert!(out.is_empty());
     assert_eq!(p.a.drops().get(&DropReason::NoRoute), Some(&1));
     assert_eq!(p.a.drops().get(&DropReason::NotIpv4), Some(&1));
@@ -240,7 +282,7 @@ fn peer_changes_keep_unchanged_sessions() {
     assert_eq!(p.a.route("10.3.1.1".parse().unwrap()), Some("c"));
     // b's session survived: data flows without a new handshake.
     let mut out = Vec::new();
-    p.a.handle_tun(&packet([10, 1, 0, 11], [10, 2, 0, 11], 10), &mut out);
+    p.a.tun_t(&packet([10, 1, 0, 11], [10, 2, 0, 11], 10), &mut out);
     assert_eq!(out.len(), 1);
     let Transmit::Network(_, d) = &out[0] else {
         panic!()
@@ -283,21 +325,21 @@ fn endpoint_of(n: &Node) -> Option<SocketAddr> {
 fn established_capturing() -> (Pair, Vec<u8>, Vec<u8>, Vec<u8>) {
     let mut p = pair();
     let mut out = Vec::new();
-    p.a.handle_tun(&packet([10, 1, 0, 11], [10, 2, 0, 11], 100), &mut out);
+    p.a.tun_t(&packet([10, 1, 0, 11], [10, 2, 0, 11], 100), &mut out);
     let [(_, init)] = <[_; 1]>::try_from(datagrams(out)).unwrap();
     assert_eq!(msg_type(&init), 1);
     let mut out = Vec::new();
-    p.b.handle_network(addr(A_ADDR), &init, &mut out);
+    p.b.net_t(addr(A_ADDR), &init, &mut out);
     let [(to, resp)] = <[_; 1]>::try_from(datagrams(out)).unwrap();
     assert_eq!((to, msg_type(&resp)), (addr(A_ADDR), 2));
     let mut out = Vec::new();
-    p.a.handle_network(addr(B_ADDR), &resp, &mut out);
+    p.a.net_t(addr(B_ADDR), &resp, &mut out);
     let sent = datagrams(out);
     assert!(sent.iter().all(|(_, d)| msg_type(d) == 4));
     let data = sent.last().unwrap().1.clone();
     let mut tun = Vec::new();
     for (_, d) in &sent {
-        p.b.handle_network(addr(A_ADDR), d, &mut tun);
+        p.b.net_t(addr(A_ADDR), d, &mut tun);
     }
     assert!(tun.contains(&Transmit::Tunnel(packet(
         [10, 1, 0, 11],
@@ -312,11 +354,11 @@ fn authenticated_data_from_a_new_address_moves_the_endpoint() {
     let mut p = established();
     assert_eq!(endpoint_of(&p.b), Some(addr(A_ADDR)));
     let mut out = Vec::new();
-    p.a.handle_tun(&packet([10, 1, 0, 11], [10, 2, 0, 11], 10), &mut out);
+    p.a.tun_t(&packet([10, 1, 0, 11], [10, 2, 0, 11], 10), &mut out);
     let [(_, data)] = <[_; 1]>::try_from(datagrams(out)).unwrap();
     let roamed = addr("198.51.100.77:40000");
     let mut out = Vec::new();
-    p.b.handle_network(roamed, &data, &mut out);
+    p.b.net_t(roamed, &data, &mut out);
     assert_eq!(out.len(), 1, "delivered: {out:?}");
     assert_eq!(endpoint_of(&p.b), Some(roamed), "the peer roamed");
 }
@@ -327,20 +369,20 @@ fn replayed_and_forged_messages_from_elsewhere_never_move_the_endpoint() {
     let mut out = Vec::new();
     // A captured initiation replayed (its timestamp is not newer), a
     // response to a handshake b is not doing, a replayed data message.
-    p.b.handle_network(addr(ATTACKER), &init, &mut out);
-    p.b.handle_network(addr(ATTACKER), &resp, &mut out);
-    p.b.handle_network(addr(ATTACKER), &data, &mut out);
+    p.b.net_t(addr(ATTACKER), &init, &mut out);
+    p.b.net_t(addr(ATTACKER), &resp, &mut out);
+    p.b.net_t(addr(ATTACKER), &data, &mut out);
     // A data message with b's receiver index but a bad tag.
     let mut forged = data.clone();
     let last = forged.len() - 1;
     forged[last] ^= 1;
-    p.b.handle_network(addr(ATTACKER), &forged, &mut out);
+    p.b.net_t(addr(ATTACKER), &forged, &mut out);
     assert!(datagrams(out).is_empty(), "nothing answered the attacker");
     assert_eq!(endpoint_of(&p.b), Some(addr(A_ADDR)));
     assert_eq!(p.b.drops().get(&DropReason::AuthFailed), Some(&4));
     // The same for a: b's response replayed, at a that is not waiting.
     let mut out = Vec::new();
-    p.a.handle_network(addr(ATTACKER), &resp, &mut out);
+    p.a.net_t(addr(ATTACKER), &resp, &mut out);
     assert_eq!(endpoint_of(&p.a), Some(addr(B_ADDR)));
 }
 
@@ -351,18 +393,18 @@ fn a_cookie_reply_from_elsewhere_never_moves_the_endpoint() {
     // answers b's initiation with a cookie reply, which an attacker
     // relays to b from its own address.
     let mut out = Vec::new();
-    p.b.handle_tun(&packet([10, 2, 0, 11], [10, 1, 0, 11], 10), &mut out);
+    p.b.tun_t(&packet([10, 2, 0, 11], [10, 1, 0, 11], 10), &mut out);
     let [(_, init)] = <[_; 1]>::try_from(datagrams(out)).unwrap();
     let mut flood = Vec::new();
     for _ in 0..=HANDSHAKE_RATE_LIMIT {
-        p.a.handle_network(addr(ATTACKER), &init, &mut flood);
+        p.a.net_t(addr(ATTACKER), &init, &mut flood);
     }
     let mut out = Vec::new();
-    p.a.handle_network(addr(B_ADDR), &init, &mut out);
+    p.a.net_t(addr(B_ADDR), &init, &mut out);
     let [(to, cookie)] = <[_; 1]>::try_from(datagrams(out)).unwrap();
     assert_eq!((to, msg_type(&cookie)), (addr(B_ADDR), 3), "a cookie reply");
     let mut out = Vec::new();
-    p.b.handle_network(addr(ATTACKER), &cookie, &mut out);
+    p.b.net_t(addr(ATTACKER), &cookie, &mut out);
     assert!(out.is_empty());
     assert!(
         !p.b.drops().contains_key(&DropReason::AuthFailed),
@@ -380,7 +422,7 @@ fn under_handshake_load_the_endpoint_stays_and_the_tunnel_works() {
     let flooder = addr("203.0.113.9:9");
     let mut out = Vec::new();
     for _ in 0..HANDSHAKE_RATE_LIMIT + 20 {
-        p.b.handle_network(flooder, &init, &mut out);
+        p.b.net_t(flooder, &init, &mut out);
     }
     assert!(
         datagrams(out)
@@ -394,7 +436,7 @@ fn under_handshake_load_the_endpoint_stays_and_the_tunnel_works() {
     // Over the limit, an initiation from elsewhere gets a cookie reply
     // there and goes no further.
     let mut out = Vec::new();
-    p.b.handle_network(addr(ATTACKER), &init, &mut out);
+    p.b.net_t(addr(ATTACKER), &init, &mut out);
     let [(to, d)] = <[_; 1]>::try_from(datagrams(out)).unwrap();
     assert_eq!((to, msg_type(&d)), (addr(ATTACKER), 3));
     assert_eq!(endpoint_of(&p.b), Some(addr(A_ADDR)));
@@ -404,7 +446,7 @@ fn under_handshake_load_the_endpoint_stays_and_the_tunnel_works() {
     // speaking from there.
     let mut out = Vec::new();
     for _ in 0..HANDSHAKE_RATE_LIMIT + 20 {
-        p.a.handle_network(flooder, &resp, &mut out);
+        p.a.net_t(flooder, &resp, &mut out);
         assert_eq!(endpoint_of(&p.a), Some(addr(B_ADDR)));
     }
     assert!(
@@ -414,19 +456,19 @@ fn under_handshake_load_the_endpoint_stays_and_the_tunnel_works() {
     );
     assert_eq!(p.a.drops().get(&DropReason::UnderLoad), Some(&21));
     let mut out = Vec::new();
-    p.a.handle_network(addr(ATTACKER), &resp, &mut out);
+    p.a.net_t(addr(ATTACKER), &resp, &mut out);
     let [(to, d)] = <[_; 1]>::try_from(datagrams(out)).unwrap();
     assert_eq!((to, msg_type(&d)), (addr(ATTACKER), 3));
     assert_eq!(endpoint_of(&p.a), Some(addr(B_ADDR)));
     // Data is not rate limited: the tunnel still carries traffic.
     let mut out = Vec::new();
     let pkt = packet([10, 1, 0, 11], [10, 2, 0, 12], 10);
-    p.a.handle_tun(&pkt, &mut out);
+    p.a.tun_t(&pkt, &mut out);
     let (_, tun_b) = pump(&mut p, out, Vec::new());
     assert_eq!(tun_b, vec![pkt]);
     let mut out = Vec::new();
     let pkt = packet([10, 2, 0, 12], [10, 1, 0, 11], 10);
-    p.b.handle_tun(&pkt, &mut out);
+    p.b.tun_t(&pkt, &mut out);
     let (tun_a, _) = pump(&mut p, Vec::new(), out);
     assert_eq!(tun_a, vec![pkt]);
     assert_eq!(endpoint_of(&p.b), Some(addr(A_ADDR)));
@@ -441,7 +483,7 @@ fn an_initiation_counts_once_against_the_limiter() {
     // limit would be reached half way.
     let mut out = Vec::new();
     for _ in 1..HANDSHAKE_RATE_LIMIT {
-        p.b.handle_network(addr(ATTACKER), &init, &mut out);
+        p.b.net_t(addr(ATTACKER), &init, &mut out);
     }
     assert!(
         datagrams(out).is_empty(),
@@ -449,7 +491,7 @@ fn an_initiation_counts_once_against_the_limiter() {
     );
     assert_eq!(p.b.drops().get(&DropReason::UnderLoad), None);
     let mut out = Vec::new();
-    p.b.handle_network(addr(ATTACKER), &init, &mut out);
+    p.b.net_t(addr(ATTACKER), &init, &mut out);
     assert_eq!(p.b.drops().get(&DropReason::UnderLoad), Some(&1));
     let [(_, d)] = <[_; 1]>::try_from(datagrams(out)).unwrap();
     assert_eq!(msg_type(&d), 3, "the next one gets a cookie reply");
@@ -457,7 +499,7 @@ fn an_initiation_counts_once_against_the_limiter() {
     std::thread::sleep(Duration::from_millis(1010));
     p.b.reset_rate_limiter();
     let mut out = Vec::new();
-    p.b.handle_network(addr(ATTACKER), &init, &mut out);
+    p.b.net_t(addr(ATTACKER), &init, &mut out);
     assert!(datagrams(out).is_empty());
     assert_eq!(p.b.drops().get(&DropReason::UnderLoad), Some(&1));
 }

@@ -1,0 +1,352 @@
+//! The packet path's batch buffers, in memory only: what the engine writes
+//! and the I/O layer sends.
+//!
+//! - [`Datagrams`]: encrypted datagrams back to back in one buffer,
+//!   grouped per destination so that each group leaves in one UDP GSO send.
+//!   The node seals straight into it ([`Datagrams::room`], then
+//!   [`Datagrams::commit`]).
+//! - [`Packets`]: decrypted packets for the TUN, each in a buffer of its
+//!   own with headroom for the virtio-net header, so that the TUN write can
+//!   coalesce them per flow (GRO). The node opens straight into it.
+//!
+//! Both are reused batch after batch: once warm, nothing on the hot path
+//! allocates (`meshd/tests/alloc.rs` counts).
+
+use std::net::SocketAddr;
+
+/// Largest UDP payload one GSO send may carry: the kernel caps a GSO
+/// datagram at 64 KiB including headers.
+pub const GSO_MAX_BYTES: usize = 65_535 - 512;
+
+/// Datagrams for one destination sent with one `sendmsg`: all of `segment`
+/// bytes but the last, which may be shorter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Group {
+    dst: SocketAddr,
+    start: usize,
+    end: usize,
+    segment: usize,
+    count: usize,
+    /// The last datagram was short: nothing more may join.
+    closed: bool,
+}
+
+/// Encrypted datagrams waiting to be sent, grouped for GSO.
+#[derive(Debug)]
+pub struct Datagrams {
+    /// Always at its full length; `len` bytes are in use.
+    buf: Vec<u8>,
+    len: usize,
+    groups: Vec<Group>,
+    max_segments: usize,
+}
+
+/// One group of [`Datagrams`]: its destination, its bytes, and the segment
+/// size when it holds more than one datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Send<'a> {
+    pub dst: SocketAddr,
+    pub contents: &'a [u8],
+    pub segment_size: Option<usize>,
+}
+
+impl Datagrams {
+    /// A batch of `bytes` capacity whose groups hold at most `max_segments`
+    /// datagrams (1: no GSO).
+    pub fn new(bytes: usize, max_segments: usize) -> Datagrams {
+        Datagrams {
+            buf: vec![0u8; bytes],
+            len: 0,
+            groups: Vec::with_capacity(64),
+            max_segments: max_segments.max(1),
+        }
+    }
+
+    /// Lowers (or raises) how many datagrams one group may hold; applies to
+    /// groups started from now on.
+    pub fn set_max_segments(&mut self, n: usize) {
+        self.max_segments = n.max(1);
+    }
+
+    /// Room for the next datagram, at most `max` bytes. Write it at the
+    /// start, then [`Datagrams::commit`] its length. The buffer grows if it
+    /// must (never once the caller flushes at [`Datagrams::needs_flush`]).
+    pub fn room(&mut self, max: usize) -> &mut [u8] {
+        if self.len + max > self.buf.len() {
+            self.buf.resize(self.len + max, 0);
+        }
+        &mut self.buf[self.len..self.len + max]
+    }
+
+    /// Takes the first `n` bytes of the last [`Datagrams::room`] as a
+    /// datagram to `dst`. It joins the last group when it can (same
+    /// destination, not larger than the group's segments, the group not
+    /// closed by a short one, not full); otherwise it starts a group.
+    pub fn commit(&mut self, dst: SocketAddr, n: usize) {
+        let start = self.len;
+        let n = n.min(self.buf.len() - start);
+        self.len += n;
+        if let Some(g) = self.groups.last_mut()
+            && g.dst == dst
+            && !g.closed
+            && n <= g.segment
+            && g.count < self.max_segments
+            && self.len - g.start <= GSO_MAX_BYTES
+        {
+            g.count += 1;
+            g.end = self.len;
+            g.closed = n < g.segment;
+            return;
+        }
+        self.groups.push(Group {
+            dst,
+            start,
+            end: self.len,
+            segment: n,
+            count: 1,
+            closed: false,
+        });
+    }
+
+    /// Copies `data` in as a datagram to `dst` (handshakes, cookies: the
+    /// paths that are not worth sealing in place).
+    pub fn push(&mut self, dst: SocketAddr, data: &[u8]) {
+        self.room(data.len()).copy_from_slice(data);
+        self.commit(dst, data.len());
+    }
+
+    /// Whether nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// Bytes waiting.
+    pub fn bytes(&self) -> usize {
+        self.len
+    }
+
+    /// Whether less than `reserve` bytes of room are left: send before
+    /// adding more.
+    pub fn needs_flush(&self, reserve: usize) -> bool {
+        self.buf.len() - self.len < reserve
+    }
+
+    /// The groups, in order.
+    pub fn sends(&self) -> impl Iterator<Item = Send<'_>> {
+        self.groups.iter().map(|g| Send {
+            dst: g.dst,
+            contents: &self.buf[g.start..g.end],
+            segment_size: (g.count > 1).then_some(g.segment),
+        })
+    }
+
+    /// Every datagram, in order, with its destination (tests, and sockets
+    /// without GSO).
+    pub fn datagrams(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> {
+        self.sends().flat_map(|s| {
+            s.contents
+                .chunks(s.segment_size.unwrap_or(s.contents.len().max(1)))
+                .map(move |d| (s.dst, d))
+        })
+    }
+
+    /// Empties the batch, keeping its memory.
+    pub fn clear(&mut self) {
+        self.len = 0;
+        self.groups.clear();
+    }
+}
+
+/// Decrypted packets waiting for the TUN, each after `headroom` bytes.
+#[derive(Debug)]
+pub struct Packets {
+    /// Slot buffers; the first `len` hold packets. A slot's `Vec` length is
+    /// headroom + packet (the TUN write may grow the first packet of a flow
+    /// when it coalesces the others into it).
+    bufs: Vec<Vec<u8>>,
+    len: usize,
+    headroom: usize,
+    limit: usize,
+}
+
+/// Initial room of a packet slot: a full-MTU packet and its headroom.
+const SLOT: usize = 1500 + 64;
+
+impl Packets {
+    /// A batch of at most `limit` packets with `headroom` bytes in front of
+    /// each.
+    pub fn new(limit: usize, headroom: usize) -> Packets {
+        Packets {
+            bufs: (0..limit)
+                .map(|_| Vec::with_capacity(headroom + SLOT))
+                .collect(),
+            len: 0,
+            headroom,
+            limit,
+        }
+    }
+
+    /// Room for the next packet, at most `max` bytes; write it at the start
+    /// and [`Packets::commit`] its length, or just do not commit.
+    pub fn room(&mut self, max: usize) -> &mut [u8] {
+        if self.len == self.bufs.len() {
+            self.bufs.push(Vec::with_capacity(self.headroom + SLOT));
+        }
+        let b = &mut self.bufs[self.len];
+        // A previous, longer packet leaves its bytes: only the gap to a
+        // longer one is zeroed.
+        b.resize(self.headroom + max, 0);
+        &mut b[self.headroom..]
+    }
+
+    /// Takes the first `n` bytes of the last [`Packets::room`] as a packet.
+    pub fn commit(&mut self, n: usize) {
+        let b = &mut self.bufs[self.len];
+        b.truncate(self.headroom + n);
+        self.len += 1;
+    }
+
+    /// Copies `packet` in.
+    pub fn push(&mut self, packet: &[u8]) {
+        self.room(packet.len()).copy_from_slice(packet);
+        self.commit(packet.len());
+    }
+
+    /// Whether the batch holds its packet limit: write before adding more.
+    pub fn is_full(&self) -> bool {
+        self.len >= self.limit
+    }
+
+    /// Whether nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Packets waiting.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Headroom in front of each packet.
+    pub fn headroom(&self) -> usize {
+        self.headroom
+    }
+
+    /// The waiting packets' buffers, headroom included (for the TUN write,
+    /// which may modify and grow them).
+    pub fn bufs_mut(&mut self) -> &mut [Vec<u8>] {
+        &mut self.bufs[..self.len]
+    }
+
+    /// The waiting packets, without headroom.
+    pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
+        self.bufs[..self.len].iter().map(|b| &b[self.headroom..])
+    }
+
+    /// Empties the batch, keeping its memory.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(port: u16) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 1], port))
+    }
+
+    fn put(d: &mut Datagrams, dst: SocketAddr, byte: u8, n: usize) {
+        let room = d.room(n + 100);
+        room[..n].fill(byte);
+        d.commit(dst, n);
+    }
+
+    #[test]
+    fn datagrams_group_per_destination_and_segment_size() {
+        let mut d = Datagrams::new(1 << 16, 64);
+        put(&mut d, a(1), 1, 100);
+        put(&mut d, a(1), 2, 100);
+        put(&mut d, a(1), 3, 60); // short: closes the group
+        put(&mut d, a(1), 4, 100);
+        put(&mut d, a(2), 5, 100);
+        put(&mut d, a(2), 6, 120); // larger than the segment: new group
+        let sends: Vec<(SocketAddr, usize, Option<usize>)> = d
+            .sends()
+            .map(|s| (s.dst, s.contents.len(), s.segment_size))
+            .collect();
+        assert_eq!(
+            sends,
+            [
+                (a(1), 260, Some(100)),
+                (a(1), 100, None),
+                (a(2), 100, None),
+                (a(2), 120, None)
+            ]
+        );
+        let got: Vec<(SocketAddr, u8, usize)> =
+            d.datagrams().map(|(dst, b)| (dst, b[0], b.len())).collect();
+        assert_eq!(
+            got,
+            [
+                (a(1), 1, 100),
+                (a(1), 2, 100),
+                (a(1), 3, 60),
+                (a(1), 4, 100),
+                (a(2), 5, 100),
+                (a(2), 6, 120)
+            ]
+        );
+        d.clear();
+        assert!(d.is_empty() && d.bytes() == 0);
+    }
+
+    #[test]
+    fn datagram_groups_respect_the_segment_and_byte_limits() {
+        let mut d = Datagrams::new(1 << 20, 3);
+        for i in 0..7 {
+            put(&mut d, a(1), i, 1000);
+        }
+        let counts: Vec<usize> = d.sends().map(|s| s.contents.len() / 1000).collect();
+        assert_eq!(counts, [3, 3, 1]);
+        let mut d = Datagrams::new(1 << 20, 1000);
+        for i in 0..100 {
+            put(&mut d, a(1), i, 1400);
+        }
+        assert!(d.sends().all(|s| s.contents.len() <= GSO_MAX_BYTES));
+        assert_eq!(d.datagrams().count(), 100);
+    }
+
+    #[test]
+    fn datagrams_grow_rather_than_lose_when_not_flushed() {
+        let mut d = Datagrams::new(1000, 64);
+        assert!(!d.needs_flush(500));
+        for i in 0..10 {
+            put(&mut d, a(1), i, 300);
+        }
+        assert!(d.needs_flush(500));
+        assert_eq!(d.datagrams().count(), 10);
+    }
+
+    #[test]
+    fn packets_keep_headroom_and_reuse_slots() {
+        let mut p = Packets::new(4, 10);
+        p.push(b"hello");
+        let room = p.room(100);
+        room[..3].copy_from_slice(b"abc");
+        p.commit(3);
+        let _ = p.room(50); // not committed: not a packet
+        assert_eq!(p.len(), 2);
+        let got: Vec<&[u8]> = p.packets().collect();
+        assert_eq!(got, [&b"hello"[..], &b"abc"[..]]);
+        assert!(p.bufs_mut().iter().all(|b| b.len() >= 10));
+        p.clear();
+        p.push(b"x");
+        assert_eq!(p.packets().collect::<Vec<_>>(), [&b"x"[..]]);
+        for _ in 0..3 {
+            p.push(b"y");
+        }
+        assert!(p.is_full());
+    }
+}

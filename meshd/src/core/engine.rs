@@ -1,0 +1,203 @@
+//! The packet path of one gateway as one sans-IO type: the VIP balancer
+//! and the WireGuard node composed the way every packet crosses them.
+//!
+//! - From the TUN ([`Engine::handle_tun`]): the balancer first (it answers
+//!   pings and refusals for VIPs, translates replies of its own SNAT flows,
+//!   rewrites new VIP flows), then the node seals what must cross a tunnel
+//!   straight into the outgoing [`Datagrams`].
+//! - From the network ([`Engine::handle_network`]): the node opens a data
+//!   message straight into the TUN batch ([`Packets`]), then the balancer
+//!   reverse-translates remote backends' replies in place.
+//! - Time ([`Engine::handle_timeout`], [`Engine::poll_timeout`]):
+//!   WireGuard's timers every 250 ms, the handshake limiter's window every
+//!   second, the balancer's sweeps when it asks.
+//!
+//! The I/O layer (`io::device`) only reads, calls these, and sends the
+//! batches; `engine/tests.rs` runs two engines against each other in
+//! memory.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use ipnet::Ipv4Net;
+
+use super::batch::{Datagrams, Packets};
+use super::lb::{Lb, LbTable, Verdict};
+use super::node::{DATA_OVERHEAD, Node, PeerConfig, PeerDiff};
+use super::route::parse_allowed;
+use crate::state::NetState;
+
+/// WireGuard timer granularity (boringtun expects ~4 calls per second).
+pub const TIMER_TICK: Duration = Duration::from_millis(250);
+
+/// Ticks per handshake-limiter window (one second).
+const TICKS_PER_LIMITER_WINDOW: u64 = 4;
+
+/// Room a datagram batch needs before the engine handles one more input:
+/// a whole TUN read (up to 64 KiB of segments) sealed, with every
+/// segment's overhead.
+pub const DATAGRAM_RESERVE: usize = 65_536 + 64 * DATA_OVERHEAD + 4096;
+
+/// The balancer and the node of one gateway.
+pub struct Engine {
+    node: Node,
+    lb: Lb,
+    /// The balancer's answers (ICMP, resets) before they join the batch.
+    reply: Vec<u8>,
+    next_tick: Instant,
+    ticks: u64,
+}
+
+impl Engine {
+    /// An engine whose first timer tick is due at `now`.
+    pub fn new(node: Node, lb: Lb, now: Instant) -> Engine {
+        Engine {
+            node,
+            lb,
+            reply: Vec::with_capacity(1500),
+            next_tick: now,
+            ticks: 0,
+        }
+    }
+
+    /// The WireGuard node (peers, counters).
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// The balancer (tables, counters).
+    pub fn lb(&self) -> &Lb {
+        &self.lb
+    }
+
+    /// Applies a netmap: this gateway's own networks and its peers (as a
+    /// diff: unchanged peers keep their sessions).
+    pub fn apply_netmap(&mut self, s: &NetState) -> PeerDiff {
+        self.node.set_local(local_nets(s));
+        self.node.set_peers(peer_configs(s))
+    }
+
+    /// Switches the balancer to a new table.
+    pub fn set_table(&mut self, t: Arc<LbTable>) {
+        self.lb.set_table(t);
+    }
+
+    /// A packet read from the TUN (rewritten in place by the balancer).
+    pub fn handle_tun(
+        &mut self,
+        packet: &mut [u8],
+        now: Instant,
+        net: &mut Datagrams,
+        tun: &mut Packets,
+    ) {
+        match self.lb.outbound(packet, &mut self.reply, now) {
+            Verdict::Pass | Verdict::ToTunnel => self.node.handle_tun(packet, net),
+            // A local backend, or a reply translated back: the copy is the
+            // hairpin's, not the tunnel's.
+            Verdict::ToTun => tun.push(packet),
+            Verdict::Reply => tun.push(&self.reply),
+            Verdict::Drop(_) => {}
+        }
+    }
+
+    /// One datagram from the network.
+    pub fn handle_network(
+        &mut self,
+        src: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        net: &mut Datagrams,
+        tun: &mut Packets,
+    ) {
+        let room = tun.room(datagram.len());
+        let Some(n) = self.node.handle_network(src, datagram, net, room) else {
+            return;
+        };
+        if matches!(
+            self.lb.inbound(&mut room[..n], now),
+            Verdict::Pass | Verdict::ToTun
+        ) {
+            tun.commit(n);
+        }
+    }
+
+    /// Runs what is due at `now`; returns whether WireGuard's timers ticked
+    /// (the caller publishes counters then).
+    pub fn handle_timeout(&mut self, now: Instant, net: &mut Datagrams) -> bool {
+        self.lb.handle_timeout(now);
+        if now < self.next_tick {
+            return false;
+        }
+        self.node.handle_timers(net);
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(TICKS_PER_LIMITER_WINDOW) {
+            self.node.reset_rate_limiter();
+        }
+        // Skip missed ticks rather than run them back to back.
+        while self.next_tick <= now {
+            self.next_tick += TIMER_TICK;
+        }
+        true
+    }
+
+    /// When [`Engine::handle_timeout`] next has work.
+    pub fn poll_timeout(&self) -> Instant {
+        match self.lb.poll_timeout() {
+            Some((t, _)) => t.min(self.next_tick),
+            None => self.next_tick,
+        }
+    }
+}
+
+/// This gateway's own networks: its overlay IP and its workload CIDRs.
+pub fn local_nets(s: &NetState) -> Vec<Ipv4Net> {
+    std::iter::once(s.overlay_ip.as_str())
+        .chain(s.workload_cidrs.iter().map(String::as_str))
+        .filter_map(parse_allowed)
+        .collect()
+}
+
+/// Peer configurations from the netmap; peers with unusable keys are
+/// skipped with a warning, unusable allowed IPs dropped with one.
+pub fn peer_configs(s: &NetState) -> Vec<PeerConfig> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let key = |v: &str| {
+        b64.decode(v)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+    };
+    s.peers
+        .values()
+        .filter_map(|p| {
+            let (Some(public_key), Some(preshared_key)) =
+                (key(&p.public_key), key(&p.preshared_key))
+            else {
+                tracing::warn!(peer = %p.cluster, "peer has an invalid key; skipped");
+                return None;
+            };
+            let allowed_ips = p
+                .allowed_ips
+                .iter()
+                .filter_map(|a| {
+                    let n = parse_allowed(a);
+                    if n.is_none() {
+                        tracing::warn!(peer = %p.cluster, allowed_ip = %a, "not an IPv4 address or CIDR; ignored");
+                    }
+                    n
+                })
+                .collect();
+            Some(PeerConfig {
+                name: p.cluster.clone(),
+                public_key,
+                preshared_key,
+                endpoint: p.endpoint.parse::<SocketAddr>().ok(),
+                allowed_ips,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
