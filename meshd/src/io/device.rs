@@ -17,7 +17,10 @@
 //!   longer holds up decryption.
 //!
 //! Each writer owns a small pool of batches ([`POOL`]); when all are in
-//! flight the packet thread waits for one (backpressure, never loss). The
+//! flight the packet thread waits for one (backpressure, never loss). A
+//! small batch while its writer is idle (a ping, a handshake, ACKs) the
+//! packet thread writes itself: two thread wakeups would be all the
+//! hand-off adds to it. The
 //! batches are reused: once warm, nothing on the path allocates per packet.
 //! Crypto itself still runs on `meshd-packets` (boringtun's `Tunn` takes
 //! `&mut self` for both directions; DESIGN.md, "data plane").
@@ -25,12 +28,14 @@
 use std::collections::BTreeMap;
 use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket as StdUdp};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context as _, Result};
 use arc_swap::ArcSwap;
 use quinn_udp::{RecvMeta, UdpSocketState};
+use rustix::event::{PollFd, PollFlags};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
@@ -160,6 +165,12 @@ fn writer<T>(name: &'static str, make: impl Fn() -> T) -> (Writer<T>, WriterEnd<
 }
 
 impl<T> Writer<T> {
+    /// Whether the writer thread holds no batch: everything handed over
+    /// has been written.
+    fn idle(&self) -> bool {
+        self.empty.len() == POOL - 1
+    }
+
     /// Hands the current batch over and takes an empty one, waiting while
     /// every batch is in flight.
     async fn swap(&mut self) -> Result<()> {
@@ -174,66 +185,47 @@ impl<T> Writer<T> {
 }
 
 /// Starts `meshd-udp-tx`: one GSO `sendmsg` per datagram group, on a clone
-/// of the WireGuard socket registered with a runtime of its own.
+/// of the WireGuard socket. A plain thread that waits in `poll` only when
+/// the socket buffer is full: registered with a runtime, it would also wake
+/// for every datagram the packet thread receives.
 fn spawn_udp_writer(
     sock: StdUdp,
     mut end: WriterEnd<Datagrams>,
 ) -> Result<std::thread::JoinHandle<()>> {
+    let state = UdpSocketState::new((&sock).into())?;
     std::thread::Builder::new()
         .name("meshd-udp-tx".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "failed to start the UDP writer's runtime");
+            while let Some(mut d) = end.full.blocking_recv() {
+                send_datagrams(&sock, &state, &d);
+                d.clear();
+                if end.empty.blocking_send(d).is_err() {
                     return;
                 }
-            };
-            rt.block_on(async move {
-                let (sock, state) = match UdpSocket::from_std(sock).and_then(|s| {
-                    let st = UdpSocketState::new((&s).into())?;
-                    Ok((s, st))
-                }) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        tracing::error!(error = %e, "UDP writer: socket setup failed");
-                        return;
-                    }
-                };
-                while let Some(mut d) = end.full.recv().await {
-                    send_datagrams(&sock, &state, &d).await;
-                    d.clear();
-                    if end.empty.send(d).await.is_err() {
-                        return;
-                    }
-                }
-            });
+            }
         })
         .context("failed to start the meshd-udp-tx thread")
 }
 
 /// Sends every group of `d`, waiting while the socket buffer is full
 /// (backpressure instead of loss).
-async fn send_datagrams(sock: &UdpSocket, state: &UdpSocketState, d: &Datagrams) {
+fn send_datagrams<S: AsFd>(sock: &S, state: &UdpSocketState, d: &Datagrams) {
     for s in d.sends() {
         match s.segment_size {
             // quinn-udp turns GSO off when the kernel refuses it: then one
             // datagram at a time.
             Some(seg) if state.max_gso_segments() <= 1 => {
                 for one in s.contents.chunks(seg) {
-                    send_one(sock, state, s.dst, one, None).await;
+                    send_one(sock, state, s.dst, one, None);
                 }
             }
-            seg => send_one(sock, state, s.dst, s.contents, seg).await,
+            seg => send_one(sock, state, s.dst, s.contents, seg),
         }
     }
 }
 
-async fn send_one(
-    sock: &UdpSocket,
+fn send_one<S: AsFd>(
+    sock: &S,
     state: &UdpSocketState,
     dst: SocketAddr,
     contents: &[u8],
@@ -247,14 +239,16 @@ async fn send_one(
         src_ip: None,
     };
     loop {
-        match sock.try_io(Interest::WRITABLE, || {
-            state.try_send(sock.into(), &transmit)
-        }) {
+        match state.try_send(sock.into(), &transmit) {
             Ok(()) => return,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if let Err(e) = sock.writable().await {
-                    tracing::debug!(error = %e, "UDP poll failed");
-                    return;
+                let mut fds = [PollFd::new(sock, PollFlags::OUT)];
+                match rustix::event::poll(&mut fds, None) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "UDP poll failed");
+                        return;
+                    }
                 }
             }
             Err(e) => {
@@ -277,14 +271,7 @@ fn spawn_tun_writer(
         .spawn(move || {
             let mut gro = GROTable::new();
             while let Some(mut p) = end.full.blocking_recv() {
-                let headroom = p.headroom();
-                // The device's own (blocking-style) batch write, not the
-                // async one of `AsyncDevice`.
-                let dev: &tun_rs::DeviceImpl = &tun;
-                if let Err(e) = dev.send_multiple(&mut gro, p.bufs_mut(), headroom) {
-                    tracing::debug!(error = %e, "TUN write failed");
-                }
-                p.clear();
+                write_tun(&tun, &mut gro, &mut p);
                 if end.empty.blocking_send(p).is_err() {
                     return;
                 }
@@ -352,7 +339,7 @@ async fn run(
                         net.swap().await?;
                     }
                 }
-                flush(&mut net, &mut tun).await?;
+                flush(&mut io, &mut net, &mut tun).await?;
             }
             r = io.udp.readable() => {
                 if let Err(e) = r {
@@ -383,27 +370,59 @@ async fn run(
                         net.swap().await?;
                     }
                 }
-                flush(&mut net, &mut tun).await?;
+                flush(&mut io, &mut net, &mut tun).await?;
             }
             () = tokio::time::sleep_until(wake) => {
                 if engine.handle_timeout(Instant::now(), &mut net.current) {
                     publish(&engine, listen_port, &stats);
                 }
-                flush(&mut net, &mut tun).await?;
+                flush(&mut io, &mut net, &mut tun).await?;
             }
         }
     }
 }
 
-/// Hands over whatever is pending, datagrams first.
-async fn flush(net: &mut Writer<Datagrams>, tun: &mut Writer<Packets>) -> Result<()> {
+/// Batches this small are written by the packet thread itself when their
+/// writer is idle (a ping, a handshake, an ACK): a hand-off would add two
+/// thread wakeups to their latency and save nothing. Order is kept, since
+/// an idle writer has nothing older in flight.
+const INLINE_DATAGRAM_BYTES: usize = 8 * 1500;
+const INLINE_PACKETS: usize = 8;
+
+/// Sends or hands over whatever is pending, datagrams first.
+async fn flush(
+    io: &mut BatchIo,
+    net: &mut Writer<Datagrams>,
+    tun: &mut Writer<Packets>,
+) -> Result<()> {
     if !net.current.is_empty() {
-        net.swap().await?;
+        if net.idle() && net.current.bytes() <= INLINE_DATAGRAM_BYTES {
+            // Blocks only if the socket buffer is full, where waiting is
+            // the backpressure anyway.
+            send_datagrams(&io.udp, &io.udp_state, &net.current);
+            net.current.clear();
+        } else {
+            net.swap().await?;
+        }
     }
     if !tun.current.is_empty() {
-        tun.swap().await?;
+        if tun.idle() && tun.current.len() <= INLINE_PACKETS {
+            write_tun(&io.tun, &mut io.gro, &mut tun.current);
+        } else {
+            tun.swap().await?;
+        }
     }
     Ok(())
+}
+
+/// Writes a batch to the TUN with the device's own batch write (TUN writes
+/// do not block), and empties it.
+fn write_tun(tun: &tun_rs::DeviceImpl, gro: &mut GROTable, p: &mut Packets) {
+    let headroom = p.headroom();
+    if let Err(e) = tun.send_multiple(gro, p.bufs_mut(), headroom) {
+        tracing::debug!(error = %e, "TUN write failed");
+    }
+    p.clear();
 }
 
 /// TUN or UDP reads handled per readiness event before the loop looks at
@@ -438,6 +457,8 @@ struct BatchIo {
     tun_sizes: Vec<usize>,
     udp_bufs: Vec<Vec<u8>>,
     udp_meta: Vec<RecvMeta>,
+    /// For the small batches this thread writes itself.
+    gro: GROTable,
 }
 
 impl BatchIo {
@@ -451,6 +472,7 @@ impl BatchIo {
             tun_sizes: vec![0; IDEAL_BATCH_SIZE],
             udp_bufs: vec![vec![0u8; UDP_BUFFER]; UDP_BATCH],
             udp_meta: vec![RecvMeta::default(); UDP_BATCH],
+            gro: GROTable::new(),
         }
     }
 
