@@ -70,22 +70,50 @@ fn coordinator_trust(dir: &StateDir, joined: bool, token: Option<&str>) -> Resul
     }
 }
 
-/// Runs meshd until `cancel` fires or a task fails.
+/// Runs meshd until `cancel` fires or a task fails: joins (once), waits
+/// for a netmap, opens the TUN, starts every task, and supervises them.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     let cluster = skymesh_proto::validate::name("--cluster", &cfg.cluster)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let dir = StateDir::open(&cfg.state_dir)?;
     let (private_key, _) = dir.private_key()?;
     let node = Node::new(private_key);
+    let (gw, tls) = join(&cfg, &cluster, &dir, &node).await?;
+    let nm_rx = start_netmap(&dir, &cluster, gw.clone(), tls, &cancel);
+    let Some(first) = first_netmap(nm_rx.clone(), &cancel).await? else {
+        return Ok(());
+    };
+    let (dev, overlay_ip) = open_tun(&cfg, &first)?;
+    let udp = device::bind_udp(cfg.listen_port)?;
+
+    let mut w = Tasks::new(cfg, cluster, gw, nm_rx, cancel);
+    w.packet_path(node, dev, udp, &first)?;
+    w.routes();
+    w.nodeport()?;
+    w.uapi(private_key);
+    w.health(overlay_ip);
+    w.reporting();
+    w.observability(&first).await?;
+    tracing::info!(cluster = %w.cluster, "meshd running");
+    w.supervise().await
+}
+
+/// The control client, after joining the mesh on the first start (the
+/// credential, and the coordinator's CA, are saved for later starts).
+async fn join(
+    cfg: &Config,
+    cluster: &str,
+    dir: &StateDir,
+    node: &Node,
+) -> Result<(control::Gateway, ClientTls)> {
     let public_b64 = base64::engine::general_purpose::STANDARD.encode(node.public_key());
     let credential = dir.credential();
     let tls = ClientTls::new(coordinator_trust(
-        &dir,
+        dir,
         credential.is_some(),
         cfg.join_token.as_deref(),
     )?);
     let ch = control::channel(&cfg.coordinator, &tls)?;
-
     let credential = match credential {
         Some(c) => c,
         None => {
@@ -100,7 +128,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
                     SocketAddr::new(control::detect_local_ip(&cfg.coordinator)?, cfg.listen_port)
                 }
             };
-            let r = match control::join(ch.clone(), token, &cluster, public_b64.clone(), endpoint)
+            let r = match control::join(ch.clone(), token, cluster, public_b64.clone(), endpoint)
                 .await
             {
                 Ok(r) => r,
@@ -119,40 +147,61 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
             r.credential
         }
     };
-    let gw = control::client(ch, &credential)?;
+    Ok((control::client(ch, &credential)?, tls))
+}
 
-    // The netmap: from the disk cache when there is one (fail-static), and
-    // from the coordinator as soon as it answers.
+/// The netmap: from the disk cache when there is one (fail-static), and
+/// from the coordinator as soon as it answers; written back to the cache.
+fn start_netmap(
+    dir: &StateDir,
+    cluster: &str,
+    gw: control::Gateway,
+    tls: ClientTls,
+    cancel: &CancellationToken,
+) -> watch::Receiver<Arc<NetState>> {
     let cached = dir.netmap().filter(|s| s.cluster == cluster);
     if cached.is_some() {
         tracing::info!("starting from the cached netmap");
     }
-    let (nm_tx, mut nm_rx) = watch::channel(Arc::new(cached.clone().unwrap_or_default()));
+    let (nm_tx, nm_rx) = watch::channel(Arc::new(cached.clone().unwrap_or_default()));
     tokio::spawn(control::run_cache_writer(
         nm_tx.subscribe(),
         dir.clone(),
         cancel.clone(),
     ));
     tokio::spawn(control::run_netmap(
-        gw.clone(),
-        tls.clone(),
-        cluster.clone(),
+        gw,
+        tls,
+        cluster.to_owned(),
         cached.unwrap_or_default(),
         nm_tx,
         cancel.clone(),
     ));
-    let first = loop {
+    nm_rx
+}
+
+/// The first usable netmap (one with an overlay IP); `None` if `cancel`
+/// fired first.
+async fn first_netmap(
+    mut nm_rx: watch::Receiver<Arc<NetState>>,
+    cancel: &CancellationToken,
+) -> Result<Option<Arc<NetState>>> {
+    loop {
         let s = nm_rx.borrow_and_update().clone();
         if !s.overlay_ip.is_empty() {
-            break s;
+            return Ok(Some(s));
         }
         tracing::info!("waiting for the first netmap from the coordinator");
         tokio::select! {
-            () = cancel.cancelled() => return Ok(()),
+            () = cancel.cancelled() => return Ok(None),
             r = nm_rx.changed() => r.context("netmap task ended")?,
         }
-    };
+    }
+}
 
+/// Creates the TUN interface on the netmap's overlay address and turns on
+/// forwarding.
+fn open_tun(cfg: &Config, first: &NetState) -> Result<(tun_rs::SyncDevice, Ipv4Addr)> {
     let overlay_ip: Ipv4Addr = first
         .overlay_ip
         .parse()
@@ -174,50 +223,94 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     );
     tun::enable_forwarding()?;
     tracing::info!(interface = %cfg.interface, %overlay_ip, mtu = tun::MTU, "TUN interface up");
-    let udp = device::bind_udp(cfg.listen_port)?;
+    Ok((dev, overlay_ip))
+}
 
-    let stats = Arc::new(ArcSwap::from_pointee(device::DeviceStats::default()));
-    let mut tasks = tokio::task::JoinSet::new();
+/// Every long-running task of a gateway and the channels between them.
+struct Tasks {
+    cfg: Config,
+    cluster: String,
+    gw: control::Gateway,
+    nm_rx: watch::Receiver<Arc<NetState>>,
+    stats: Arc<ArcSwap<device::DeviceStats>>,
+    /// Peer probes' results (the sender until [`Tasks::health`] takes it).
+    peers_tx: Option<watch::Sender<BTreeMap<String, health::PeerHealth>>>,
+    peers_rx: watch::Receiver<BTreeMap<String, health::PeerHealth>>,
+    jobs_tx: Option<watch::Sender<health::JobReadiness>>,
+    jobs_rx: watch::Receiver<health::JobReadiness>,
+    set: tokio::task::JoinSet<Result<()>>,
+    cancel: CancellationToken,
+}
 
-    // Health first: the balancer's table depends on it.
-    let (peers_tx, peers_rx) = watch::channel(BTreeMap::new());
-    let (jobs_tx, jobs_rx) = watch::channel(BTreeMap::new());
-    let lb_cfg = LbConfig::from_state(&first, rand::random(), cfg.flow_limits)
-        .context("netmap has no valid service CIDR")?;
-    let (lb_tx, lb_rx) = watch::channel(Arc::new(LbTable::build(
-        &first,
-        &lb_cfg,
-        &Health::default(),
-    )));
-    {
+impl Tasks {
+    fn new(
+        cfg: Config,
+        cluster: String,
+        gw: control::Gateway,
+        nm_rx: watch::Receiver<Arc<NetState>>,
+        cancel: CancellationToken,
+    ) -> Tasks {
+        let (peers_tx, peers_rx) = watch::channel(BTreeMap::new());
+        let (jobs_tx, jobs_rx) = watch::channel(BTreeMap::new());
+        Tasks {
+            cfg,
+            cluster,
+            gw,
+            nm_rx,
+            stats: Arc::new(ArcSwap::from_pointee(device::DeviceStats::default())),
+            peers_tx: Some(peers_tx),
+            peers_rx,
+            jobs_tx: Some(jobs_tx),
+            jobs_rx,
+            set: tokio::task::JoinSet::new(),
+            cancel,
+        }
+    }
+
+    /// The balancer's tables (rebuilt off the packet path on netmap and
+    /// health changes) and the packet path itself.
+    fn packet_path(
+        &mut self,
+        node: Node,
+        dev: tun_rs::SyncDevice,
+        udp: std::net::UdpSocket,
+        first: &NetState,
+    ) -> Result<()> {
+        let lb_cfg = LbConfig::from_state(first, rand::random(), self.cfg.flow_limits)
+            .context("netmap has no valid service CIDR")?;
+        let (lb_tx, lb_rx) =
+            watch::channel(Arc::new(LbTable::build(first, &lb_cfg, &Health::default())));
         let (cfg, nm, p, j, c) = (
             lb_cfg.clone(),
-            nm_rx.clone(),
-            peers_rx.clone(),
-            jobs_rx.clone(),
-            cancel.clone(),
+            self.nm_rx.clone(),
+            self.peers_rx.clone(),
+            self.jobs_rx.clone(),
+            self.cancel.clone(),
         );
-        tasks.spawn(async move {
+        self.set.spawn(async move {
             run_lb_tables(cfg, nm, p, j, lb_tx, c).await;
             Ok(())
         });
+        let engine = Engine::new(node, Lb::new(lb_cfg), std::time::Instant::now());
+        self.set.spawn(device::spawn(
+            engine,
+            dev,
+            udp,
+            self.cfg.offload,
+            self.nm_rx.clone(),
+            lb_rx,
+            self.stats.clone(),
+            self.cancel.clone(),
+        )?);
+        Ok(())
     }
-    let engine = Engine::new(node, Lb::new(lb_cfg), std::time::Instant::now());
-    tasks.spawn(device::spawn(
-        engine,
-        dev,
-        udp,
-        cfg.offload,
-        nm_rx.clone(),
-        lb_rx,
-        stats.clone(),
-        cancel.clone(),
-    )?);
-    {
-        let mut rx = nm_rx.clone();
-        let iface = cfg.interface.clone();
-        let cancel = cancel.clone();
-        tasks.spawn(async move {
+
+    /// Keeps the kernel's routes through the TUN equal to the netmap's.
+    fn routes(&mut self) {
+        let mut rx = self.nm_rx.clone();
+        let iface = self.cfg.interface.clone();
+        let cancel = self.cancel.clone();
+        self.set.spawn(async move {
             let mut routes = tun::Routes::new(&iface);
             loop {
                 let s = rx.borrow_and_update().clone();
@@ -231,122 +324,144 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
             }
         });
     }
-    // NodePort/LoadBalancer services on the underlay address.
-    let underlay = match cfg.endpoint {
-        Some(e) => e.ip(),
-        None => control::detect_local_ip(&cfg.coordinator)?,
-    };
-    {
-        let (rx, c) = (nm_rx.clone(), cancel.clone());
-        tasks.spawn(async move {
+
+    /// NodePort/LoadBalancer services on the underlay address.
+    fn nodeport(&mut self) -> Result<()> {
+        let underlay = match self.cfg.endpoint {
+            Some(e) => e.ip(),
+            None => control::detect_local_ip(&self.cfg.coordinator)?,
+        };
+        let (rx, c) = (self.nm_rx.clone(), self.cancel.clone());
+        self.set.spawn(async move {
             nodeport::run(underlay, rx, c).await;
             Ok(())
         });
+        Ok(())
     }
-    tasks.spawn(uapi::serve(
-        cfg.interface.clone(),
-        stats.clone(),
-        private_key,
-        cancel.clone(),
-    ));
 
-    tasks.spawn(health::run_probes(
-        overlay_ip,
-        nm_rx.clone(),
-        peers_tx,
-        cancel.clone(),
-    ));
-    {
-        let (rx, c) = (nm_rx.clone(), cancel.clone());
-        tasks.spawn(async move {
-            health::run_job_checks(rx, jobs_tx, c).await;
-            Ok(())
-        });
+    /// The `wg show` socket.
+    fn uapi(&mut self, private_key: [u8; 32]) {
+        self.set.spawn(uapi::serve(
+            self.cfg.interface.clone(),
+            self.stats.clone(),
+            private_key,
+            self.cancel.clone(),
+        ));
     }
-    {
-        let endpoint = cfg.endpoint;
+
+    /// Probes of peer gateways and checks of local jobs.
+    fn health(&mut self, overlay_ip: Ipv4Addr) {
+        if let Some(peers_tx) = self.peers_tx.take() {
+            self.set.spawn(health::run_probes(
+                overlay_ip,
+                self.nm_rx.clone(),
+                peers_tx,
+                self.cancel.clone(),
+            ));
+        }
+        if let Some(jobs_tx) = self.jobs_tx.take() {
+            let (rx, c) = (self.nm_rx.clone(), self.cancel.clone());
+            self.set.spawn(async move {
+                health::run_job_checks(rx, jobs_tx, c).await;
+                Ok(())
+            });
+        }
+    }
+
+    /// Status reports to the coordinator, and the jobs file synced to it.
+    fn reporting(&mut self) {
+        let endpoint = self.cfg.endpoint;
         let (gw, cl, st, p, j, c) = (
-            gw.clone(),
-            cluster.clone(),
-            stats.clone(),
-            peers_rx.clone(),
-            jobs_rx.clone(),
-            cancel.clone(),
+            self.gw.clone(),
+            self.cluster.clone(),
+            self.stats.clone(),
+            self.peers_rx.clone(),
+            self.jobs_rx.clone(),
+            self.cancel.clone(),
         );
-        tasks.spawn(async move {
+        self.set.spawn(async move {
             control::run_reporter(gw, cl, endpoint, st, p, j, c).await;
             Ok(())
         });
+        if let Some(file) = self.cfg.jobs.clone() {
+            let (gw, cl, c) = (self.gw.clone(), self.cluster.clone(), self.cancel.clone());
+            self.set.spawn(async move {
+                control::run_job_sync(gw, cl, file, c).await;
+                Ok(())
+            });
+        }
     }
-    if let Some(file) = cfg.jobs.clone() {
-        let (gw, cl, c) = (gw.clone(), cluster.clone(), cancel.clone());
-        tasks.spawn(async move {
-            control::run_job_sync(gw, cl, file, c).await;
-            Ok(())
-        });
-    }
-    let mut registry = prometheus_client::registry::Registry::default();
-    let m = metrics::Metrics::register(&mut registry);
-    {
+
+    /// Metrics, and DNS with its record feed (both optional).
+    async fn observability(&mut self, first: &NetState) -> Result<()> {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let m = metrics::Metrics::register(&mut registry);
         let (st, p, j, c) = (
-            stats.clone(),
-            peers_rx.clone(),
-            jobs_rx.clone(),
-            cancel.clone(),
+            self.stats.clone(),
+            self.peers_rx.clone(),
+            self.jobs_rx.clone(),
+            self.cancel.clone(),
         );
-        tasks.spawn(async move {
+        self.set.spawn(async move {
             metrics::run_updater(m, st, p, j, c).await;
             Ok(())
         });
-    }
-    if let Some(addr) = cfg.dns_listen {
-        let dns_cfg = skymesh_dns::DnsConfig {
-            listen: addr,
-            service_cidr: first.service_cidr.parse().ok(),
-            upstreams: if cfg.dns_upstreams.is_empty() {
-                skymesh_dns::Upstreams::default()
-            } else {
-                skymesh_dns::Upstreams::Static(cfg.dns_upstreams.clone())
-            },
-            recursion_allow: cfg.dns_allow.clone(),
-            ..Default::default()
-        };
-        let (handle, dns_done) = spawn_dns(dns_cfg, &mut registry, cancel.clone())
-            .await
-            .with_context(|| format!("failed to start DNS on --dns-listen {addr}"))?;
-        tracing::info!(addr = %handle.local_addr(), "DNS listening");
-        tasks.spawn(dns_done);
-        let (rx, peers, jobs, c) = (
-            nm_rx.clone(),
-            peers_rx.clone(),
-            jobs_rx.clone(),
-            cancel.clone(),
-        );
-        tasks.spawn(async move {
-            feed_dns(handle, rx, peers, jobs, c).await;
-            Ok(())
-        });
-    }
-    if let Some(addr) = cfg.metrics_listen {
-        tasks.spawn(metrics::serve(addr, Arc::new(registry), cancel.clone()));
-    }
-    tracing::info!(%cluster, "meshd running");
-
-    // The first task to fail stops everything.
-    let mut result = Ok(());
-    while let Some(r) = tasks.join_next().await {
-        let r = match r {
-            Ok(r) => r,
-            Err(e) => Err(anyhow::anyhow!("task panicked: {e}")),
-        };
-        if let Err(e) = r {
-            if result.is_ok() {
-                result = Err(e);
-            }
-            cancel.cancel();
+        if let Some(addr) = self.cfg.dns_listen {
+            let dns_cfg = skymesh_dns::DnsConfig {
+                listen: addr,
+                service_cidr: first.service_cidr.parse().ok(),
+                upstreams: if self.cfg.dns_upstreams.is_empty() {
+                    skymesh_dns::Upstreams::default()
+                } else {
+                    skymesh_dns::Upstreams::Static(self.cfg.dns_upstreams.clone())
+                },
+                recursion_allow: self.cfg.dns_allow.clone(),
+                ..Default::default()
+            };
+            let (handle, dns_done) = spawn_dns(dns_cfg, &mut registry, self.cancel.clone())
+                .await
+                .with_context(|| format!("failed to start DNS on --dns-listen {addr}"))?;
+            tracing::info!(addr = %handle.local_addr(), "DNS listening");
+            self.set.spawn(dns_done);
+            let (rx, peers, jobs, c) = (
+                self.nm_rx.clone(),
+                self.peers_rx.clone(),
+                self.jobs_rx.clone(),
+                self.cancel.clone(),
+            );
+            self.set.spawn(async move {
+                feed_dns(handle, rx, peers, jobs, c).await;
+                Ok(())
+            });
         }
+        if let Some(addr) = self.cfg.metrics_listen {
+            self.set.spawn(metrics::serve(
+                addr,
+                Arc::new(registry),
+                self.cancel.clone(),
+            ));
+        }
+        Ok(())
     }
-    result
+
+    /// Waits for every task; the first to fail stops everything, and its
+    /// error is the result.
+    async fn supervise(mut self) -> Result<()> {
+        let mut result = Ok(());
+        while let Some(r) = self.set.join_next().await {
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => Err(anyhow::anyhow!("task panicked: {e}")),
+            };
+            if let Err(e) = r {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+                self.cancel.cancel();
+            }
+        }
+        result
+    }
 }
 
 /// Starts the DNS server on a thread of its own ([`crate::io::thread`]):
