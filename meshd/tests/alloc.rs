@@ -24,7 +24,8 @@ const A: &str = "198.51.100.11:51820";
 const B: &str = "198.51.100.12:51820";
 
 fn public(k: [u8; 32]) -> [u8; 32] {
-    *boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(k)).as_bytes()
+    *skymesh_noise::x25519::PublicKey::from(&skymesh_noise::x25519::StaticSecret::from(k))
+        .as_bytes()
 }
 
 fn engine(me: u8, key: [u8; 32], peer: [u8; 32]) -> Engine {

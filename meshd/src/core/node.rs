@@ -33,12 +33,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use boringtun::noise::errors::WireGuardError;
-use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::{Packet, Tunn, TunnResult};
-use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::Ipv4Net;
+use skymesh_noise::noise::errors::WireGuardError;
+use skymesh_noise::noise::handshake::parse_handshake_anon;
+use skymesh_noise::noise::rate_limiter::RateLimiter;
+use skymesh_noise::noise::{Packet, Tunn, TunnResult};
+use skymesh_noise::x25519::{PublicKey, StaticSecret};
 
 use super::batch::Datagrams;
 use super::route::RouteTable;

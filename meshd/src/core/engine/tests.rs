@@ -87,7 +87,8 @@ struct Wire {
 fn wire() -> Wire {
     let (ka, kb) = ([1u8; 32], [2u8; 32]);
     let pub_of = |k| {
-        *boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(k)).as_bytes()
+        *skymesh_noise::x25519::PublicKey::from(&skymesh_noise::x25519::StaticSecret::from(k))
+            .as_bytes()
     };
     let now = Instant::now();
     Wire {
