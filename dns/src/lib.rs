@@ -64,8 +64,9 @@ pub use server::{DnsHandle, DnsServer};
 pub struct MeshView {
     /// The cluster this DNS server answers for.
     pub cluster: String,
-    /// Every service of the mesh (all namespaces).
-    pub services: Vec<skymesh_proto::v1::Service>,
+    /// Every service of the mesh (all namespaces), shared with the
+    /// netmap meshd holds: building a view copies no service.
+    pub services: Vec<std::sync::Arc<skymesh_proto::v1::Service>>,
     /// Every endpoints object of the mesh (all namespaces).
     pub endpoints: Vec<skymesh_proto::v1::Endpoints>,
     /// Readiness overrides known locally before the coordinator: `(namespace,

@@ -63,8 +63,9 @@ const DEFAULT_NAMESPACE: &str = "default";
 pub struct RecordSet {
     /// Served zone origins, longest first (so the innermost zone matches).
     zones: Vec<LowerName>,
-    /// Owner name → its RRsets (empty for empty non-terminals).
-    nodes: HashMap<LowerName, Vec<Arc<RrSet>>>,
+    /// Owner name ([`name_key`]) → its RRsets (empty for empty
+    /// non-terminals).
+    nodes: HashMap<NameKey, Vec<Arc<RrSet>>>,
     serial: u32,
 }
 
@@ -201,7 +202,10 @@ impl RecordSet {
         if let Some(ip) = ns_ip {
             for zone in &forward {
                 let name = ns_name(zone);
-                if !b.nodes.contains_key(&LowerName::new(&name)) {
+                if !b
+                    .nodes
+                    .contains_key(name_key(&LowerName::new(&name), &mut [0; MAX_KEY]))
+                {
                     b.add(&name, addr_rdata(ip));
                 }
             }
@@ -255,7 +259,7 @@ impl RecordSet {
             return Answer::refused();
         };
         let soa = self.rrset(zone, RecordType::SOA).into_iter().collect();
-        let Some(node) = self.nodes.get(name) else {
+        let Some(node) = self.node(name) else {
             return Answer {
                 rcode: ResponseCode::NXDomain,
                 answers: Vec::new(),
@@ -292,7 +296,7 @@ impl RecordSet {
             if self.zone_of(&target).is_none() {
                 return;
             }
-            let Some(node) = self.nodes.get(&target) else {
+            let Some(node) = self.node(&target) else {
                 return;
             };
             if let Some(set) = find(node, qtype) {
@@ -311,7 +315,11 @@ impl RecordSet {
     }
 
     fn rrset(&self, name: &LowerName, rtype: RecordType) -> Option<Arc<RrSet>> {
-        self.nodes.get(name).and_then(|n| find(n, rtype)).cloned()
+        self.node(name).and_then(|n| find(n, rtype)).cloned()
+    }
+
+    fn node(&self, name: &LowerName) -> Option<&Vec<Arc<RrSet>>> {
+        self.nodes.get(name_key(name, &mut [0; MAX_KEY]))
     }
 }
 
@@ -321,6 +329,47 @@ pub(crate) fn cname_target(set: &RrSet) -> Option<&Name> {
         RData::CNAME(CNAME(target)) => Some(target),
         _ => None,
     })
+}
+
+/// An owner name as a key of [`RecordSet::nodes`]: whether it is fully
+/// qualified, then each label after its length, as a [`LowerName`] hashes
+/// and compares. 16 bytes in each slot of the table and the bytes on the
+/// heap, where a `LowerName` takes 80 in each slot (and a heap copy of its
+/// labels past 32 bytes): with 10,000 services the table has 131,072 slots.
+type NameKey = Box<[u8]>;
+
+/// Room for the longest key: the flag and a name's at most 255 octets.
+const MAX_KEY: usize = 1 + Name::MAX_LENGTH;
+
+/// The key of `name` (already lower case), written into `buf`.
+fn name_key<'b>(name: &LowerName, buf: &'b mut [u8; MAX_KEY]) -> &'b [u8] {
+    buf[0] = u8::from(name.is_fqdn());
+    let mut n = 1;
+    for label in name.iter() {
+        let end = n + 1 + label.len();
+        // A valid name fits (at most 255 octets); never cut one silently
+        // into another name's key.
+        let (Some(dst), Ok(len)) = (buf.get_mut(n..end), u8::try_from(label.len())) else {
+            buf[0] = u8::MAX;
+            return &buf[..1];
+        };
+        dst[0] = len;
+        dst[1..].copy_from_slice(label);
+        n = end;
+    }
+    &buf[..n]
+}
+
+/// Where each label of a key starts (after the flag byte), first label
+/// first.
+fn label_starts(key: &[u8]) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut i = 1;
+    while let Some(len) = key.get(i) {
+        out.push(i);
+        i += 1 + usize::from(*len);
+    }
+    out
 }
 
 fn find(node: &[Arc<RrSet>], rtype: RecordType) -> Option<&Arc<RrSet>> {
@@ -492,27 +541,45 @@ fn port16(port: u32) -> Option<u16> {
     u16::try_from(port).ok().filter(|p| *p != 0)
 }
 
+/// The same set as `with_ttl` + `add_rdata`, but its record list holds
+/// exactly one record: `add_rdata` on an empty set reserves room for four
+/// (640 bytes), and most sets here hold one.
+fn new_set(name: &Name, ttl: u32, rdata: RData) -> Arc<RrSet> {
+    Arc::new(RrSet::from(Record::from_rdata(name.clone(), ttl, rdata)))
+}
+
 struct Builder {
     ttl: u32,
-    nodes: HashMap<LowerName, Vec<RrSet>>,
+    /// Sets are shared only once built ([`Builder::finish`]): until then
+    /// each `Arc` here is the only one, and `Arc::make_mut` never copies.
+    nodes: HashMap<NameKey, Vec<Arc<RrSet>>>,
 }
 
 impl Builder {
     fn add(&mut self, name: &Name, rdata: RData) {
+        let mut buf = [0; MAX_KEY];
+        let key = name_key(&LowerName::new(name), &mut buf);
         let rtype = rdata.record_type();
-        let sets = self.nodes.entry(LowerName::new(name)).or_default();
+        let ttl = self.ttl;
+        let Some(sets) = self.nodes.get_mut(key) else {
+            self.nodes
+                .insert(key.into(), vec![new_set(name, ttl, rdata)]);
+            return;
+        };
         if let Some(set) = sets.iter_mut().find(|s| s.record_type() == rtype) {
-            set.add_rdata(rdata);
+            Arc::make_mut(set).add_rdata(rdata);
         } else {
-            let mut set = RrSet::with_ttl(name.clone(), rtype, self.ttl);
-            set.add_rdata(rdata);
-            sets.push(set);
+            sets.push(new_set(name, ttl, rdata));
         }
     }
 
     /// Makes `name` exist without records.
     fn touch(&mut self, name: &Name) {
-        self.nodes.entry(LowerName::new(name)).or_default();
+        let mut buf = [0; MAX_KEY];
+        let key = name_key(&LowerName::new(name), &mut buf);
+        if !self.nodes.contains_key(key) {
+            self.nodes.insert(key.into(), Vec::new());
+        }
     }
 
     fn service(
@@ -645,27 +712,43 @@ impl Builder {
 
     /// Freezes the records; every ancestor of a name up to its zone exists
     /// (empty non-terminals, RFC 8020).
-    fn finish(self, zones: Vec<LowerName>, serial: u32) -> RecordSet {
-        let mut nodes: HashMap<LowerName, Vec<Arc<RrSet>>> =
-            HashMap::with_capacity(self.nodes.len());
-        let mut names: Vec<LowerName> = Vec::with_capacity(self.nodes.len());
-        for (name, sets) in self.nodes {
-            names.push(name.clone());
-            nodes.insert(name, sets.into_iter().map(Arc::new).collect());
-        }
-        for name in names {
-            let Some(zone) = zones.iter().find(|z| z.zone_of(&name)) else {
+    fn finish(mut self, zones: Vec<LowerName>, serial: u32) -> RecordSet {
+        // Keys of the zones, innermost first (as `zones`).
+        let zone_keys: Vec<NameKey> = zones
+            .iter()
+            .map(|z| name_key(z, &mut [0; MAX_KEY]).into())
+            .collect();
+        let mut missing: HashSet<NameKey> = HashSet::new();
+        for key in self.nodes.keys() {
+            let starts = label_starts(key);
+            // The label where the innermost zone holding the name starts.
+            let Some(apex) = zone_keys.iter().find_map(|z| {
+                starts
+                    .iter()
+                    .position(|&i| key[0] == z[0] && key[i..] == z[1..])
+            }) else {
                 continue;
             };
-            let mut cur = name;
-            while cur.num_labels() > zone.num_labels() {
-                cur = cur.base_name();
-                nodes.entry(cur.clone()).or_default();
+            // Every ancestor below the name, down to the zone's apex.
+            for &i in starts.get(1..=apex).unwrap_or_default() {
+                let mut ancestor = Vec::with_capacity(1 + key.len() - i);
+                ancestor.push(key[0]);
+                ancestor.extend_from_slice(&key[i..]);
+                if !self.nodes.contains_key(ancestor.as_slice()) {
+                    missing.insert(ancestor.into());
+                }
             }
         }
+        for name in missing {
+            self.nodes.insert(name, Vec::new());
+        }
+        for sets in self.nodes.values_mut() {
+            sets.shrink_to_fit();
+        }
+        self.nodes.shrink_to_fit();
         RecordSet {
             zones,
-            nodes,
+            nodes: self.nodes,
             serial,
         }
     }

@@ -1,6 +1,7 @@
 //! Unit tests of record synthesis ([`crate::records`]), without a server.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{LowerName, Name, RData, RecordType};
@@ -115,7 +116,7 @@ fn config() -> DnsConfig {
 fn view(services: Vec<Service>, endpoints: Vec<Endpoints>) -> MeshView {
     MeshView {
         cluster: CLUSTER.into(),
-        services,
+        services: services.into_iter().map(Arc::new).collect(),
         endpoints,
         local_unready: HashSet::new(),
         local_cidrs: Vec::new(),

@@ -3,6 +3,8 @@
 //! snapshot proto) that makes meshd fail-static across restarts.
 
 use std::collections::BTreeMap;
+use std::collections::btree_map;
+use std::sync::Arc;
 
 use prost::Message as _;
 use skymesh_proto::v1::{
@@ -19,6 +21,74 @@ fn key_of(m: &Option<skymesh_proto::v1::ObjectMeta>) -> Key {
         .unwrap_or_default()
 }
 
+/// Objects by key, each behind an `Arc`. meshd holds the netmap twice (the
+/// netmap task's copy and the one it publishes, cloned on every update) and
+/// hands every service to DNS on every update: with `Arc`s those copy a
+/// pointer per service, not the service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shared<V>(BTreeMap<Key, Arc<V>>);
+
+impl<V> Default for Shared<V> {
+    fn default() -> Self {
+        Shared(BTreeMap::new())
+    }
+}
+
+impl<V> Shared<V> {
+    /// Inserts (or replaces) the object at `key`.
+    pub fn insert(&mut self, key: Key, v: impl Into<Arc<V>>) -> Option<Arc<V>> {
+        self.0.insert(key, v.into())
+    }
+
+    pub fn remove(&mut self, key: &Key) -> Option<Arc<V>> {
+        self.0.remove(key)
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    pub fn get(&self, key: &Key) -> Option<&Arc<V>> {
+        self.0.get(key)
+    }
+
+    pub fn contains_key(&self, key: &Key) -> bool {
+        self.0.contains_key(key)
+    }
+
+    /// In key order.
+    pub fn iter(&self) -> btree_map::Iter<'_, Key, Arc<V>> {
+        self.0.iter()
+    }
+
+    /// In key order.
+    pub fn values(&self) -> btree_map::Values<'_, Key, Arc<V>> {
+        self.0.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a, V> IntoIterator for &'a Shared<V> {
+    type Item = (&'a Key, &'a Arc<V>);
+    type IntoIter = btree_map::Iter<'a, Key, Arc<V>>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl<V> FromIterator<(Key, V)> for Shared<V> {
+    fn from_iter<I: IntoIterator<Item = (Key, V)>>(iter: I) -> Self {
+        Shared(iter.into_iter().map(|(k, v)| (k, Arc::new(v))).collect())
+    }
+}
+
 /// One cluster's view of the mesh.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NetState {
@@ -30,7 +100,7 @@ pub struct NetState {
     pub service_cidr: String,
     pub workload_cidrs: Vec<String>,
     pub peers: BTreeMap<String, Peer>,
-    pub services: BTreeMap<Key, Service>,
+    pub services: Shared<Service>,
     pub endpoints: BTreeMap<Key, Endpoints>,
     /// Jobs of this cluster.
     pub jobs: BTreeMap<Key, Job>,
@@ -117,7 +187,7 @@ impl NetState {
             service_cidr: self.service_cidr.clone(),
             workload_cidrs: self.workload_cidrs.clone(),
             peers: self.peers.values().cloned().collect(),
-            services: self.services.values().cloned().collect(),
+            services: self.services.values().map(|s| Service::clone(s)).collect(),
             endpoints: self.endpoints.values().cloned().collect(),
             jobs: self.jobs.values().cloned().collect(),
         }

@@ -157,20 +157,18 @@ async fn view_updates_show_within_one_second() {
     );
 
     let mut view = mesh();
-    view.services.push(service(
-        "default",
-        "new",
-        ServiceType::ClusterIp,
-        "100.65.3.3",
-        &[],
-    ));
+    view.services
+        .push(service("default", "new", ServiceType::ClusterIp, "100.65.3.3", &[]).into());
     // api becomes exposed here; web is deleted.
     view.services
         .retain(|s| s.metadata.as_ref().unwrap().name != "web");
     view.services
         .iter_mut()
         .filter(|s| s.metadata.as_ref().unwrap().name == "api")
-        .for_each(|s| s.spec.as_mut().unwrap().clusters.push("east".into()));
+        .for_each(|s| {
+            let s = std::sync::Arc::make_mut(s);
+            s.spec.as_mut().unwrap().clusters.push("east".into());
+        });
     let started = Instant::now();
     srv.handle.update(&view);
     loop {
@@ -204,13 +202,16 @@ async fn follow_applies_a_watch_stream_of_views() {
     let follower = tokio::spawn(async move { handle.follow(rx).await });
 
     let mut view = mesh();
-    view.services.push(service(
-        "default",
-        "streamed",
-        ServiceType::ClusterIp,
-        "100.65.4.4",
-        &[],
-    ));
+    view.services.push(
+        service(
+            "default",
+            "streamed",
+            ServiceType::ClusterIp,
+            "100.65.4.4",
+            &[],
+        )
+        .into(),
+    );
     let started = Instant::now();
     tx.send(view).unwrap();
     loop {

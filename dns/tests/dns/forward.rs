@@ -14,13 +14,7 @@ async fn upstream() -> TestServer {
     cfg.zones = vec!["example.test".into()];
     cfg.service_cidr = None;
     let view = MeshView {
-        services: vec![service(
-            "default",
-            "web",
-            ServiceType::ClusterIp,
-            "192.0.2.80",
-            &[],
-        )],
+        services: vec![service("default", "web", ServiceType::ClusterIp, "192.0.2.80", &[]).into()],
         ..MeshView::new("upstream")
     };
     start_with(cfg, &view).await
@@ -31,7 +25,7 @@ async fn names_outside_the_zones_go_upstream() {
     let up = upstream().await;
     let mut view = mesh();
     view.services
-        .push(external("default", "ext", "web.default.example.test"));
+        .push(external("default", "ext", "web.default.example.test").into());
     let srv = start_with(config(vec![up.addr]), &view).await;
     assert_eq!(srv.handle.upstreams(), [up.addr]);
 

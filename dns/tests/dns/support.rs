@@ -167,7 +167,10 @@ pub fn mesh() -> MeshView {
             service("shop", "cart", ServiceType::Headless, "", &[]),
             service("default", "big", ServiceType::Headless, "", &[]),
             external("default", "docs", "docs.example.org"),
-        ],
+        ]
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect(),
         endpoints: vec![
             endpoints(
                 "shop",

@@ -7,16 +7,62 @@
 //! Must not: look at flows, health or time — it maps a hash to a backend
 //! index and nothing else.
 
+use std::sync::Arc;
+
 use super::hash::sip13;
 
-/// Table sizes, each a prime (§3.4 requires M prime so every skip is
-/// coprime with it). 65537 is the paper's default size.
-const SIZES: [usize; 9] = [251, 509, 1021, 2053, 4099, 8209, 16411, 32771, 65537];
 /// The largest table; also bounds the number of backends a table holds.
+/// 65537 is the paper's default size (a prime).
 pub const MAX_SIZE: usize = 65537;
 /// §3.4: "we choose M to be larger than 100 × N" so that backends' shares
-/// differ little and removals disturb few other entries.
+/// differ little (at most one entry in M/N ≈ 1 %) and a removal disturbs
+/// few other entries. More buys little: the paper's default 65537 holds
+/// hundreds of backends, and a service here mostly has a handful.
 const ENTRIES_PER_BACKEND: usize = 100;
+/// Backend counts below this get a table of their own size; from it on
+/// every table has [`MAX_SIZE`] entries.
+const SIZED: usize = MAX_SIZE / ENTRIES_PER_BACKEND + 1;
+/// `SIZES[n]`: the smallest prime ≥ 100·n (n ≥ 1), computed at compile
+/// time. §3.4 requires M prime so that every skip is coprime with it.
+///
+/// The size follows the backend count (M ≈ 100 × N, as the paper chooses)
+/// rather than a few fixed steps: steps (once 251, 509, 1021, …) give a
+/// one-replica service 251 entries and others up to twice 100 × N, and a
+/// gateway holds thousands of services of a few replicas each. Entries are
+/// 2 bytes, so a table costs about 200 bytes per backend.
+const SIZES: [u32; SIZED] = {
+    let mut sizes = [0u32; SIZED];
+    let mut n = 0;
+    while n < SIZED {
+        let want = if n == 0 { 1 } else { n } * ENTRIES_PER_BACKEND;
+        let p = next_prime(want);
+        sizes[n] = if p > MAX_SIZE { MAX_SIZE } else { p } as u32;
+        n += 1;
+    }
+    sizes
+};
+
+const fn is_prime(n: usize) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2;
+    while d * d <= n {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+const fn next_prime(mut n: usize) -> usize {
+    while !is_prime(n) {
+        n += 1;
+    }
+    n
+}
+
 /// Fixed keys for the two permutation hashes: a backend's permutation must
 /// depend on its name only, so that tables are the same on every rebuild.
 const OFFSET_KEY: [u64; 2] = [0x6d61_676c_6576_2d6f, 0x6666_7365_742d_6b65];
@@ -24,34 +70,33 @@ const SKIP_KEY: [u64; 2] = [0x6d61_676c_6576_2d73, 0x6b69_702d_6b65_7921];
 /// Marks an unfilled entry during population.
 const EMPTY: u16 = u16::MAX;
 
-/// The table size for `n` backends: the smallest listed prime ≥ 100·n
-/// (capped at [`MAX_SIZE`]). Small services get small tables.
+/// The table size for `n` backends: the smallest prime ≥ 100·n (capped
+/// at [`MAX_SIZE`]). Small services get small tables. Callers size by every
+/// replica that may become a backend, not only the healthy ones, so that
+/// the size (and with it every entry) stays put when health flaps.
 pub fn table_size(n: usize) -> usize {
-    let want = n.saturating_mul(ENTRIES_PER_BACKEND);
-    SIZES
-        .iter()
-        .copied()
-        .find(|s| *s >= want)
-        .unwrap_or(MAX_SIZE)
+    SIZES.get(n.max(1)).map_or(MAX_SIZE, |s| *s as usize)
 }
 
 /// A Maglev lookup table: entry → index into the names it was built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Maglev {
     entries: Vec<u16>,
-    names: Vec<String>,
+    /// Shared with the callers' copies (the balancer's `Backend::name`).
+    names: Vec<Arc<str>>,
 }
 
 /// Builds the table of size `m` (a prime; see [`table_size`]) for backends
 /// identified by distinct stable `names`. The result does not depend on
 /// the order of `names`: lookups return indices into `names` as given.
 /// At most `min(m, 65535)` backends are used (those with the smallest
-/// names); an empty `names` gives an empty table.
-pub fn build<S: AsRef<str>>(names: &[S], m: usize) -> Maglev {
+/// names); an empty `names` gives an empty table. Names passed as
+/// `Arc<str>` are kept without a copy.
+pub fn build<S: AsRef<str> + Clone + Into<Arc<str>>>(names: &[S], m: usize) -> Maglev {
     let mut order: Vec<usize> = (0..names.len()).collect();
     order.sort_by(|a, b| names[*a].as_ref().cmp(names[*b].as_ref()));
     order.truncate(m.min(usize::from(EMPTY)));
-    let owned = names.iter().map(|s| s.as_ref().to_owned()).collect();
+    let owned = names.iter().map(|s| s.clone().into()).collect();
     if order.is_empty() || m == 0 {
         return Maglev {
             entries: Vec::new(),
@@ -109,7 +154,7 @@ impl Maglev {
     }
 
     /// The names the table was built from, in the order given.
-    pub fn names(&self) -> &[String] {
+    pub fn names(&self) -> &[Arc<str>] {
         &self.names
     }
 }
@@ -149,10 +194,23 @@ mod tests {
                     .take_while(|d| d * d <= n)
                     .all(|d| !n.is_multiple_of(d))
         };
-        assert!(SIZES.iter().all(|s| prime(*s)));
-        assert_eq!(table_size(1), 251);
-        assert_eq!(table_size(6), 1021);
-        assert_eq!(table_size(100), 16411);
+        assert!(prime(MAX_SIZE));
+        for n in 1..2 * SIZED {
+            let m = table_size(n);
+            assert!(prime(m), "n={n}: {m}");
+            assert!(m >= table_size(n - 1), "n={n}: sizes grow");
+            if n * ENTRIES_PER_BACKEND <= MAX_SIZE {
+                assert!(m >= 100 * n, "n={n}: {m} < 100·n");
+                assert!(!(100 * n..m).any(prime), "n={n}: {m} is the smallest");
+            } else {
+                assert_eq!(m, MAX_SIZE);
+            }
+        }
+        assert_eq!(table_size(0), 101);
+        assert_eq!(table_size(1), 101);
+        assert_eq!(table_size(3), 307);
+        assert_eq!(table_size(6), 601);
+        assert_eq!(table_size(100), 10007);
         assert_eq!(table_size(10_000), MAX_SIZE);
     }
 

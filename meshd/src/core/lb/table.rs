@@ -179,7 +179,7 @@ impl LbTable {
                 tracing::warn!(vip = %v.vip, service = %v.service, "VIP used twice; ignored");
                 continue;
             }
-            let names: Vec<&str> = v.backends.iter().map(|b| &*b.name).collect();
+            let names: Vec<Arc<str>> = v.backends.iter().map(|b| b.name.clone()).collect();
             let reused = prev
                 .and_then(|p| p.vips.get(&v.vip))
                 .filter(|p| p.maglev.size() == size && p.maglev.names() == names.as_slice())
