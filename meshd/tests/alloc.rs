@@ -11,9 +11,9 @@ use std::time::Instant;
 
 use base64::Engine as _;
 use meshd::core::batch::{Datagrams, Packets};
-use meshd::core::engine::Engine;
+use meshd::core::engine::{Engine, SLOT, TUN_SLOTS};
 use meshd::core::lb::{FlowLimits, Health, Lb, LbConfig, LbTable};
-use meshd::core::node::Node;
+use meshd::core::node::{DATA_HEADER, Node};
 use meshd::state::NetState;
 use skymesh_proto::v1::Peer;
 
@@ -87,14 +87,28 @@ struct Side {
     me: SocketAddr,
 }
 
-/// Sends `packets` from `from`'s TUN to `to`'s, in batches of 64; returns
-/// how many arrived.
-fn exchange(from: &mut Side, to: &mut Side, packets: &mut [Vec<u8>]) -> usize {
+/// Sends `packets` from `from`'s TUN to `to`'s, in batches of 64 (staged
+/// in place like a TUN read, or handed over one by one); returns how many
+/// arrived.
+fn exchange(from: &mut Side, to: &mut Side, packets: &mut [Vec<u8>], staged: bool) -> usize {
     let now = Instant::now();
     let mut arrived = 0;
     for chunk in packets.chunks_mut(64) {
-        for p in chunk.iter_mut() {
-            from.engine.handle_tun(p, now, &mut from.net, &mut from.tun);
+        if staged {
+            // As a TUN read does: into slots, sealed where they lie.
+            let area = from.net.stage(TUN_SLOTS, SLOT);
+            for (slot, p) in area.chunks_mut(SLOT).zip(chunk.iter()) {
+                slot[DATA_HEADER..DATA_HEADER + p.len()].copy_from_slice(p);
+            }
+            for (i, p) in chunk.iter().enumerate() {
+                from.engine
+                    .handle_tun_staged(i, p.len(), now, &mut from.net, &mut from.tun);
+            }
+            from.engine.finish_staged(&mut from.net);
+        } else {
+            for p in chunk.iter_mut() {
+                from.engine.handle_tun(p, now, &mut from.net, &mut from.tun);
+            }
         }
         for (_, d) in from.net.datagrams() {
             to.engine
@@ -133,14 +147,14 @@ fn no_allocation_per_packet_once_warm() {
         .collect();
     // Warm up: the handshake, and every buffer grown to its working size.
     let mut warm: Vec<Vec<u8>> = a_to_b[..1].to_vec();
-    exchange(&mut a, &mut b, &mut warm);
+    exchange(&mut a, &mut b, &mut warm, false);
     for _ in 0..2 {
-        exchange(&mut a, &mut b, &mut a_to_b[..2000]);
-        exchange(&mut b, &mut a, &mut b_to_a[..2000]);
+        exchange(&mut a, &mut b, &mut a_to_b[..2000], true);
+        exchange(&mut b, &mut a, &mut b_to_a[..2000], false);
     }
     let before = dhat::HeapStats::get();
-    let ab = exchange(&mut a, &mut b, &mut a_to_b);
-    let ba = exchange(&mut b, &mut a, &mut b_to_a);
+    let ab = exchange(&mut a, &mut b, &mut a_to_b, true);
+    let ba = exchange(&mut b, &mut a, &mut b_to_a, false);
     let after = dhat::HeapStats::get();
     assert_eq!((ab, ba), (10_000, 10_000), "every packet arrived");
     let blocks = after.total_blocks - before.total_blocks;

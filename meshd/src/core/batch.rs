@@ -37,6 +37,9 @@ pub struct Datagrams {
     /// Always at its full length; `len` bytes are in use.
     buf: Vec<u8>,
     len: usize,
+    /// Where [`Datagrams::stage`] laid out its slots, and their size.
+    stage_base: usize,
+    stride: usize,
     groups: Vec<Group>,
     max_segments: usize,
 }
@@ -57,6 +60,8 @@ impl Datagrams {
         Datagrams {
             buf: vec![0u8; bytes],
             len: 0,
+            stage_base: 0,
+            stride: 0,
             groups: Vec::with_capacity(64),
             max_segments: max_segments.max(1),
         }
@@ -108,6 +113,41 @@ impl Datagrams {
         });
     }
 
+    /// Lays out `slots` slots of `stride` bytes after the datagrams so far
+    /// and returns them, for a read to fill (a TUN read, each packet after
+    /// a WireGuard header's room) and the node to seal in place. Take them
+    /// with [`Datagrams::commit_staged`] in slot order; nothing else may be
+    /// added until every slot wanted is committed.
+    pub fn stage(&mut self, slots: usize, stride: usize) -> &mut [u8] {
+        let need = slots * stride;
+        if self.len + need > self.buf.len() {
+            self.buf.resize(self.len + need, 0);
+        }
+        self.stage_base = self.len;
+        self.stride = stride;
+        &mut self.buf[self.len..self.len + need]
+    }
+
+    /// Slot `i` of the last [`Datagrams::stage`].
+    pub fn staged(&mut self, i: usize) -> &mut [u8] {
+        let start = self.stage_base + i * self.stride;
+        &mut self.buf[start..start + self.stride]
+    }
+
+    /// Takes the first `n` bytes of slot `i` as a datagram to `dst`,
+    /// moved down behind the previous datagram if a slot before it was
+    /// dropped or short (full-size packets need no move).
+    pub fn commit_staged(&mut self, i: usize, dst: SocketAddr, n: usize) {
+        let start = self.stage_base + i * self.stride;
+        let n = n.min(self.stride);
+        // Slots are committed in order and none holds more than a stride,
+        // so the datagrams so far end at or before this slot.
+        if start > self.len {
+            self.buf.copy_within(start..start + n, self.len);
+        }
+        self.commit(dst, n);
+    }
+
     /// Copies `data` in as a datagram to `dst` (handshakes, cookies: the
     /// paths that are not worth sealing in place).
     pub fn push(&mut self, dst: SocketAddr, data: &[u8]) {
@@ -148,6 +188,22 @@ impl Datagrams {
                 .chunks(s.segment_size.unwrap_or(s.contents.len().max(1)))
                 .map(move |d| (s.dst, d))
         })
+    }
+
+    /// Appends every datagram of `other` (and empties it).
+    pub fn append(&mut self, other: &mut Datagrams) {
+        for i in 0..other.groups.len() {
+            let g = other.groups[i];
+            let seg = if g.count > 1 {
+                g.segment
+            } else {
+                g.end - g.start
+            };
+            for d in other.buf[g.start..g.end].chunks(seg.max(1)) {
+                self.push(g.dst, d);
+            }
+        }
+        other.clear();
     }
 
     /// Empties the batch, keeping its memory.
@@ -316,6 +372,33 @@ mod tests {
         }
         assert!(d.sends().all(|s| s.contents.len() <= GSO_MAX_BYTES));
         assert_eq!(d.datagrams().count(), 100);
+    }
+
+    #[test]
+    fn staged_slots_commit_in_place_and_close_gaps() {
+        let mut d = Datagrams::new(1 << 16, 64);
+        put(&mut d, a(1), 9, 50);
+        let area = d.stage(4, 100);
+        assert_eq!(area.len(), 400);
+        for (i, slot) in area.chunks_mut(100).enumerate() {
+            slot.fill(i as u8 + 1);
+        }
+        d.commit_staged(0, a(1), 50); // right behind: no gap
+        // Slot 1 dropped; slot 2 moves down behind slot 0.
+        d.commit_staged(2, a(1), 50);
+        d.commit_staged(3, a(1), 30);
+        let got: Vec<(u8, usize)> = d.datagrams().map(|(_, b)| (b[0], b.len())).collect();
+        assert_eq!(got, [(9, 50), (1, 50), (3, 50), (4, 30)]);
+        assert!(d.datagrams().all(|(_, b)| b.iter().all(|x| *x == b[0])));
+        assert_eq!(d.sends().count(), 1, "one GSO group");
+        let mut other = Datagrams::new(1 << 10, 64);
+        put(&mut other, a(2), 7, 20);
+        d.append(&mut other);
+        assert!(other.is_empty());
+        assert_eq!(
+            d.datagrams().last().map(|(dst, b)| (dst, b.len())),
+            Some((a(2), 20))
+        );
     }
 
     #[test]

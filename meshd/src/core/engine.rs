@@ -25,7 +25,7 @@ use ipnet::Ipv4Net;
 
 use super::batch::{Datagrams, Packets};
 use super::lb::{Lb, LbTable, Verdict};
-use super::node::{DATA_OVERHEAD, Node, PeerConfig, PeerDiff};
+use super::node::{DATA_HEADER, Node, PeerConfig, PeerDiff};
 use super::route::parse_allowed;
 use crate::state::NetState;
 
@@ -36,9 +36,17 @@ pub const TIMER_TICK: Duration = Duration::from_millis(250);
 const TICKS_PER_LIMITER_WINDOW: u64 = 4;
 
 /// Room a datagram batch needs before the engine handles one more input:
-/// a whole TUN read (up to 64 KiB of segments) sealed, with every
-/// segment's overhead.
-pub const DATAGRAM_RESERVE: usize = 65_536 + 64 * DATA_OVERHEAD + 4096;
+/// a staged TUN read's slots, or (from the network) a few handshake
+/// answers and the packets a new session flushes.
+pub const DATAGRAM_RESERVE: usize = TUN_SLOTS * SLOT + 4096;
+
+/// One staged TUN packet's slot: room for the WireGuard header, a packet
+/// of the TUN's MTU, and the tag.
+pub const SLOT: usize = DATA_HEADER + 1420 + 16;
+
+/// Slots a staged TUN read offers: more than the segments of the largest
+/// TSO read (64 KiB in MTU-sized packets).
+pub const TUN_SLOTS: usize = 64;
 
 /// The balancer and the node of one gateway.
 pub struct Engine {
@@ -46,6 +54,9 @@ pub struct Engine {
     lb: Lb,
     /// The balancer's answers (ICMP, resets) before they join the batch.
     reply: Vec<u8>,
+    /// Handshake initiations started during a staged TUN read, which may
+    /// not be written into the staged batch.
+    aside: Datagrams,
     next_tick: Instant,
     ticks: u64,
 }
@@ -57,6 +68,7 @@ impl Engine {
             node,
             lb,
             reply: Vec::with_capacity(1500),
+            aside: Datagrams::new(4096, 1),
             next_tick: now,
             ticks: 0,
         }
@@ -99,6 +111,43 @@ impl Engine {
             Verdict::ToTun => tun.push(packet),
             Verdict::Reply => tun.push(&self.reply),
             Verdict::Drop(_) => {}
+        }
+    }
+
+    /// Packet `i` of a TUN read staged in `net` ([`Datagrams::stage`] with
+    /// slots of [`SLOT`] bytes, the packet's `len` bytes after
+    /// [`DATA_HEADER`] bytes of room): balanced, then sealed where it lies
+    /// — the copy-free path. Call [`Engine::finish_staged`] after the last
+    /// slot of the read.
+    pub fn handle_tun_staged(
+        &mut self,
+        i: usize,
+        len: usize,
+        now: Instant,
+        net: &mut Datagrams,
+        tun: &mut Packets,
+    ) {
+        let buf = net.staged(i);
+        let Some(packet) = buf.get_mut(DATA_HEADER..DATA_HEADER + len) else {
+            return;
+        };
+        match self.lb.outbound(packet, &mut self.reply, now) {
+            Verdict::Pass | Verdict::ToTunnel => {
+                if let Some((dst, n)) = self.node.seal_in_place(buf, len, &mut self.aside) {
+                    net.commit_staged(i, dst, n);
+                }
+            }
+            Verdict::ToTun => tun.push(packet),
+            Verdict::Reply => tun.push(&self.reply),
+            Verdict::Drop(_) => {}
+        }
+    }
+
+    /// Ends a staged TUN read: what could not be sealed in place (a
+    /// handshake started for a peer without a session) joins `net`.
+    pub fn finish_staged(&mut self, net: &mut Datagrams) {
+        if !self.aside.is_empty() {
+            net.append(&mut self.aside);
         }
     }
 

@@ -50,6 +50,8 @@ const HANDSHAKE_RATE_LIMIT: u64 = 100;
 pub const PERSISTENT_KEEPALIVE_S: u16 = 25;
 /// WireGuard's data message overhead: header 16 + tag 16 (whitepaper §5.4.6).
 pub const DATA_OVERHEAD: usize = 32;
+/// A data message's header: type, receiver index, counter.
+pub const DATA_HEADER: usize = 16;
 /// A handshake initiation, the largest message `Tunn::encapsulate` writes
 /// besides data.
 const HANDSHAKE_INIT_LEN: usize = 148;
@@ -356,6 +358,47 @@ impl Node {
             return;
         };
         self.encapsulate(slot, packet, out);
+    }
+
+    /// A packet read from the TUN into `buf[DATA_HEADER..DATA_HEADER + len]`
+    /// (room for the WireGuard header in front, for the tag behind): seals
+    /// it where it lies, for the peer whose allowed IPs hold its
+    /// destination, and returns where to send the `n` bytes of `buf` that
+    /// are now the datagram. A peer without a session (or whose session's
+    /// nonces ran out) takes boringtun's path instead: the packet is queued,
+    /// a handshake initiation goes to `aside`, and `None` is returned.
+    pub fn seal_in_place(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        aside: &mut Datagrams,
+    ) -> Option<(SocketAddr, usize)> {
+        let packet = buf.get(DATA_HEADER..DATA_HEADER + len)?;
+        let Some(dst) = ipv4_dst(packet) else {
+            self.drop_packet(DropReason::NotIpv4);
+            return None;
+        };
+        let Some(slot) = self.routes.lookup(dst).copied() else {
+            self.drop_packet(DropReason::NoRoute);
+            return None;
+        };
+        let p = self.peers.get_mut(&slot)?;
+        let Some(ep) = p.endpoint else {
+            self.drop_packet(DropReason::NoEndpoint);
+            return None;
+        };
+        if let Some(session) = p.tunn.current_session()
+            && let Some(nonce) = session.reserve_nonces(1)
+            && let Some(n) = session.seal_in_place(nonce, buf, len)
+        {
+            p.tunn.note_sent(len);
+            p.tx_packets += 1;
+            p.tx_bytes += len as u64;
+            return Some((ep, n));
+        }
+        let packet = buf.get(DATA_HEADER..DATA_HEADER + len)?;
+        self.encapsulate(slot, packet, aside);
+        None
     }
 
     /// Encrypts `packet` for the peer in `slot`, sealing it in `out`'s

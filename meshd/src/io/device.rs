@@ -43,9 +43,9 @@ use tokio_util::sync::CancellationToken;
 use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::core::batch::{Datagrams, Packets};
-use crate::core::engine::{DATAGRAM_RESERVE, Engine};
+use crate::core::engine::{DATAGRAM_RESERVE, Engine, SLOT, TUN_SLOTS};
 use crate::core::lb::{LbStats, LbTable};
-use crate::core::node::{DropReason, MAX_DATAGRAM, PeerInfo};
+use crate::core::node::{DATA_HEADER, DropReason, MAX_DATAGRAM, PeerInfo};
 use crate::state::NetState;
 
 /// Counters published by the device loop.
@@ -124,8 +124,8 @@ pub fn spawn(
 /// Batches per writer, the one being filled included.
 pub const POOL: usize = 3;
 
-/// Bytes of one [`Datagrams`] batch: a few whole TUN reads.
-const DATAGRAM_BATCH: usize = 4 * 65_536;
+/// Bytes of one [`Datagrams`] batch: a few whole TUN reads' slots.
+const DATAGRAM_BATCH: usize = 4 * TUN_SLOTS * SLOT;
 
 /// The packet thread's end of a writer: it fills `current`, hands it over
 /// when full and takes an emptied one back.
@@ -320,7 +320,7 @@ async fn run(
                     continue;
                 }
                 for _ in 0..READS_PER_WAKEUP {
-                    let n = match io.recv_tun() {
+                    let n = match io.recv_tun(&mut net.current) {
                         Ok(n) => n,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) => {
@@ -330,11 +330,13 @@ async fn run(
                     };
                     let now = Instant::now();
                     for i in 0..n {
-                        engine.handle_tun(io.tun_packet(i), now, &mut net.current, &mut tun.current);
+                        let len = io.tun_sizes[i];
+                        engine.handle_tun_staged(i, len, now, &mut net.current, &mut tun.current);
                         if tun.current.is_full() {
                             tun.swap().await?;
                         }
                     }
+                    engine.finish_staged(&mut net.current);
                     if net.current.needs_flush(DATAGRAM_RESERVE) {
                         net.swap().await?;
                     }
@@ -436,10 +438,8 @@ const UDP_BATCH: usize = 8;
 /// coalesces at most 64 KiB).
 const UDP_BUFFER: usize = 65_536;
 
-/// Room for one packet of a TUN read: segments are at most the interface
-/// MTU (1420, see [`super::tun::MTU`]); this leaves room for jumbo frames
-/// should an operator raise it.
-const TUN_PACKET: usize = 9216 + 256;
+// A staged slot holds a whole TUN packet with WireGuard's header and tag.
+const _: () = assert!(SLOT >= DATA_HEADER + super::tun::MTU as usize + 16);
 
 /// Bytes kept free in front of every packet written to the TUN, for the
 /// virtio-net header that offloading TUN writes carry.
@@ -452,9 +452,8 @@ struct BatchIo {
     udp_state: UdpSocketState,
     /// A raw TUN read: virtio header and up to 64 KiB of segment.
     tun_raw: Vec<u8>,
-    /// The TUN read split into packets (each at offset 0).
-    tun_bufs: Vec<Vec<u8>>,
-    tun_sizes: Vec<usize>,
+    /// Sizes of the packets of the last TUN read.
+    tun_sizes: [usize; TUN_SLOTS],
     udp_bufs: Vec<Vec<u8>>,
     udp_meta: Vec<RecvMeta>,
     /// For the small batches this thread writes itself.
@@ -468,27 +467,27 @@ impl BatchIo {
             udp,
             udp_state,
             tun_raw: vec![0u8; VIRTIO_NET_HDR_LEN + MAX_DATAGRAM],
-            tun_bufs: vec![vec![0u8; TUN_PACKET]; IDEAL_BATCH_SIZE],
-            tun_sizes: vec![0; IDEAL_BATCH_SIZE],
+            tun_sizes: [0; TUN_SLOTS],
             udp_bufs: vec![vec![0u8; UDP_BUFFER]; UDP_BATCH],
             udp_meta: vec![RecvMeta::default(); UDP_BATCH],
             gro: GROTable::new(),
         }
     }
 
-    /// One TUN read (non-blocking), split into packets; returns how many.
-    fn recv_tun(&mut self) -> io::Result<usize> {
+    /// One TUN read (non-blocking), split into packets straight into
+    /// slots staged in `net` (each after room for WireGuard's header), where
+    /// the engine seals them; returns how many.
+    fn recv_tun(&mut self, net: &mut Datagrams) -> io::Result<usize> {
+        let area = net.stage(TUN_SLOTS, SLOT);
+        let mut chunks = area.chunks_mut(SLOT);
+        let mut slots: [&mut [u8]; TUN_SLOTS] =
+            std::array::from_fn(|_| chunks.next().unwrap_or_default());
         self.tun.try_recv_multiple(
             &mut self.tun_raw,
-            &mut self.tun_bufs,
+            &mut slots,
             &mut self.tun_sizes,
-            0,
+            DATA_HEADER,
         )
-    }
-
-    /// Packet `i` of the last TUN read.
-    fn tun_packet(&mut self, i: usize) -> &mut [u8] {
-        &mut self.tun_bufs[i][..self.tun_sizes[i]]
     }
 
     /// One `recvmmsg` (non-blocking); returns how many buffers it filled.

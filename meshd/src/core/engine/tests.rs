@@ -15,6 +15,7 @@ use crate::core::batch::{Datagrams, Packets};
 use crate::core::lb::packet::{TCP_ACK, TCP_SYN};
 use crate::core::lb::testutil::{self, Seen, checked, sa, tcp};
 use crate::core::lb::{Health, Lb, LbConfig, LbTable};
+use crate::core::node::DATA_HEADER;
 
 const A_ADDR: &str = "198.51.100.11:51820";
 const B_ADDR: &str = "198.51.100.12:51820";
@@ -113,8 +114,15 @@ impl Wire {
         let mut pk_a = Packets::new(128, 10);
         let mut pk_b = Packets::new(128, 10);
         let now = self.now;
-        for mut p in from_a {
-            self.a.handle_tun(&mut p, now, &mut net_a, &mut pk_a);
+        // a's packets take the staged path (read into slots, sealed in
+        // place), b's the copying one: both are checked the same way.
+        for chunk in from_a.chunks(TUN_SLOTS) {
+            stage(&mut net_a, chunk);
+            for (i, p) in chunk.iter().enumerate() {
+                self.a
+                    .handle_tun_staged(i, p.len(), now, &mut net_a, &mut pk_a);
+            }
+            self.a.finish_staged(&mut net_a);
         }
         for mut p in from_b {
             self.b.handle_tun(&mut p, now, &mut net_b, &mut pk_b);
@@ -147,6 +155,15 @@ impl Wire {
             }
         }
         panic!("the engines never went quiet");
+    }
+}
+
+/// What a TUN read does: each packet into its slot, after room for the
+/// WireGuard header.
+fn stage(net: &mut Datagrams, packets: &[Vec<u8>]) {
+    let area = net.stage(TUN_SLOTS, SLOT);
+    for (slot, p) in area.chunks_mut(SLOT).zip(packets) {
+        slot[DATA_HEADER..DATA_HEADER + p.len()].copy_from_slice(p);
     }
 }
 
