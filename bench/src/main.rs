@@ -15,7 +15,8 @@
 //! measured yet say `n/a (why)`.
 //!
 //! # Sections
-//! - [`tunnel`]: throughput (1) and latency (2) against wireguard-go (trixie's 2023 build and the system's
+//! - [`tunnel`]: throughput (1, with CPU per thread from [`cpu`]) and
+//!   latency (2) against wireguard-go (trixie's 2023 build and the system's
 //!   2022 one), boringtun-cli, gotatun-cli and raw veth.
 //! - [`vip`]: service VIP overhead (3); [`control`]: control plane (5)
 //!   and failover (6) (all three share one 4-cluster mesh).
@@ -34,6 +35,7 @@ use clap::{Parser, ValueEnum};
 
 mod cleanup;
 mod control;
+mod cpu;
 mod dns;
 mod install;
 mod report;

@@ -14,7 +14,8 @@
 //!
 //! All labs are up at once and measured in turns (run 1 of every lab, then
 //! run 2, ...), so slow drifts of the machine's load hit every peer alike.
-//! A peer
+//! During each throughput run [`cpu`](crate::cpu) reads the CPU time of
+//! every thread of both tunnel ends, of iperf3 and of the machine. A peer
 //! that is not installed (`--quick`, `--no-install`) gets `n/a` cells and
 //! a sentence in the table's note.
 
@@ -29,6 +30,7 @@ use skymesh_tests::mesh::Mesh;
 use skymesh_tests::netns::{Netns, NsProcess, Topology, wait_until};
 
 use crate::Cfg;
+use crate::cpu::{self, Probe, Usage};
 use crate::install::{self, which};
 use crate::report::{Better, Cell, Row, Table, Unit, percentile};
 use crate::tools::{self, Iperf};
@@ -123,6 +125,9 @@ struct Lab {
     _procs: Vec<NsProcess>,
     holder: Holder,
     target: Ipv4Addr,
+    /// The tunnel process on each side (sender, receiver), for [`cpu`].
+    tunnel_pids: [Option<u32>; 2],
+    iperf_pid: Option<u32>,
 }
 
 const IPERF_PORT: u16 = 5201;
@@ -143,6 +148,13 @@ impl Lab {
         self.topo().gateway(2)
     }
 
+    fn probe(&self) -> Probe {
+        Probe {
+            sides: self.tunnel_pids,
+            iperf_server: self.iperf_pid,
+        }
+    }
+
     fn start(kind: Kind, bin: Option<PathBuf>) -> Result<Lab> {
         let mut lab = match kind {
             Kind::Meshd | Kind::Baseline(_) => {
@@ -156,10 +168,13 @@ impl Lab {
                     "meshd tunnels did not come up within 30 s"
                 );
                 let target = tools::iface_ip(mesh.topo.gateway(2), &mesh.topo.iface(2))?;
+                let tunnel_pids = [mesh.meshd_pid(1), mesh.meshd_pid(2)];
                 Lab {
                     _procs: Vec::new(),
                     holder: Holder::Mesh(Box::new(mesh)),
                     target,
+                    tunnel_pids,
+                    iperf_pid: None,
                 }
             }
             Kind::Veth => {
@@ -170,6 +185,8 @@ impl Lab {
                     _procs: Vec::new(),
                     holder: Holder::Topo(topo),
                     target,
+                    tunnel_pids: [None, None],
+                    iperf_pid: None,
                 }
             }
             Kind::WireguardGo2023 | Kind::WireguardGo2022 | Kind::Boringtun | Kind::Gotatun => {
@@ -185,6 +202,7 @@ impl Lab {
         );
         let log = lab.topo().dir().join("iperf3-server.log");
         let server = tools::iperf_server(lab.b(), lab.target, IPERF_PORT, &log)?;
+        lab.iperf_pid = Some(server.pid());
         lab._procs.push(server);
         Ok(lab)
     }
@@ -271,10 +289,13 @@ fn wg_pair(kind: Kind, bin: &std::path::Path) -> Result<Lab> {
         gw.ip(&["addr", "add", &format!("10.200.0.{i}/24"), "dev", &iface])?;
         gw.ip(&["link", "set", &iface, "mtu", "1420", "up"])?;
     }
+    let tunnel_pids = [Some(procs[0].pid()), Some(procs[1].pid())];
     Ok(Lab {
         _procs: procs,
         holder: Holder::Topo(topo),
         target: Ipv4Addr::new(10, 200, 0, 2),
+        tunnel_pids,
+        iperf_pid: None,
     })
 }
 
@@ -294,12 +315,15 @@ struct Samples {
     errors: HashMap<Kind, String>,
     /// Peers not installed, not measured.
     skipped: Vec<Kind>,
+    /// CPU of each throughput run, per lab and test.
+    cpu: HashMap<(Kind, usize), Vec<Usage>>,
 }
 
 /// Runs sections 1 and 2; returns their tables.
 pub fn run(cfg: &Cfg) -> Vec<Table> {
     let mut labs: Vec<(Kind, Lab)> = Vec::new();
     let mut s = Samples::default();
+    let tick = cpu::clock_ticks();
     for kind in Kind::all(cfg) {
         let Ok(bin) = kind.peer_binary() else {
             eprintln!(
@@ -323,9 +347,14 @@ pub fn run(cfg: &Cfg) -> Vec<Table> {
             if s.errors.contains_key(kind) {
                 continue;
             }
+            let probe = lab.probe();
             for (t, (name, mode)) in TESTS.iter().enumerate() {
-                match tools::iperf(lab.a(), lab.target, IPERF_PORT, *mode, cfg.iperf_secs) {
+                let before = probe.sample();
+                let result = tools::iperf(lab.a(), lab.target, IPERF_PORT, *mode, cfg.iperf_secs);
+                let usage = before.until(&probe.sample(), tick);
+                match result {
                     Ok(r) => {
+                        s.cpu.entry((*kind, t)).or_default().push(usage);
                         eprintln!(
                             "[tunnel] run {}/{} {:<28} {name}: {:.2} Gbit/s{}",
                             run + 1,
@@ -452,7 +481,44 @@ fn tables(cfg: &Cfg, s: &Samples) -> Vec<Table> {
         .push(row("ping RTT p99", Unit::Ms, Better::Lower, &|k| {
             s.p99.get(&k).cloned()
         }));
+    tput.appendix.push(cpu_table(cfg, s, &kinds));
     vec![tput, lat]
+}
+
+/// The CPU per thread of every measured lab, one column per test.
+fn cpu_table(cfg: &Cfg, s: &Samples, kinds: &[Kind]) -> crate::report::Grid {
+    let tests: Vec<&str> = ["TCP ×1", "TCP ×4", "UDP"].to_vec();
+    let labs: Vec<(&str, Vec<Vec<Usage>>)> = kinds
+        .iter()
+        .filter(|k| !s.skipped.contains(k))
+        .map(|k| {
+            let per_test = (0..TESTS.len())
+                .map(|t| s.cpu.get(&(*k, t)).cloned().unwrap_or_default())
+                .collect();
+            (k.label(), per_test)
+        })
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut g = cpu::table(&tests, &labs, cores);
+    g.note = format!(
+        "CPU time during the throughput runs above, in % of one core (the machine has \
+         {cores}, so {} % is all of it), median of {} runs. Every thread of both tunnel \
+         processes is read from `/proc/<pid>/task/<tid>/{{comm,stat}}` (utime + stime) just \
+         before the iperf3 client starts and just after it ends; threads with the same \
+         name are summed (wireguard-go's threads are all `wireguard-go`, tokio's workers \
+         `tokio-runtime-w`), threads under {:.0} % in every column are summed as other \
+         threads, and the whole process's figure also counts threads that ended within \
+         the interval. sender: the tunnel end beside the iperf3 client (it encrypts the \
+         data; for UDP everything the client sends, even what is lost later), receiver: \
+         the one beside the server. iperf3: client and server together. machine: softirq \
+         (the kernel's network receive and transmit work, where veth, bridge, UDP and TUN \
+         packets are processed) and idle time of all cores from `/proc/stat`; idle near 0 \
+         means the cores were saturated.",
+        cores * 100,
+        cfg.runs,
+        cpu::MINOR_PCT
+    );
+    g
 }
 
 /// Which peers were not measured (not installed), for the table's note.
