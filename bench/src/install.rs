@@ -438,10 +438,10 @@ pub fn versions() -> Vec<(String, String)> {
     let any = |l: &str| !l.is_empty();
     let trixie = match (wireguard_go_trixie(), newest_deb()) {
         (Some(bin), deb) => format!(
-            "{} (Debian trixie's `.deb`, `dpkg-deb -f … Version`; fetched with `apt-get \
-             download wireguard-go/trixie` and unpacked with `dpkg-deb -x` into {TRIXIE_ROOT}, \
-             beside the system package). Its own `--version` prints {}: a known upstream \
-             quirk, the version string was not bumped for the 0.0.20231211 tag",
+            "{} (Debian trixie's `.deb`, version from `dpkg-deb -f`; `apt-get download` from a \
+             trixie source pinned at priority 1, unpacked with `dpkg-deb -x` into \
+             {TRIXIE_ROOT}, beside the system package). Its `--version` prints {}: a known \
+             upstream quirk (the version string was not bumped for the 0.0.20231211 tag)",
             deb.map_or_else(|| "?".into(), |d| deb_file_version(&d)),
             version_of(&bin.to_string_lossy(), &["--version"], any),
         ),
@@ -494,8 +494,9 @@ pub fn versions() -> Vec<(String, String)> {
         ),
     ];
     for (_, s) in &mut v {
-        if s.len() > 120 {
-            s.truncate(120);
+        // A tool's banner can run on; cut it on a character boundary.
+        if let Some((i, _)) = s.char_indices().nth(400) {
+            s.truncate(i);
         }
     }
     v
