@@ -37,9 +37,9 @@ fn stat_ticks(stat: &str) -> Option<(u64, u64)> {
     Some((n(11)? + n(12)?, n(13)? + n(14)?))
 }
 
-/// The machine's `cpu` line of `/proc/stat`: (softirq, idle) ticks, summed
-/// over every core.
-fn system_ticks(stat: &str) -> Option<(u64, u64)> {
+/// The machine's `cpu` line of `/proc/stat`: (softirq, idle, busy) ticks,
+/// summed over every core; busy is everything but idle and iowait.
+fn system_ticks(stat: &str) -> Option<(u64, u64, u64)> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     let v: Vec<u64> = line
         .split_whitespace()
@@ -47,7 +47,10 @@ fn system_ticks(stat: &str) -> Option<(u64, u64)> {
         .filter_map(|x| x.parse().ok())
         .collect();
     // user nice system idle iowait irq softirq steal guest guest_nice
-    Some((*v.get(6)?, *v.get(3)?))
+    // (guest time is also in user).
+    let (idle, iowait) = (*v.get(3)?, *v.get(4)?);
+    let busy = v.iter().take(8).sum::<u64>().saturating_sub(idle + iowait);
+    Some((*v.get(6)?, idle, busy))
 }
 
 fn proc_ticks(pid: u32) -> Option<u64> {
@@ -97,7 +100,7 @@ pub struct Snapshot {
     totals: [Option<u64>; 2],
     iperf_server: Option<u64>,
     children: Option<u64>,
-    system: Option<(u64, u64)>,
+    system: Option<(u64, u64, u64)>,
 }
 
 impl Probe {
@@ -132,6 +135,9 @@ pub struct Usage {
     /// The machine, all cores together (at most cores × 100 %).
     pub softirq: Option<f64>,
     pub idle: Option<f64>,
+    /// The machine's busy time outside the tunnel and iperf3 processes
+    /// (softirq, kernel threads, other processes).
+    pub rest: Option<f64>,
 }
 
 impl Snapshot {
@@ -156,11 +162,13 @@ impl Snapshot {
             (Some(s), Some(c)) => Some(s + c),
             _ => None,
         };
-        if let (Some((s0, i0)), Some((s1, i1))) = (self.system, end.system) {
+        if let (Some((s0, i0, b0)), Some((s1, i1, b1))) = (self.system, end.system) {
             // The same clock ticks, over the same wall time as the
             // processes' figures.
             u.softirq = Some(pct(s1.saturating_sub(s0)));
             u.idle = Some(pct(i1.saturating_sub(i0)));
+            let ours = u.totals.iter().flatten().sum::<f64>() + u.iperf.unwrap_or(0.0);
+            u.rest = Some((pct(b1.saturating_sub(b0)) - ours).max(0.0));
         }
         u
     }
@@ -293,6 +301,11 @@ pub fn table(tests: &[&str], labs: &[(&str, Vec<Vec<Usage>>)], cores: usize) -> 
         );
         push(
             "machine",
+            "everything else (softirq, kernel threads, other processes)".into(),
+            cells(per_test, &|u| u.rest),
+        );
+        push(
+            "machine",
             format!("idle (of {} %)", cores * 100),
             cells(per_test, &|u| u.idle),
         );
@@ -323,7 +336,7 @@ mod tests {
     #[test]
     fn system_line() {
         let s = "cpu  10 1 20 300 4 5 60 7 0 0\ncpu0 5 0 10 150 2 2 30 3 0 0\n";
-        assert_eq!(system_ticks(s), Some((60, 300)));
+        assert_eq!(system_ticks(s), Some((60, 300, 103)));
     }
 
     #[test]
@@ -367,7 +380,7 @@ mod tests {
             totals: [Some(total), None],
             iperf_server: Some(10),
             children: Some(0),
-            system: Some((0, 0)),
+            system: Some((0, 0, 0)),
         };
         let a = snap(
             at,

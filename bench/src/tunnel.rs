@@ -513,7 +513,8 @@ fn cpu_table(cfg: &Cfg, s: &Samples, kinds: &[Kind]) -> crate::report::Grid {
          the one beside the server. iperf3: client and server together. machine: softirq \
          (the kernel's network receive and transmit work, where veth, bridge, UDP and TUN \
          packets are processed) and idle time of all cores from `/proc/stat`; idle near 0 \
-         means the cores were saturated.",
+         means the cores were saturated; everything else: the cores' busy time minus the \
+         processes above (softirq, kernel threads and whatever else ran on the machine).",
         cores * 100,
         cfg.runs,
         cpu::MINOR_PCT
