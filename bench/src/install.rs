@@ -445,7 +445,12 @@ pub fn versions() -> Vec<(String, String)> {
             deb.map_or_else(|| "?".into(), |d| deb_file_version(&d)),
             version_of(&bin.to_string_lossy(), &["--version"], any),
         ),
-        (None, _) => "not installed".into(),
+        (None, _) => "not installed: not measured".into(),
+    };
+    // A peer's version, or that it was not measured.
+    let peer = |prog: &str, how: &str| match version_of(prog, &["--version"], any) {
+        v if v == "not installed" => "not installed: not measured".to_string(),
+        v => format!("{v} ({how})"),
     };
     let mut v = vec![
         (Kind::WireguardGo2023.label().to_string(), trixie),
@@ -459,17 +464,17 @@ pub fn versions() -> Vec<(String, String)> {
         ),
         (
             Kind::Boringtun.label().to_string(),
-            format!(
-                "{} (crates.io, `cargo install --locked`, default options: 4 threads)",
-                version_of("boringtun-cli", &["--version"], any)
+            peer(
+                "boringtun-cli",
+                "crates.io, `cargo install --locked`, default options: 4 threads",
             ),
         ),
         (
             Kind::Gotatun.label().to_string(),
-            format!(
-                "{} (crates.io `gotatun-cli`, `cargo install --locked`, default features; \
-                 binary `gotatun`)",
-                version_of("gotatun", &["--version"], any)
+            peer(
+                "gotatun",
+                "crates.io `gotatun-cli`, `cargo install --locked`, default features; \
+                 binary `gotatun`",
             ),
         ),
         (
