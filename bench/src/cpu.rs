@@ -343,7 +343,7 @@ mod tests {
     fn table_sums_names_and_folds_idle_threads() {
         let mut u = Usage::default();
         u.threads[0].insert("meshd-packets".into(), 80.0);
-        u.threads[0].insert("tokio-runtime-w".into(), 0.2);
+        u.threads[0].insert("tokio-rt-worker".into(), 0.2);
         u.totals[0] = Some(81.0);
         u.iperf = Some(90.0);
         u.softirq = Some(30.0);
@@ -355,7 +355,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("|  | sender (gw 1) | other threads (`tokio-runtime-w`) | 0.2 % |"),
+            text.contains("|  | sender (gw 1) | other threads (`tokio-rt-worker`) | 0.2 % |"),
             "{text}"
         );
         assert!(

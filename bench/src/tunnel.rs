@@ -506,7 +506,7 @@ fn cpu_table(cfg: &Cfg, s: &Samples, kinds: &[Kind]) -> crate::report::Grid {
          processes is read from `/proc/<pid>/task/<tid>/{{comm,stat}}` (utime + stime) just \
          before the iperf3 client starts and just after it ends; threads with the same \
          name are summed (wireguard-go's threads are all `wireguard-go`, tokio's workers \
-         `tokio-runtime-w`), threads under {:.0} % in every column are summed as other \
+         `tokio-rt-worker`), threads under {:.0} % in every column are summed as other \
          threads, and the whole process's figure also counts threads that ended within \
          the interval. sender: the tunnel end beside the iperf3 client (it encrypts the \
          data; for UDP everything the client sends, even what is lost later), receiver: \
