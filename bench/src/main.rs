@@ -7,13 +7,17 @@
 //! ```
 //!
 //! Needs root (network namespaces). Installs missing peers first (Debian
-//! packages with apt-get, `boringtun-cli` with `cargo install --locked`).
+//! packages with apt-get, Debian trixie's wireguard-go as a `.deb` unpacked
+//! beside the system one, `boringtun-cli` and `gotatun-cli` with `cargo
+//! install --locked`); `--quick` compiles no peer and `--no-install`
+//! installs nothing, and peers left missing are reported as not measured.
 //! Exits non-zero when a measurement fails outright; rows that cannot be
 //! measured yet say `n/a (why)`.
 //!
 //! # Sections
-//! - [`tunnel`]: throughput (1) and latency (2) against wireguard-go,
-//!   boringtun-cli and raw veth.
+//! - [`tunnel`]: throughput (1, with CPU per thread from [`cpu`]) and
+//!   latency (2) against wireguard-go (trixie's 2023 build and the system's
+//!   2022 one), boringtun-cli, gotatun-cli and raw veth.
 //! - [`vip`]: service VIP overhead (3); [`control`]: control plane (5)
 //!   and failover (6) (all three share one 4-cluster mesh).
 //! - [`dns`]: DNS against dnsmasq (4) and scale (7) of the coordinator.
@@ -31,6 +35,7 @@ use clap::{Parser, ValueEnum};
 
 mod cleanup;
 mod control;
+mod cpu;
 mod dns;
 mod install;
 mod report;
@@ -57,12 +62,13 @@ enum Section {
     Scale,
 }
 
-/// skymesh benchmarks: meshd against wireguard-go, boringtun-cli, dnsmasq
-/// and a raw veth, measured in the same run.
+/// skymesh benchmarks: meshd against wireguard-go, boringtun-cli,
+/// gotatun-cli, dnsmasq and a raw veth, measured in the same run.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Short runs (3 of each, shorter durations): under 3 minutes.
+    /// Short runs (3 of each, shorter durations): under 3 minutes. Compiles
+    /// no missing peer (boringtun-cli, gotatun-cli): those are skipped.
     #[arg(long)]
     quick: bool,
     /// Where to write the markdown report.
@@ -77,7 +83,8 @@ struct Args {
     /// Services held by the DNS servers and the coordinator (default 10000).
     #[arg(long)]
     services: Option<usize>,
-    /// Do not install missing peers (fail instead).
+    /// Install nothing: missing tools fail the run, missing peers are
+    /// skipped (reported as not measured).
     #[arg(long)]
     no_install: bool,
     /// Another meshd binary (e.g. built from an older commit) to measure
@@ -252,22 +259,13 @@ fn real_main() -> Result<()> {
     relocate_for_harness()?;
     cleanup::install()?;
     skymesh_tests::netns::require_root()?;
-    if args.no_install {
-        for p in [
-            "iperf3",
-            "wireguard-go",
-            "wg",
-            "dnsperf",
-            "dnsmasq",
-            "boringtun-cli",
-        ] {
-            if install::which(p).is_none() {
-                bail!("{p} is missing (run without --no-install to install it)");
-            }
-        }
+    install::ensure_peers(if args.no_install {
+        install::Policy::Nothing
+    } else if args.quick {
+        install::Policy::NoCompile
     } else {
-        install::ensure_peers()?;
-    }
+        install::Policy::All
+    })?;
     let cfg = Cfg::new(&args);
     let want = |s: Section| args.only.is_empty() || args.only.contains(&s);
     let t0 = Instant::now();

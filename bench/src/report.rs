@@ -156,6 +156,74 @@ pub struct Table {
     /// Column headers of the peers.
     pub peers: Vec<String>,
     pub rows: Vec<Row>,
+    /// Further tables printed after this one (e.g. CPU per thread).
+    pub appendix: Vec<Grid>,
+}
+
+/// A plain table of text cells under a subheading: for figures that are
+/// not skymesh-vs-peer comparisons.
+#[derive(Debug, Clone)]
+pub struct Grid {
+    pub title: String,
+    /// How it was measured (one paragraph).
+    pub note: String,
+    pub header: Vec<String>,
+    /// How many leading columns are labels (left-aligned in markdown).
+    pub labels: usize,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Grid {
+    /// Fixed-width text for the terminal.
+    pub fn text(&self) -> String {
+        format!(
+            "-- {} --\n{}",
+            self.title,
+            fixed_width(&self.header, &self.rows)
+        )
+    }
+
+    /// A markdown subsection: heading, note, table.
+    pub fn markdown(&self) -> String {
+        let mut s = format!("### {}\n\n{}\n\n", self.title, self.note);
+        let _ = writeln!(s, "| {} |", self.header.join(" | "));
+        let _ = writeln!(
+            s,
+            "|{}",
+            (0..self.header.len())
+                .map(|i| if i < self.labels { "---|" } else { "---:|" })
+                .collect::<String>()
+        );
+        for r in &self.rows {
+            let _ = writeln!(s, "| {} |", r.join(" | ").replace('\n', " "));
+        }
+        s
+    }
+}
+
+/// Columns padded to their widest cell, two spaces apart.
+fn fixed_width(header: &[String], rows: &[Vec<String>]) -> String {
+    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut s = String::new();
+        for (c, w) in cells.iter().zip(&width) {
+            let pad = w.saturating_sub(c.chars().count());
+            let _ = write!(s, "{c}{}  ", " ".repeat(pad));
+        }
+        s.trim_end().to_string()
+    };
+    let mut s = line(header);
+    s.push('\n');
+    for r in rows {
+        s.push_str(&line(r));
+        s.push('\n');
+    }
+    s
 }
 
 impl Table {
@@ -167,6 +235,7 @@ impl Table {
             skymesh: skymesh.into(),
             peers: peers.iter().map(|p| p.to_string()).collect(),
             rows: Vec::new(),
+            appendix: Vec::new(),
         }
     }
 
@@ -222,29 +291,16 @@ impl Table {
 
     /// Fixed-width text for the terminal.
     pub fn text(&self) -> String {
-        let header = self.header();
-        let rows = self.cells();
-        let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-        for r in &rows {
-            for (w, c) in width.iter_mut().zip(r) {
-                *w = (*w).max(c.chars().count());
-            }
-        }
-        let line = |cells: &[String]| {
-            let mut s = String::new();
-            for (c, w) in cells.iter().zip(&width) {
-                let pad = w.saturating_sub(c.chars().count());
-                let _ = write!(s, "{c}{}  ", " ".repeat(pad));
-            }
-            s.trim_end().to_string()
-        };
-        let mut s = format!("== {} ==\n{}\n", self.title, line(&header));
-        for r in &rows {
-            s.push_str(&line(r));
-            s.push('\n');
-        }
+        let mut s = format!(
+            "== {} ==\n{}",
+            self.title,
+            fixed_width(&self.header(), &self.cells())
+        );
         for f in self.failures() {
             let _ = writeln!(s, "  FAILED: {f}");
+        }
+        for g in &self.appendix {
+            s.push_str(&g.text());
         }
         s
     }
@@ -272,6 +328,10 @@ impl Table {
             for f in failures {
                 let _ = writeln!(s, "- FAILED: {}", f.replace('\n', " "));
             }
+        }
+        for g in &self.appendix {
+            s.push('\n');
+            s.push_str(&g.markdown());
         }
         s
     }

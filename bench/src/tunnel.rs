@@ -3,14 +3,21 @@
 //! harness's WAN bridge, through
 //!
 //! - meshd (a 2-cluster [`Mesh`]: gateway overlay IP to gateway overlay IP),
-//! - a wireguard-go pair and a boringtun-cli pair, each configured with
-//!   `wg set` through its UAPI socket (keys from `wg genkey`, a pair PSK
-//!   from `wg genpsk`, MTU 1420 like meshd),
+//! - pairs of the userspace WireGuards people run: wireguard-go 0.0.20231211
+//!   (Debian trixie's, with TUN TSO/GRO, UDP GSO/GRO and per-core crypto:
+//!   the first peer, whose ratios come first), the system's wireguard-go
+//!   0.0.20220316 (bookworm), boringtun-cli and gotatun-cli (Mullvad's
+//!   boringtun fork), each configured with `wg set` through its UAPI socket
+//!   (keys from `wg genkey`, a pair PSK from `wg genpsk`, MTU 1420 like
+//!   meshd),
 //! - the bare veth/bridge WAN (no tunnel) as the ceiling.
 //!
-//! All four labs are up at once and measured in turns (run 1 of every lab,
-//! then run 2, ...), so slow drifts of the machine's load hit every peer
-//! alike.
+//! All labs are up at once and measured in turns (run 1 of every lab, then
+//! run 2, ...), so slow drifts of the machine's load hit every peer alike.
+//! During each throughput run [`cpu`](crate::cpu) reads the CPU time of
+//! every thread of both tunnel ends, of iperf3 and of the machine. A peer
+//! that is not installed (`--quick`, `--no-install`) gets `n/a` cells and
+//! a sentence in the table's note.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -23,7 +30,8 @@ use skymesh_tests::mesh::Mesh;
 use skymesh_tests::netns::{Netns, NsProcess, Topology, wait_until};
 
 use crate::Cfg;
-use crate::install::which;
+use crate::cpu::{self, Probe, Usage};
+use crate::install::{self, which};
 use crate::report::{Better, Cell, Row, Table, Unit, percentile};
 use crate::tools::{self, Iperf};
 
@@ -31,8 +39,14 @@ use crate::tools::{self, Iperf};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     Meshd,
-    WireguardGo,
+    /// Debian trixie's wireguard-go (0.0.20231211), unpacked under
+    /// [`install::TRIXIE_ROOT`].
+    WireguardGo2023,
+    /// The system's wireguard-go (Debian bookworm's, 0.0.20220316).
+    WireguardGo2022,
     Boringtun,
+    /// gotatun-cli (binary `gotatun`).
+    Gotatun,
     /// Another meshd build (`--baseline-meshd`), e.g. an older commit's,
     /// measured in the same run for a before/after comparison.
     Baseline(&'static Baseline),
@@ -49,20 +63,54 @@ pub struct Baseline {
 impl Kind {
     /// The labs of this run, meshd first (the others are its peers).
     fn all(cfg: &Cfg) -> Vec<Kind> {
-        let mut v = vec![Kind::Meshd, Kind::WireguardGo, Kind::Boringtun];
+        let mut v = vec![
+            Kind::Meshd,
+            Kind::WireguardGo2023,
+            Kind::WireguardGo2022,
+            Kind::Boringtun,
+            Kind::Gotatun,
+        ];
         v.extend(cfg.baseline.map(Kind::Baseline));
         v.push(Kind::Veth);
         v
     }
 
-    fn label(self) -> &'static str {
+    /// Its column header.
+    pub fn label(self) -> &'static str {
         match self {
             Kind::Meshd => "meshd",
-            Kind::WireguardGo => "wireguard-go",
+            Kind::WireguardGo2023 => "wireguard-go 2023 (trixie)",
+            Kind::WireguardGo2022 => "wireguard-go 2022 (bookworm)",
             Kind::Boringtun => "boringtun-cli",
+            Kind::Gotatun => "gotatun-cli",
             Kind::Baseline(b) => &b.label,
             Kind::Veth => "raw veth (no tunnel)",
         }
+    }
+
+    /// A file-name-safe form of the label, for logs.
+    fn slug(self) -> &'static str {
+        match self {
+            Kind::WireguardGo2023 => "wireguard-go-trixie",
+            Kind::WireguardGo2022 => "wireguard-go-bookworm",
+            Kind::Boringtun => "boringtun-cli",
+            Kind::Gotatun => "gotatun",
+            Kind::Meshd | Kind::Baseline(_) => "meshd",
+            Kind::Veth => "veth",
+        }
+    }
+
+    /// The peer's program (`None`: not installed); `Ok(None)` for labs
+    /// that run no peer binary.
+    fn peer_binary(self) -> Result<Option<PathBuf>, ()> {
+        let bin = match self {
+            Kind::WireguardGo2023 => install::wireguard_go_trixie(),
+            Kind::WireguardGo2022 => which(install::SYSTEM_WIREGUARD_GO),
+            Kind::Boringtun => which("boringtun-cli"),
+            Kind::Gotatun => which("gotatun"),
+            Kind::Meshd | Kind::Baseline(_) | Kind::Veth => return Ok(None),
+        };
+        bin.map(Some).ok_or(())
     }
 }
 
@@ -77,6 +125,9 @@ struct Lab {
     _procs: Vec<NsProcess>,
     holder: Holder,
     target: Ipv4Addr,
+    /// The tunnel process on each side (sender, receiver), for [`cpu`].
+    tunnel_pids: [Option<u32>; 2],
+    iperf_pid: Option<u32>,
 }
 
 const IPERF_PORT: u16 = 5201;
@@ -97,7 +148,14 @@ impl Lab {
         self.topo().gateway(2)
     }
 
-    fn start(kind: Kind) -> Result<Lab> {
+    fn probe(&self) -> Probe {
+        Probe {
+            sides: self.tunnel_pids,
+            iperf_server: self.iperf_pid,
+        }
+    }
+
+    fn start(kind: Kind, bin: Option<PathBuf>) -> Result<Lab> {
         let mut lab = match kind {
             Kind::Meshd | Kind::Baseline(_) => {
                 let mesh = match kind {
@@ -110,10 +168,13 @@ impl Lab {
                     "meshd tunnels did not come up within 30 s"
                 );
                 let target = tools::iface_ip(mesh.topo.gateway(2), &mesh.topo.iface(2))?;
+                let tunnel_pids = [mesh.meshd_pid(1), mesh.meshd_pid(2)];
                 Lab {
                     _procs: Vec::new(),
                     holder: Holder::Mesh(Box::new(mesh)),
                     target,
+                    tunnel_pids,
+                    iperf_pid: None,
                 }
             }
             Kind::Veth => {
@@ -124,9 +185,14 @@ impl Lab {
                     _procs: Vec::new(),
                     holder: Holder::Topo(topo),
                     target,
+                    tunnel_pids: [None, None],
+                    iperf_pid: None,
                 }
             }
-            Kind::WireguardGo | Kind::Boringtun => wg_pair(kind)?,
+            Kind::WireguardGo2023 | Kind::WireguardGo2022 | Kind::Boringtun | Kind::Gotatun => {
+                let bin = bin.with_context(|| format!("{} is not installed", kind.label()))?;
+                wg_pair(kind, &bin)?
+            }
         };
         ensure!(
             wait_until(Duration::from_secs(15), || lab.a().ping(lab.target)),
@@ -136,14 +202,15 @@ impl Lab {
         );
         let log = lab.topo().dir().join("iperf3-server.log");
         let server = tools::iperf_server(lab.b(), lab.target, IPERF_PORT, &log)?;
+        lab.iperf_pid = Some(server.pid());
         lab._procs.push(server);
         Ok(lab)
     }
 }
 
-/// A stock WireGuard pair (wireguard-go or boringtun-cli) between the two
-/// gateways of a fresh topology, configured with `wg`.
-fn wg_pair(kind: Kind) -> Result<Lab> {
+/// A stock WireGuard pair (wireguard-go, boringtun-cli, gotatun-cli: `bin`)
+/// between the two gateways of a fresh topology, configured with `wg`.
+fn wg_pair(kind: Kind, bin: &std::path::Path) -> Result<Lab> {
     let topo = Topology::new(2, 0)?;
     crate::cleanup::register(&topo);
     let dir = topo.dir().to_path_buf();
@@ -167,25 +234,28 @@ fn wg_pair(kind: Kind) -> Result<Lab> {
     for i in 1..=2 {
         let gw = topo.gateway(i);
         let iface = topo.iface_named(&format!("w{i}"));
-        let log = dir.join(format!("{}-{i}.log", kind.label()));
-        let mut cmd = match kind {
-            Kind::WireguardGo => {
-                let mut c = Command::new(which("wireguard-go").context("wireguard-go not found")?);
-                c.args(["-f", &iface])
-                    .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1");
-                c
+        let log = dir.join(format!("{}-{i}.log", kind.slug()));
+        let mut cmd = Command::new(bin);
+        match kind {
+            Kind::WireguardGo2023 | Kind::WireguardGo2022 => {
+                cmd.args(["-f", &iface])
+                    .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+                    .env("LOG_LEVEL", "error");
+            }
+            Kind::Gotatun => {
+                // A boringtun-cli fork: the same flags, minus `-l` (in the
+                // foreground it logs to stderr).
+                cmd.args(["-f", "--disable-drop-privileges", "-v", "error"])
+                    .arg(&iface);
             }
             _ => {
-                let mut c =
-                    Command::new(which("boringtun-cli").context("boringtun-cli not found")?);
                 let bt_log = dir.join(format!("boringtun-{i}.out"));
-                c.args(["-f", "--disable-drop-privileges", "-l"])
+                cmd.args(["-f", "--disable-drop-privileges", "-l"])
                     .arg(bt_log)
-                    .arg(&iface);
-                c
+                    .arg(&iface)
+                    .env("LOG_LEVEL", "error");
             }
-        };
-        cmd.env("LOG_LEVEL", "error");
+        }
         procs.push(gw.spawn_command(&cmd, &log)?);
         ensure!(
             wait_until(Duration::from_secs(10), || gw
@@ -219,10 +289,13 @@ fn wg_pair(kind: Kind) -> Result<Lab> {
         gw.ip(&["addr", "add", &format!("10.200.0.{i}/24"), "dev", &iface])?;
         gw.ip(&["link", "set", &iface, "mtu", "1420", "up"])?;
     }
+    let tunnel_pids = [Some(procs[0].pid()), Some(procs[1].pid())];
     Ok(Lab {
         _procs: procs,
         holder: Holder::Topo(topo),
         target: Ipv4Addr::new(10, 200, 0, 2),
+        tunnel_pids,
+        iperf_pid: None,
     })
 }
 
@@ -240,15 +313,28 @@ struct Samples {
     p50: HashMap<Kind, Vec<f64>>,
     p99: HashMap<Kind, Vec<f64>>,
     errors: HashMap<Kind, String>,
+    /// Peers not installed, not measured.
+    skipped: Vec<Kind>,
+    /// CPU of each throughput run, per lab and test.
+    cpu: HashMap<(Kind, usize), Vec<Usage>>,
 }
 
 /// Runs sections 1 and 2; returns their tables.
 pub fn run(cfg: &Cfg) -> Vec<Table> {
     let mut labs: Vec<(Kind, Lab)> = Vec::new();
     let mut s = Samples::default();
+    let tick = cpu::clock_ticks();
     for kind in Kind::all(cfg) {
+        let Ok(bin) = kind.peer_binary() else {
+            eprintln!(
+                "[tunnel] {} is not installed: skipping it (a full run installs it)",
+                kind.label()
+            );
+            s.skipped.push(kind);
+            continue;
+        };
         eprintln!("[tunnel] starting the {} lab", kind.label());
-        match Lab::start(kind) {
+        match Lab::start(kind, bin) {
             Ok(l) => labs.push((kind, l)),
             Err(e) => {
                 eprintln!("[tunnel] {} lab failed: {e:#}", kind.label());
@@ -261,11 +347,16 @@ pub fn run(cfg: &Cfg) -> Vec<Table> {
             if s.errors.contains_key(kind) {
                 continue;
             }
+            let probe = lab.probe();
             for (t, (name, mode)) in TESTS.iter().enumerate() {
-                match tools::iperf(lab.a(), lab.target, IPERF_PORT, *mode, cfg.iperf_secs) {
+                let before = probe.sample();
+                let result = tools::iperf(lab.a(), lab.target, IPERF_PORT, *mode, cfg.iperf_secs);
+                let usage = before.until(&probe.sample(), tick);
+                match result {
                     Ok(r) => {
+                        s.cpu.entry((*kind, t)).or_default().push(usage);
                         eprintln!(
-                            "[tunnel] run {}/{} {:<22} {name}: {:.2} Gbit/s{}",
+                            "[tunnel] run {}/{} {:<28} {name}: {:.2} Gbit/s{}",
                             run + 1,
                             cfg.runs,
                             kind.label(),
@@ -300,7 +391,7 @@ pub fn run(cfg: &Cfg) -> Vec<Table> {
                         percentile(&rtts, 99.0).unwrap_or(f64::NAN),
                     );
                     eprintln!(
-                        "[tunnel] run {}/{} {:<22} ping p50 {p50:.3} ms, p99 {p99:.3} ms",
+                        "[tunnel] run {}/{} {:<28} ping p50 {p50:.3} ms, p99 {p99:.3} ms",
                         run + 1,
                         cfg.runs,
                         kind.label()
@@ -322,6 +413,7 @@ fn tables(cfg: &Cfg, s: &Samples) -> Vec<Table> {
     let kinds = Kind::all(cfg);
     let peers: Vec<&str> = kinds[1..].iter().map(|k| k.label()).collect();
     let cell = |k: Kind, v: Option<&Vec<f64>>| match (s.errors.get(&k), v) {
+        _ if s.skipped.contains(&k) => Cell::Na("not installed".into()),
         (_, Some(v)) if v.len() == cfg.runs => Cell::from_samples(v),
         (Some(e), _) => Cell::Failed(e.clone()),
         (None, Some(v)) => Cell::from_samples(v),
@@ -344,16 +436,20 @@ fn tables(cfg: &Cfg, s: &Samples) -> Vec<Table> {
         format!(
             "iperf3 between two gateway namespaces on a veth/bridge WAN, {} s per run, \
              median of {} runs, tunnels measured in turns. meshd: a 2-cluster mesh, \
-             gateway overlay IP to gateway overlay IP; wireguard-go and boringtun-cli: \
-             a pair configured with `wg set` (keys and PSK from `wg genkey`/`wg genpsk`, \
-             MTU 1420); raw veth: the same WAN without a tunnel (the ceiling). UDP: \
-             `-u -b 10G -l {}` (datagrams fit the tunnel MTU); the received rate counts \
-             only what arrived. Client, server and both tunnel ends share the machine's \
-             cores.{}",
+             gateway overlay IP to gateway overlay IP. The peers, each a pair configured \
+             with `wg set` (keys and PSK from `wg genkey`/`wg genpsk`, MTU 1420): \
+             wireguard-go 2023, Debian trixie's 0.0.20231211 (TUN TSO/GRO, UDP GSO/GRO, \
+             per-core crypto), unpacked beside the system package; wireguard-go 2022, \
+             the system's (Debian bookworm, 0.0.20220316); boringtun-cli; gotatun-cli \
+             (Mullvad's fork of boringtun); exact versions under Peers. raw veth: the same \
+             WAN without a tunnel (the ceiling). UDP: `-u -b 10G -l {}` (datagrams fit the \
+             tunnel MTU); the received rate counts only what arrived. Client, server and \
+             both tunnel ends share the machine's cores.{}{}",
             cfg.iperf_secs,
             cfg.runs,
             tools::UDP_PAYLOAD,
-            baseline_note(cfg)
+            baseline_note(cfg),
+            skipped_note(s)
         ),
     );
     for (t, (name, _)) in TESTS.iter().enumerate() {
@@ -385,7 +481,58 @@ fn tables(cfg: &Cfg, s: &Samples) -> Vec<Table> {
         .push(row("ping RTT p99", Unit::Ms, Better::Lower, &|k| {
             s.p99.get(&k).cloned()
         }));
+    tput.appendix.push(cpu_table(cfg, s, &kinds));
     vec![tput, lat]
+}
+
+/// The CPU per thread of every measured lab, one column per test.
+fn cpu_table(cfg: &Cfg, s: &Samples, kinds: &[Kind]) -> crate::report::Grid {
+    let tests: Vec<&str> = ["TCP ×1", "TCP ×4", "UDP"].to_vec();
+    let labs: Vec<(&str, Vec<Vec<Usage>>)> = kinds
+        .iter()
+        .filter(|k| !s.skipped.contains(k))
+        .map(|k| {
+            let per_test = (0..TESTS.len())
+                .map(|t| s.cpu.get(&(*k, t)).cloned().unwrap_or_default())
+                .collect();
+            (k.label(), per_test)
+        })
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut g = cpu::table(&tests, &labs, cores);
+    g.note = format!(
+        "CPU time during the throughput runs above, in % of one core (the machine has \
+         {cores}, so {} % is all of it), median of {} runs. Every thread of both tunnel \
+         processes is read from `/proc/<pid>/task/<tid>/{{comm,stat}}` (utime + stime) just \
+         before the iperf3 client starts and just after it ends; threads with the same \
+         name are summed (wireguard-go's threads are all `wireguard-go`, tokio's workers \
+         `tokio-rt-worker`), threads under {:.0} % in every column are summed as other \
+         threads, and the whole process's figure also counts threads that ended within \
+         the interval. sender: the tunnel end beside the iperf3 client (it encrypts the \
+         data; for UDP everything the client sends, even what is lost later), receiver: \
+         the one beside the server. iperf3: client and server together. machine: softirq \
+         (the kernel's network receive and transmit work, where veth, bridge, UDP and TUN \
+         packets are processed) and idle time of all cores from `/proc/stat`; idle near 0 \
+         means the cores were saturated; everything else: the cores' busy time minus the \
+         processes above (softirq, kernel threads and whatever else ran on the machine).",
+        cores * 100,
+        cfg.runs,
+        cpu::MINOR_PCT
+    );
+    g
+}
+
+/// Which peers were not measured (not installed), for the table's note.
+fn skipped_note(s: &Samples) -> String {
+    if s.skipped.is_empty() {
+        return String::new();
+    }
+    let names: Vec<&str> = s.skipped.iter().map(|k| k.label()).collect();
+    format!(
+        " Not measured in this run: {} (not installed: `--quick` compiles no peer and \
+         `--no-install` installs none; a full run installs them).",
+        names.join(", ")
+    )
 }
 
 /// What the baseline column is, for the tables' notes.
