@@ -67,8 +67,9 @@ pub struct MeshView {
     /// Every service of the mesh (all namespaces), shared with the
     /// netmap meshd holds: building a view copies no service.
     pub services: Vec<std::sync::Arc<skymesh_proto::v1::Service>>,
-    /// Every endpoints object of the mesh (all namespaces).
-    pub endpoints: Vec<skymesh_proto::v1::Endpoints>,
+    /// Every endpoints object of the mesh (all namespaces), shared as the
+    /// services are.
+    pub endpoints: Vec<std::sync::Arc<skymesh_proto::v1::Endpoints>>,
     /// Readiness overrides known locally before the coordinator: `(namespace,
     /// job)` of jobs failing local health checks. May be empty.
     pub local_unready: HashSet<(String, String)>,

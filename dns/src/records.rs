@@ -160,7 +160,7 @@ impl RecordSet {
             .iter()
             .filter_map(|e| {
                 let m = e.metadata.as_ref()?;
-                Some(((namespace(&m.namespace), m.name.as_str()), e))
+                Some(((namespace(&m.namespace), m.name.as_str()), &**e))
             })
             .collect();
 

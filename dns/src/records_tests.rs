@@ -117,7 +117,7 @@ fn view(services: Vec<Service>, endpoints: Vec<Endpoints>) -> MeshView {
     MeshView {
         cluster: CLUSTER.into(),
         services: services.into_iter().map(Arc::new).collect(),
-        endpoints,
+        endpoints: endpoints.into_iter().map(Arc::new).collect(),
         local_unready: HashSet::new(),
         local_cidrs: Vec::new(),
     }

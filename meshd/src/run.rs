@@ -94,6 +94,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     w.health(overlay_ip);
     w.reporting();
     w.observability(&first).await?;
+    // Every task has what it needs of the first netmap: do not hold it (and
+    // what the later ones no longer share with it) while meshd runs.
+    drop(first);
     tracing::info!(cluster = %w.cluster, "meshd running");
     w.supervise().await
 }
@@ -514,15 +517,29 @@ pub fn dns_view(
     health: &Health,
     jobs: &health::JobReadiness,
 ) -> skymesh_dns::MeshView {
-    let mut endpoints: Vec<_> = s.endpoints.values().cloned().collect();
-    for e in &mut endpoints {
-        for c in e.status.iter_mut().flat_map(|st| st.clusters.iter_mut()) {
-            c.addresses.retain(|a| {
-                a.ip.parse()
-                    .is_ok_and(|ip| routable(s, health, &c.cluster, ip))
-            });
-        }
-    }
+    let routes = |c: &str, a: &skymesh_proto::v1::EndpointAddress| {
+        a.ip.parse().is_ok_and(|ip| routable(s, health, c, ip))
+    };
+    // Shared with the netmap unless an address has to go: then a copy
+    // without it.
+    let endpoints = s
+        .endpoints
+        .values()
+        .map(|e| {
+            let clusters = e.status.iter().flat_map(|st| st.clusters.iter());
+            if clusters
+                .flat_map(|c| c.addresses.iter().map(move |a| (c, a)))
+                .all(|(c, a)| routes(&c.cluster, a))
+            {
+                return e.clone();
+            }
+            let mut e = skymesh_proto::v1::Endpoints::clone(e);
+            for c in e.status.iter_mut().flat_map(|st| st.clusters.iter_mut()) {
+                c.addresses.retain(|a| routes(&c.cluster, a));
+            }
+            Arc::new(e)
+        })
+        .collect();
     skymesh_dns::MeshView {
         cluster: s.cluster.clone(),
         services: s.services.values().cloned().collect(),

@@ -101,7 +101,8 @@ pub struct NetState {
     pub workload_cidrs: Vec<String>,
     pub peers: BTreeMap<String, Peer>,
     pub services: Shared<Service>,
-    pub endpoints: BTreeMap<Key, Endpoints>,
+    /// Behind `Arc`s as the services: DNS views share them too.
+    pub endpoints: Shared<Endpoints>,
     /// Jobs of this cluster.
     pub jobs: BTreeMap<Key, Job>,
 }
@@ -188,7 +189,11 @@ impl NetState {
             workload_cidrs: self.workload_cidrs.clone(),
             peers: self.peers.values().cloned().collect(),
             services: self.services.values().map(|s| Service::clone(s)).collect(),
-            endpoints: self.endpoints.values().cloned().collect(),
+            endpoints: self
+                .endpoints
+                .values()
+                .map(|e| Endpoints::clone(e))
+                .collect(),
             jobs: self.jobs.values().cloned().collect(),
         }
     }

@@ -186,7 +186,10 @@ pub fn mesh() -> MeshView {
                 "big",
                 &[("west", true, jobs("big", "10.9", 100))],
             ),
-        ],
+        ]
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect(),
         local_unready: HashSet::new(),
         local_cidrs: Vec::new(),
     }
