@@ -341,12 +341,9 @@ pub fn routable(state: &NetState, health: &Health, cluster: &str, ip: Ipv4Addr) 
             None => return false,
         }
     };
+    // The node routes by the same rule (`engine::peer_configs`).
     nets.iter()
-        .filter_map(|a| {
-            a.parse::<Ipv4Net>()
-                .ok()
-                .or_else(|| a.parse::<Ipv4Addr>().ok().map(Ipv4Net::from))
-        })
+        .filter_map(|a| crate::core::route::parse_allowed(a))
         .any(|n| n.contains(&ip))
 }
 
