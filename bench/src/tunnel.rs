@@ -14,7 +14,7 @@
 //!
 //! All labs are up at once and measured in turns (run 1 of every lab, then
 //! run 2, ...), so slow drifts of the machine's load hit every peer alike.
-//! During each throughput run [`cpu`](crate::cpu) reads the CPU time of
+//! During each throughput run [`cpu`] reads the CPU time of
 //! every thread of both tunnel ends, of iperf3 and of the machine. A peer
 //! that is not installed (`--quick`, `--no-install`) gets `n/a` cells and
 //! a sentence in the table's note.
