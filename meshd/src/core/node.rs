@@ -659,4 +659,4 @@ pub fn as_v4(ip: IpAddr) -> Option<Ipv4Addr> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -170,14 +170,7 @@ fn stage(net: &mut Datagrams, packets: &[Vec<u8>]) {
 /// An IPv4 packet (protocol 253) carrying `seq` and `len` bytes derived
 /// from it, so that any corruption or reordering shows.
 fn numbered(src: [u8; 4], dst: [u8; 4], seq: u32, len: usize) -> Vec<u8> {
-    let total = 20 + len;
-    let mut p = vec![0u8; total];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    p[8] = 64;
-    p[9] = 253;
-    p[12..16].copy_from_slice(&src);
-    p[16..20].copy_from_slice(&dst);
+    let mut p = crate::core::node::tests::packet(src, dst, len);
     for (i, b) in p[20..].iter_mut().enumerate() {
         *b = (seq as usize).wrapping_mul(31).wrapping_add(i) as u8;
     }

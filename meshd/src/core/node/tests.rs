@@ -55,7 +55,7 @@ fn net(s: &str) -> Ipv4Net {
 
 /// An IPv4 packet with the given source and destination (protocol 253,
 /// "experimental", payload of `len` bytes).
-fn packet(src: [u8; 4], dst: [u8; 4], len: usize) -> Vec<u8> {
+pub(crate) fn packet(src: [u8; 4], dst: [u8; 4], len: usize) -> Vec<u8> {
     let total = 20 + len;
     let mut p = vec![0u8; total];
     p[0] = 0x45;
