@@ -192,16 +192,8 @@ impl Datagrams {
 
     /// Appends every datagram of `other` (and empties it).
     pub fn append(&mut self, other: &mut Datagrams) {
-        for i in 0..other.groups.len() {
-            let g = other.groups[i];
-            let seg = if g.count > 1 {
-                g.segment
-            } else {
-                g.end - g.start
-            };
-            for d in other.buf[g.start..g.end].chunks(seg.max(1)) {
-                self.push(g.dst, d);
-            }
+        for (dst, d) in other.datagrams() {
+            self.push(dst, d);
         }
         other.clear();
     }

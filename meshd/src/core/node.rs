@@ -349,15 +349,23 @@ impl Node {
     /// A packet read from the TUN interface: encrypt it for the peer whose
     /// allowed IPs hold its destination, into `out`.
     pub fn handle_tun(&mut self, packet: &[u8], out: &mut Datagrams) {
+        if let Some(slot) = self.route_packet(packet) {
+            self.encapsulate(slot, packet, out);
+        }
+    }
+
+    /// The slot of the peer whose allowed IPs hold `packet`'s destination;
+    /// counts the drop when there is none.
+    fn route_packet(&mut self, packet: &[u8]) -> Option<u32> {
         let Some(dst) = ipv4_dst(packet) else {
             self.drop_packet(DropReason::NotIpv4);
-            return;
+            return None;
         };
-        let Some(slot) = self.routes.lookup(dst).copied() else {
+        let slot = self.routes.lookup(dst).copied();
+        if slot.is_none() {
             self.drop_packet(DropReason::NoRoute);
-            return;
-        };
-        self.encapsulate(slot, packet, out);
+        }
+        slot
     }
 
     /// A packet read from the TUN into `buf[DATA_HEADER..DATA_HEADER + len]`
@@ -373,15 +381,7 @@ impl Node {
         len: usize,
         aside: &mut Datagrams,
     ) -> Option<(SocketAddr, usize)> {
-        let packet = buf.get(DATA_HEADER..DATA_HEADER + len)?;
-        let Some(dst) = ipv4_dst(packet) else {
-            self.drop_packet(DropReason::NotIpv4);
-            return None;
-        };
-        let Some(slot) = self.routes.lookup(dst).copied() else {
-            self.drop_packet(DropReason::NoRoute);
-            return None;
-        };
+        let slot = self.route_packet(buf.get(DATA_HEADER..DATA_HEADER + len)?)?;
         let p = self.peers.get_mut(&slot)?;
         let Some(ep) = p.endpoint else {
             self.drop_packet(DropReason::NoEndpoint);
