@@ -68,6 +68,11 @@ struct Args {
     /// whose offloads misbehave.
     #[arg(long, env = "MESHD_NO_OFFLOAD")]
     no_offload: bool,
+    /// Threads that seal outgoing WireGuard datagrams, in parallel even for
+    /// one peer, and send them in order. Default: one per CPU core.
+    #[arg(long, env = "MESHD_CRYPTO_THREADS", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    crypto_threads: Option<u16>,
     /// Flows the service balancer tracks at most. When full, the oldest
     /// flow that never completed (or already closed) makes room.
     #[arg(long, env = "MESHD_MAX_FLOWS", default_value_t = FlowLimits::default().max_flows as u32,
@@ -169,6 +174,10 @@ fn main() -> ExitCode {
         metrics_listen: a.metrics_listen,
         jobs: a.jobs,
         offload: !a.no_offload,
+        crypto_threads: a.crypto_threads.map_or_else(
+            || std::thread::available_parallelism().map_or(1, usize::from),
+            usize::from,
+        ),
         flow_limits: FlowLimits {
             max_flows: a.max_flows as usize,
             max_flows_per_source: a.max_flows_per_source,

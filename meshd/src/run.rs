@@ -42,6 +42,8 @@ pub struct Config {
     pub jobs: Option<PathBuf>,
     /// TUN and UDP segmentation offloads (off: one packet per syscall).
     pub offload: bool,
+    /// Threads that seal and send WireGuard datagrams (`--crypto-threads`).
+    pub crypto_threads: usize,
     /// Bounds on the balancer's flow table (`--max-flows`, ...).
     pub flow_limits: crate::core::lb::FlowLimits,
 }
@@ -300,6 +302,7 @@ impl Tasks {
             dev,
             udp,
             self.cfg.offload,
+            self.cfg.crypto_threads,
             self.nm_rx.clone(),
             lb_rx,
             self.stats.clone(),

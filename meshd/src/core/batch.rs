@@ -11,8 +11,20 @@
 //!
 //! Both are reused batch after batch: once warm, nothing on the hot path
 //! allocates (`meshd/tests/alloc.rs` counts).
+//!
+//! A datagram committed with [`Datagrams::commit_sealing`] still holds its
+//! plaintext, with its nonce already reserved: it is sealed, where it
+//! lies, by whoever takes the datagrams out ([`Datagrams::sends`],
+//! [`Datagrams::datagrams`]). So the thread that reads, routes and orders
+//! (and reserves the nonces in that order) need not be the one that
+//! encrypts, and no datagram can leave unsealed.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+
+use skymesh_noise::noise::session::Session;
+
+use super::node::DATA_OVERHEAD;
 
 /// Largest UDP payload one GSO send may carry: the kernel caps a GSO
 /// datagram at 64 KiB including headers.
@@ -32,7 +44,7 @@ struct Group {
 }
 
 /// Encrypted datagrams waiting to be sent, grouped for GSO.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Datagrams {
     /// Always at its full length; `len` bytes are in use.
     buf: Vec<u8>,
@@ -42,6 +54,21 @@ pub struct Datagrams {
     stride: usize,
     groups: Vec<Group>,
     max_segments: usize,
+    /// Datagrams committed unsealed, in order.
+    seals: Vec<Seal>,
+    /// The sessions `seals` name (one per peer, usually).
+    sessions: Vec<Arc<Session>>,
+}
+
+/// A datagram waiting to be sealed: `len` bytes of plaintext at
+/// `start + 16` in the buffer, to be sealed with `sessions[session]` under
+/// `nonce`.
+#[derive(Debug, Clone, Copy)]
+struct Seal {
+    start: usize,
+    len: usize,
+    nonce: u64,
+    session: usize,
 }
 
 /// One group of [`Datagrams`]: its destination, its bytes, and the segment
@@ -64,6 +91,8 @@ impl Datagrams {
             stride: 0,
             groups: Vec::with_capacity(64),
             max_segments: max_segments.max(1),
+            seals: Vec::with_capacity(4 * 64),
+            sessions: Vec::with_capacity(4),
         }
     }
 
@@ -148,6 +177,59 @@ impl Datagrams {
         self.commit(dst, n);
     }
 
+    /// Like [`Datagrams::commit_staged`] for a packet of `len` bytes in
+    /// slot `i` (after a WireGuard header's room) that is sealed later,
+    /// with `session` under `nonce` (reserved by the caller, in order):
+    /// the slot becomes a datagram of `len + 32` bytes to `dst` once it is
+    /// sealed, before anything takes it out. `len + 32` must fit the slot.
+    pub fn commit_sealing(
+        &mut self,
+        i: usize,
+        dst: SocketAddr,
+        len: usize,
+        session: &Arc<Session>,
+        nonce: u64,
+    ) {
+        let start = self.len;
+        self.commit_staged(i, dst, len + DATA_OVERHEAD);
+        let session = match self.sessions.iter().rposition(|s| Arc::ptr_eq(s, session)) {
+            Some(k) => k,
+            None => {
+                self.sessions.push(session.clone());
+                self.sessions.len() - 1
+            }
+        };
+        self.seals.push(Seal {
+            start,
+            len,
+            nonce,
+            session,
+        });
+    }
+
+    /// Whether datagrams wait to be sealed.
+    pub fn is_sealed(&self) -> bool {
+        self.seals.is_empty()
+    }
+
+    /// Seals every datagram committed with [`Datagrams::commit_sealing`].
+    /// One whose seal fails (it cannot: the slot always has the room) is
+    /// zeroed, so that no plaintext ever leaves.
+    pub fn seal(&mut self) {
+        for s in self.seals.drain(..) {
+            let end = (s.start + s.len + DATA_OVERHEAD).min(self.buf.len());
+            let buf = &mut self.buf[s.start..end];
+            let sealed = self
+                .sessions
+                .get(s.session)
+                .and_then(|k| k.seal_in_place(s.nonce, buf, s.len));
+            if sealed.is_none() {
+                buf.fill(0);
+            }
+        }
+        self.sessions.clear();
+    }
+
     /// Copies `data` in as a datagram to `dst` (handshakes, cookies: the
     /// paths that are not worth sealing in place).
     pub fn push(&mut self, dst: SocketAddr, data: &[u8]) {
@@ -171,8 +253,9 @@ impl Datagrams {
         self.buf.len() - self.len < reserve
     }
 
-    /// The groups, in order.
-    pub fn sends(&self) -> impl Iterator<Item = Send<'_>> {
+    /// The groups, in order (sealed first).
+    pub fn sends(&mut self) -> impl Iterator<Item = Send<'_>> {
+        self.seal();
         self.groups.iter().map(|g| Send {
             dst: g.dst,
             contents: &self.buf[g.start..g.end],
@@ -181,8 +264,8 @@ impl Datagrams {
     }
 
     /// Every datagram, in order, with its destination (tests, and sockets
-    /// without GSO).
-    pub fn datagrams(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> {
+    /// without GSO); sealed first.
+    pub fn datagrams(&mut self) -> impl Iterator<Item = (SocketAddr, &[u8])> {
         self.sends().flat_map(|s| {
             s.contents
                 .chunks(s.segment_size.unwrap_or(s.contents.len().max(1)))
@@ -198,10 +281,13 @@ impl Datagrams {
         other.clear();
     }
 
-    /// Empties the batch, keeping its memory.
+    /// Empties the batch, keeping its memory (what waits to be sealed is
+    /// dropped too).
     pub fn clear(&mut self) {
         self.len = 0;
         self.groups.clear();
+        self.seals.clear();
+        self.sessions.clear();
     }
 }
 

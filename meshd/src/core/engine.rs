@@ -118,7 +118,8 @@ impl Engine {
     /// slots of [`SLOT`] bytes, the packet's `len` bytes after
     /// [`DATA_HEADER`] bytes of room): balanced, then sealed where it lies
     /// — the copy-free path. Call [`Engine::finish_staged`] after the last
-    /// slot of the read.
+    /// slot of the read. The packet is sealed when the batch's datagrams
+    /// are taken out ([`Datagrams::sends`]), on whichever thread does it.
     pub fn handle_tun_staged(
         &mut self,
         i: usize,
@@ -133,8 +134,8 @@ impl Engine {
         };
         match self.lb.outbound(packet, &mut self.reply, now) {
             Verdict::Pass | Verdict::ToTunnel => {
-                if let Some((dst, n)) = self.node.seal_in_place(buf, len, &mut self.aside) {
-                    net.commit_staged(i, dst, n);
+                if let Some(s) = self.node.prepare_seal(buf, len, &mut self.aside) {
+                    net.commit_sealing(i, s.dst, len, &s.session, s.nonce);
                 }
             }
             Verdict::ToTun => tun.push(packet),
@@ -249,4 +250,4 @@ pub fn peer_configs(s: &NetState) -> Vec<PeerConfig> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -37,6 +37,7 @@ use ipnet::Ipv4Net;
 use skymesh_noise::noise::errors::WireGuardError;
 use skymesh_noise::noise::handshake::parse_handshake_anon;
 use skymesh_noise::noise::rate_limiter::RateLimiter;
+use skymesh_noise::noise::session::Session;
 use skymesh_noise::noise::{Packet, Tunn, TunnResult};
 use skymesh_noise::x25519::{PublicKey, StaticSecret};
 
@@ -52,6 +53,15 @@ pub const PERSISTENT_KEEPALIVE_S: u16 = 25;
 pub const DATA_OVERHEAD: usize = 32;
 /// A data message's header: type, receiver index, counter.
 pub const DATA_HEADER: usize = 16;
+
+/// Where a packet routed by [`Node::prepare_seal`] goes, and how to seal
+/// it.
+#[derive(Debug, Clone)]
+pub struct Sealing {
+    pub dst: SocketAddr,
+    pub session: Arc<Session>,
+    pub nonce: u64,
+}
 /// A handshake initiation, the largest message `Tunn::encapsulate` writes
 /// besides data.
 const HANDSHAKE_INIT_LEN: usize = 148;
@@ -369,34 +379,41 @@ impl Node {
     }
 
     /// A packet read from the TUN into `buf[DATA_HEADER..DATA_HEADER + len]`
-    /// (room for the WireGuard header in front, for the tag behind): seals
-    /// it where it lies, for the peer whose allowed IPs hold its
-    /// destination, and returns where to send the `n` bytes of `buf` that
-    /// are now the datagram. A peer without a session (or whose session's
-    /// nonces ran out) takes boringtun's path instead: the packet is queued,
-    /// a handshake initiation goes to `aside`, and `None` is returned.
-    pub fn seal_in_place(
+    /// (room for the WireGuard header in front, for the tag behind): routes
+    /// it to the peer whose allowed IPs hold its destination and reserves
+    /// its nonce, in order, so that it can be sealed where it lies, on any
+    /// thread ([`Datagrams::commit_sealing`]). Returns where to send it and
+    /// the session and nonce to seal with. A peer without a session (or
+    /// whose session's nonces ran out), or a packet too large for `buf`'s
+    /// room, takes boringtun's path instead: the
+    /// packet is queued, a handshake initiation goes to `aside`, and `None`
+    /// is returned.
+    pub fn prepare_seal(
         &mut self,
-        buf: &mut [u8],
+        buf: &[u8],
         len: usize,
         aside: &mut Datagrams,
-    ) -> Option<(SocketAddr, usize)> {
-        let slot = self.route_packet(buf.get(DATA_HEADER..DATA_HEADER + len)?)?;
+    ) -> Option<Sealing> {
+        let packet = buf.get(DATA_HEADER..DATA_HEADER + len)?;
+        let slot = self.route_packet(packet)?;
         let p = self.peers.get_mut(&slot)?;
         let Some(ep) = p.endpoint else {
             self.drop_packet(DropReason::NoEndpoint);
             return None;
         };
-        if let Some(session) = p.tunn.current_session()
+        if buf.len() >= len + DATA_OVERHEAD
+            && let Some(session) = p.tunn.current_session()
             && let Some(nonce) = session.reserve_nonces(1)
-            && let Some(n) = session.seal_in_place(nonce, buf, len)
         {
             p.tunn.note_sent(len);
             p.tx_packets += 1;
             p.tx_bytes += len as u64;
-            return Some((ep, n));
+            return Some(Sealing {
+                dst: ep,
+                session,
+                nonce,
+            });
         }
-        let packet = buf.get(DATA_HEADER..DATA_HEADER + len)?;
         self.encapsulate(slot, packet, aside);
         None
     }

@@ -1,29 +1,31 @@
 //! The packet path's I/O: TUN and UDP in, the sans-IO
-//! [`Engine`] in the middle, TUN and UDP out — on three threads that hand
-//! each other whole batches, never single packets.
+//! [`Engine`] in the middle, TUN and UDP out — on threads that hand each
+//! other whole batches, never single packets.
 //!
 //! - `meshd-packets` waits in `epoll` on the TUN and the UDP socket, reads
 //!   in batches (TUN offloads: one read is a whole TSO segment; `recvmmsg`
-//!   with UDP GRO: one buffer holds many datagrams), and runs the engine,
-//!   which seals datagrams straight into a [`Datagrams`] batch and opens
-//!   packets straight into a [`Packets`] batch. It also applies netmap and
-//!   balancer-table changes between batches and sleeps on the engine's
-//!   [`Engine::poll_timeout`].
-//! - `meshd-udp-tx` sends each full [`Datagrams`] batch (one GSO `sendmsg`
-//!   per group) and hands the emptied batch back.
+//!   with UDP GRO: one buffer holds many datagrams), and runs the engine:
+//!   outgoing packets are balanced, routed and given their nonces in
+//!   order, where the TUN read put them in a [`Datagrams`] batch (not yet
+//!   sealed); incoming datagrams are opened straight into a [`Packets`]
+//!   batch. It also applies netmap and balancer-table changes between
+//!   batches and sleeps on the engine's [`Engine::poll_timeout`].
+//! - `meshd-udp-tx` (`--crypto-threads` threads, `meshd-udp-tx-K` when
+//!   more than one) seals each [`Datagrams`] batch where it lies, the
+//!   threads in parallel even for one peer, and sends the batches in the
+//!   order they were read (one GSO `sendmsg` per group; [`stage`]).
 //! - `meshd-tun-tx` writes each full [`Packets`] batch to the TUN,
 //!   coalesced per flow (GRO), and hands it back. A TUN write runs the
 //!   receiving TCP stack inline, so on this thread that kernel work no
 //!   longer holds up decryption.
 //!
-//! Each writer owns a small pool of batches ([`POOL`]); when all are in
-//! flight the packet thread waits for one (backpressure, never loss). A
-//! small batch while its writer is idle (a ping, a handshake, ACKs) the
-//! packet thread writes itself: two thread wakeups would be all the
-//! hand-off adds to it. The
-//! batches are reused: once warm, nothing on the path allocates per packet.
-//! Crypto itself still runs on `meshd-packets` (boringtun's `Tunn` takes
-//! `&mut self` for both directions; DESIGN.md, "data plane").
+//! Each writer thread owns a small pool of batches ([`stage::POOL`]); when
+//! all are in flight the packet thread waits for one (backpressure, never
+//! loss). A small batch while its writers are idle (a ping, a handshake,
+//! ACKs) the packet thread seals and writes itself: two thread wakeups
+//! would be all the hand-off adds to it. The batches are reused: once
+//! warm, nothing on the path allocates per packet. Decryption still runs
+//! on `meshd-packets` (DESIGN.md, "data plane").
 
 use std::collections::BTreeMap;
 use std::io::{self, IoSliceMut};
@@ -38,7 +40,7 @@ use quinn_udp::{RecvMeta, UdpSocketState};
 use rustix::event::{PollFd, PollFlags};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
@@ -47,6 +49,8 @@ use crate::core::engine::{DATAGRAM_RESERVE, Engine, SLOT, TUN_SLOTS};
 use crate::core::lb::{LbStats, LbTable};
 use crate::core::node::{DATA_HEADER, DropReason, MAX_DATAGRAM, PeerInfo};
 use crate::state::NetState;
+
+use super::stage::{self, Steps, Writer, WriterEnd};
 
 /// Counters published by the device loop.
 #[derive(Debug, Clone, Default)]
@@ -77,6 +81,7 @@ pub fn spawn(
     tun: SyncDevice,
     udp: StdUdp,
     offload: bool,
+    senders: usize,
     netmap: watch::Receiver<Arc<NetState>>,
     lb_table: watch::Receiver<Arc<LbTable>>,
     stats: Arc<ArcSwap<DeviceStats>>,
@@ -104,112 +109,56 @@ pub fn spawn(
             gro_segments = udp_state.gro_segments(),
             "UDP offloads"
         );
-        let (net, net_end) = writer("meshd-udp-tx", || {
+        let senders = senders.max(1);
+        let (net, net_ends) = stage::writer("meshd-udp-tx", senders, || {
             Datagrams::new(DATAGRAM_BATCH, max_segments)
         });
-        let (tun_out, tun_end) = writer("meshd-tun-tx", || {
+        let (tun_out, mut tun_ends) = stage::writer("meshd-tun-tx", 1, || {
             Packets::new(IDEAL_BATCH_SIZE, TUN_OFFSET)
         });
-        let udp_done = spawn_udp_writer(udp_tx, net_end)?;
+        let udp_done = spawn_udp_writers(&udp_tx, net_ends)?;
+        let tun_end = tun_ends.pop().context("one TUN writer")?;
         let tun_done = spawn_tun_writer(tun.clone(), tun_end)?;
         let io = BatchIo::new(tun, udp, udp_state);
         let result = run(engine, io, net, tun_out, netmap, lb_table, stats, cancel).await;
         // The writers end once their channels from `run` are gone.
-        let _ = udp_done.join();
-        let _ = tun_done.join();
+        for t in udp_done.into_iter().chain(tun_done) {
+            let _ = t.join();
+        }
         result
     })
 }
 
-/// Batches per writer, the one being filled included.
-pub const POOL: usize = 3;
-
 /// Bytes of one [`Datagrams`] batch: a few whole TUN reads' slots.
 const DATAGRAM_BATCH: usize = 4 * TUN_SLOTS * SLOT;
 
-/// The packet thread's end of a writer: it fills `current`, hands it over
-/// when full and takes an emptied one back.
-struct Writer<T> {
-    current: T,
-    full: mpsc::Sender<T>,
-    empty: mpsc::Receiver<T>,
-    name: &'static str,
-}
-
-/// The writer thread's end.
-struct WriterEnd<T> {
-    full: mpsc::Receiver<T>,
-    empty: mpsc::Sender<T>,
-}
-
-/// A writer's two ends with [`POOL`] batches made by `make`.
-fn writer<T>(name: &'static str, make: impl Fn() -> T) -> (Writer<T>, WriterEnd<T>) {
-    let (full_tx, full_rx) = mpsc::channel(POOL);
-    let (empty_tx, empty_rx) = mpsc::channel(POOL);
-    for _ in 1..POOL {
-        // Capacity POOL: never full here.
-        let _ = empty_tx.try_send(make());
-    }
-    (
-        Writer {
-            current: make(),
-            full: full_tx,
-            empty: empty_rx,
-            name,
-        },
-        WriterEnd {
-            full: full_rx,
-            empty: empty_tx,
-        },
-    )
-}
-
-impl<T> Writer<T> {
-    /// Whether the writer thread holds no batch: everything handed over
-    /// has been written.
-    fn idle(&self) -> bool {
-        self.empty.len() == POOL - 1
-    }
-
-    /// Hands the current batch over and takes an empty one, waiting while
-    /// every batch is in flight.
-    async fn swap(&mut self) -> Result<()> {
-        let fresh = self.empty.recv().await;
-        let fresh = fresh.with_context(|| format!("the {} thread ended", self.name))?;
-        let full = std::mem::replace(&mut self.current, fresh);
-        self.full
-            .send(full)
-            .await
-            .map_err(|_| anyhow::anyhow!("the {} thread ended", self.name))
-    }
-}
-
-/// Starts `meshd-udp-tx`: one GSO `sendmsg` per datagram group, on a clone
-/// of the WireGuard socket. A plain thread that waits in `poll` only when
-/// the socket buffer is full: registered with a runtime, it would also wake
-/// for every datagram the packet thread receives.
-fn spawn_udp_writer(
-    sock: StdUdp,
-    mut end: WriterEnd<Datagrams>,
-) -> Result<std::thread::JoinHandle<()>> {
-    let state = UdpSocketState::new((&sock).into())?;
-    std::thread::Builder::new()
-        .name("meshd-udp-tx".into())
-        .spawn(move || {
-            while let Some(mut d) = end.full.blocking_recv() {
-                send_datagrams(&sock, &state, &d);
+/// Starts the `meshd-udp-tx` stage, each thread on a clone of the
+/// WireGuard socket: each seals the batches it is handed (the threads in
+/// parallel; the packet thread reserved every nonce in order), then sends
+/// them in hand-out order ([`stage`]), one GSO `sendmsg` per datagram
+/// group. Plain threads that wait in `poll` only when the socket buffer is
+/// full: registered with a runtime, they would also wake for every
+/// datagram the packet thread receives.
+fn spawn_udp_writers(
+    sock: &StdUdp,
+    ends: Vec<WriterEnd<Datagrams>>,
+) -> Result<Vec<std::thread::JoinHandle<()>>> {
+    stage::spawn("meshd-udp-tx", ends, |_| {
+        let sock = sock.try_clone().context("failed to clone the UDP socket")?;
+        let state = UdpSocketState::new((&sock).into())?;
+        Ok(Steps {
+            work: |d: &mut Datagrams| d.seal(),
+            emit: move |d: &mut Datagrams| {
+                send_datagrams(&sock, &state, d);
                 d.clear();
-                if end.empty.blocking_send(d).is_err() {
-                    return;
-                }
-            }
+            },
         })
-        .context("failed to start the meshd-udp-tx thread")
+    })
 }
 
 /// Sends every group of `d`, waiting while the socket buffer is full
 /// (backpressure instead of loss).
-fn send_datagrams<S: AsFd>(sock: &S, state: &UdpSocketState, d: &Datagrams) {
+fn send_datagrams<S: AsFd>(sock: &S, state: &UdpSocketState, d: &mut Datagrams) {
     for s in d.sends() {
         match s.segment_size {
             // quinn-udp turns GSO off when the kernel refuses it: then one
@@ -264,20 +213,16 @@ fn send_one<S: AsFd>(
 /// not block, so this thread needs no runtime.
 fn spawn_tun_writer(
     tun: Arc<AsyncDevice>,
-    mut end: WriterEnd<Packets>,
-) -> Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("meshd-tun-tx".into())
-        .spawn(move || {
-            let mut gro = GROTable::new();
-            while let Some(mut p) = end.full.blocking_recv() {
-                write_tun(&tun, &mut gro, &mut p);
-                if end.empty.blocking_send(p).is_err() {
-                    return;
-                }
-            }
+    end: WriterEnd<Packets>,
+) -> Result<Vec<std::thread::JoinHandle<()>>> {
+    stage::spawn("meshd-tun-tx", vec![end], |_| {
+        let tun = tun.clone();
+        let mut gro = GROTable::new();
+        Ok(Steps {
+            work: |_: &mut Packets| {},
+            emit: move |p: &mut Packets| write_tun(&tun, &mut gro, p),
         })
-        .context("failed to start the meshd-tun-tx thread")
+    })
 }
 
 /// Runs the packet loop until `cancel` fires.
@@ -401,7 +346,7 @@ async fn flush(
         if net.idle() && net.current.bytes() <= INLINE_DATAGRAM_BYTES {
             // Blocks only if the socket buffer is full, where waiting is
             // the backpressure anyway.
-            send_datagrams(&io.udp, &io.udp_state, &net.current);
+            send_datagrams(&io.udp, &io.udp_state, &mut net.current);
             net.current.clear();
         } else {
             net.swap().await?;

@@ -8,6 +8,7 @@ pub mod health;
 pub mod jobs;
 pub mod metrics;
 pub mod nodeport;
+pub mod stage;
 pub mod thread;
 pub mod tun;
 pub mod uapi;

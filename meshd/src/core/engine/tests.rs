@@ -17,8 +17,8 @@ use crate::core::lb::testutil::{self, Seen, checked, sa, tcp};
 use crate::core::lb::{Health, Lb, LbConfig, LbTable};
 use crate::core::node::DATA_HEADER;
 
-const A_ADDR: &str = "198.51.100.11:51820";
-const B_ADDR: &str = "198.51.100.12:51820";
+pub(crate) const A_ADDR: &str = "198.51.100.11:51820";
+pub(crate) const B_ADDR: &str = "198.51.100.12:51820";
 
 fn b64(k: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(k)
@@ -77,15 +77,15 @@ fn engine(me: u8, key: [u8; 32], peer_key: [u8; 32], now: Instant) -> Engine {
 }
 
 /// Two gateways and what each wrote to its TUN.
-struct Wire {
-    a: Engine,
-    b: Engine,
-    tun_a: Vec<Vec<u8>>,
-    tun_b: Vec<Vec<u8>>,
-    now: Instant,
+pub(crate) struct Wire {
+    pub a: Engine,
+    pub b: Engine,
+    pub tun_a: Vec<Vec<u8>>,
+    pub tun_b: Vec<Vec<u8>>,
+    pub now: Instant,
 }
 
-fn wire() -> Wire {
+pub(crate) fn wire() -> Wire {
     let (ka, kb) = ([1u8; 32], [2u8; 32]);
     let pub_of = |k| {
         *skymesh_noise::x25519::PublicKey::from(&skymesh_noise::x25519::StaticSecret::from(k))
@@ -108,7 +108,7 @@ fn addr(s: &str) -> SocketAddr {
 impl Wire {
     /// Sends packets from a's TUN (`from_a`) and b's, then delivers every
     /// datagram until both are quiet, in batches as the device does.
-    fn run(&mut self, from_a: Vec<Vec<u8>>, from_b: Vec<Vec<u8>>) {
+    pub(crate) fn run(&mut self, from_a: Vec<Vec<u8>>, from_b: Vec<Vec<u8>>) {
         let mut net_a = Datagrams::new(1 << 18, 64);
         let mut net_b = Datagrams::new(1 << 18, 64);
         let mut pk_a = Packets::new(128, 10);
@@ -160,7 +160,7 @@ impl Wire {
 
 /// What a TUN read does: each packet into its slot, after room for the
 /// WireGuard header.
-fn stage(net: &mut Datagrams, packets: &[Vec<u8>]) {
+pub(crate) fn stage(net: &mut Datagrams, packets: &[Vec<u8>]) {
     let area = net.stage(TUN_SLOTS, SLOT);
     for (slot, p) in area.chunks_mut(SLOT).zip(packets) {
         slot[DATA_HEADER..DATA_HEADER + p.len()].copy_from_slice(p);
@@ -169,7 +169,7 @@ fn stage(net: &mut Datagrams, packets: &[Vec<u8>]) {
 
 /// An IPv4 packet (protocol 253) carrying `seq` and `len` bytes derived
 /// from it, so that any corruption or reordering shows.
-fn numbered(src: [u8; 4], dst: [u8; 4], seq: u32, len: usize) -> Vec<u8> {
+pub(crate) fn numbered(src: [u8; 4], dst: [u8; 4], seq: u32, len: usize) -> Vec<u8> {
     let mut p = crate::core::node::tests::packet(src, dst, len);
     for (i, b) in p[20..].iter_mut().enumerate() {
         *b = (seq as usize).wrapping_mul(31).wrapping_add(i) as u8;

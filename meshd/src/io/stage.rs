@@ -1,0 +1,167 @@
+//! A writer stage of the packet path: one or more threads that take whole
+//! batches from the packet thread, work on them in parallel, and emit them
+//! in the order they were handed out.
+//!
+//! - The packet thread fills [`Writer::current`] and hands it over with
+//!   [`Writer::swap`]: full batches go to the stage's threads in turn,
+//!   emptied batches come back through one shared pool. When every batch
+//!   is in flight, `swap` waits (backpressure, never loss).
+//! - Each thread runs `work` on its batch (the parallel part: sealing), then
+//!   waits for the turn token, runs `emit` (the ordered part: the send), and
+//!   passes the token on to the next thread in the same turn. So batch `k`
+//!   is emitted before batch `k + 1` whatever the threads' speeds, and with
+//!   one thread the stage is a plain writer thread.
+//!
+//! The hand-off is per batch, never per packet (wireguard-go's lesson in
+//! "distribute crypto work as slice of elements"). The packet thread may
+//! also do a batch's work and emit itself while the stage is
+//! [`Writer::idle`]: nothing older is in flight then, so order holds.
+
+use std::sync::mpsc as std_mpsc;
+use std::thread::JoinHandle;
+
+use anyhow::{Context as _, Result};
+use tokio::sync::mpsc;
+
+/// Batches per stage thread, beyond the one being filled.
+pub const POOL: usize = 2;
+
+/// The packet thread's end of a stage.
+pub struct Writer<T> {
+    /// The batch being filled.
+    pub current: T,
+    full: Vec<mpsc::Sender<T>>,
+    /// The thread the next full batch goes to.
+    next: usize,
+    empty: mpsc::Receiver<T>,
+    /// Batches besides `current`.
+    spare: usize,
+    name: &'static str,
+}
+
+/// One stage thread's end.
+pub struct WriterEnd<T> {
+    full: mpsc::Receiver<T>,
+    empty: mpsc::Sender<T>,
+}
+
+/// A stage of `threads` threads with [`POOL`] batches each (and the one
+/// being filled), made by `make`.
+pub fn writer<T>(
+    name: &'static str,
+    threads: usize,
+    make: impl Fn() -> T,
+) -> (Writer<T>, Vec<WriterEnd<T>>) {
+    let threads = threads.max(1);
+    let spare = POOL * threads;
+    let (empty_tx, empty_rx) = mpsc::channel(spare);
+    for _ in 0..spare {
+        // Capacity `spare`: never full here.
+        let _ = empty_tx.try_send(make());
+    }
+    let (full, ends): (Vec<_>, Vec<_>) = (0..threads)
+        .map(|_| {
+            let (full_tx, full_rx) = mpsc::channel(spare);
+            (
+                full_tx,
+                WriterEnd {
+                    full: full_rx,
+                    empty: empty_tx.clone(),
+                },
+            )
+        })
+        .unzip();
+    (
+        Writer {
+            current: make(),
+            full,
+            next: 0,
+            empty: empty_rx,
+            spare,
+            name,
+        },
+        ends,
+    )
+}
+
+impl<T> Writer<T> {
+    /// Whether the stage's threads hold no batch: everything handed over
+    /// has been emitted.
+    pub fn idle(&self) -> bool {
+        self.empty.len() == self.spare
+    }
+
+    /// Hands the current batch to the next thread in turn and takes an
+    /// empty one, waiting while every batch is in flight.
+    pub async fn swap(&mut self) -> Result<()> {
+        let fresh = self.empty.recv().await;
+        let fresh = fresh.with_context(|| format!("the {} thread ended", self.name))?;
+        let full = std::mem::replace(&mut self.current, fresh);
+        let to = &self.full[self.next];
+        self.next = (self.next + 1) % self.full.len();
+        to.send(full)
+            .await
+            .map_err(|_| anyhow::anyhow!("the {} thread ended", self.name))
+    }
+}
+
+/// What one stage thread does with a batch: `work` (in parallel with the
+/// other threads), then `emit` (in hand-out order). `emit` leaves the batch
+/// empty for reuse.
+pub struct Steps<W, E> {
+    pub work: W,
+    pub emit: E,
+}
+
+/// Starts one plain thread per end, named `name` (or `name-k` when there
+/// are several), each running the [`Steps`] that `steps(k)` makes. The
+/// threads end once the [`Writer`] is dropped and what it handed over is
+/// emitted.
+pub fn spawn<T, W, E>(
+    name: &str,
+    ends: Vec<WriterEnd<T>>,
+    mut steps: impl FnMut(usize) -> Result<Steps<W, E>>,
+) -> Result<Vec<JoinHandle<()>>>
+where
+    T: Send + 'static,
+    W: FnMut(&mut T) + Send + 'static,
+    E: FnMut(&mut T) + Send + 'static,
+{
+    let n = ends.len();
+    let (turn_tx, turn_rx): (Vec<_>, Vec<_>) = (0..n).map(|_| std_mpsc::channel::<()>()).unzip();
+    // The first batch is the first thread's.
+    if let Some(t) = turn_tx.first() {
+        let _ = t.send(());
+    }
+    let mut threads = Vec::with_capacity(n);
+    for (k, (mut end, turn)) in ends.into_iter().zip(turn_rx).enumerate() {
+        let Steps { mut work, mut emit } = steps(k)?;
+        let pass = turn_tx[(k + 1) % n].clone();
+        let label = if n == 1 {
+            name.to_string()
+        } else {
+            format!("{name}-{k}")
+        };
+        let t = std::thread::Builder::new()
+            .name(label.clone())
+            .spawn(move || {
+                while let Some(mut batch) = end.full.blocking_recv() {
+                    work(&mut batch);
+                    if turn.recv().is_err() {
+                        return;
+                    }
+                    emit(&mut batch);
+                    let _ = pass.send(());
+                    // Once the packet thread is gone nothing takes it back;
+                    // what is still queued is emitted all the same.
+                    let _ = end.empty.blocking_send(batch);
+                }
+            })
+            .with_context(|| format!("failed to start the {label} thread"))?;
+        threads.push(t);
+    }
+    Ok(threads)
+}
+
+#[cfg(test)]
+mod tests;
