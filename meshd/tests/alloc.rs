@@ -115,6 +115,7 @@ fn exchange(from: &mut Side, to: &mut Side, packets: &mut [Vec<u8>], staged: boo
                 .handle_network(from.me, d, now, &mut to.net, &mut to.tun);
         }
         from.net.clear();
+        to.engine.finish_opened(&mut to.tun, now);
         arrived += to.tun.len();
         to.tun.clear();
         // Handshake answers, if any, go back.
@@ -122,6 +123,8 @@ fn exchange(from: &mut Side, to: &mut Side, packets: &mut [Vec<u8>], staged: boo
             from.engine
                 .handle_network(to.me, d, now, &mut from.net, &mut from.tun);
         }
+        from.engine.finish_opened(&mut from.tun, now);
+        from.tun.clear();
         to.net.clear();
     }
     arrived

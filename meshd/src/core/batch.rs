@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use skymesh_noise::noise::session::Session;
 
-use super::node::DATA_OVERHEAD;
+use super::node::{DATA_HEADER, DATA_OVERHEAD};
 
 /// Largest UDP payload one GSO send may carry: the kernel caps a GSO
 /// datagram at 64 KiB including headers.
@@ -292,6 +292,13 @@ impl Datagrams {
 }
 
 /// Decrypted packets waiting for the TUN, each after `headroom` bytes.
+///
+/// A data message taken with [`Packets::push_sealed`] is copied in still
+/// sealed, its WireGuard header in the last 16 bytes of headroom, and
+/// opened where it lies by [`Packets::open`] (on any thread; the opened
+/// packet then starts at the headroom, as any other). Until the engine has
+/// judged it ([`super::engine::Engine::finish_opened`]), it is not a packet
+/// the TUN may see.
 #[derive(Debug)]
 pub struct Packets {
     /// Slot buffers; the first `len` hold packets. A slot's `Vec` length is
@@ -301,6 +308,35 @@ pub struct Packets {
     len: usize,
     headroom: usize,
     limit: usize,
+    /// Slots holding data messages to open and judge, in slot order.
+    opens: Vec<Open>,
+    /// The sessions `opens` name.
+    sessions: Vec<Arc<Session>>,
+    /// Whether [`Packets::open`] ran since the last sealed push.
+    opened: bool,
+}
+
+/// A batch's opened data messages ([`Packets::opened`]): the jobs, the
+/// sessions they name, and the slots (each packet after `headroom`).
+pub struct Opened<'a> {
+    pub opens: &'a [Open],
+    pub sessions: &'a [Arc<Session>],
+    pub bufs: &'a mut [Vec<u8>],
+    pub headroom: usize,
+}
+
+/// A data message in slot `slot` of a [`Packets`] batch: from `src`, for
+/// peer `peer`, sealed with `sessions[session]`. After opening, `result`
+/// holds its counter and plaintext length, or `None` if it did not
+/// authenticate.
+#[derive(Debug, Clone, Copy)]
+pub struct Open {
+    pub slot: usize,
+    pub peer: u32,
+    pub src: SocketAddr,
+    pub session: usize,
+    len: usize,
+    pub result: Option<(u64, usize)>,
 }
 
 /// Initial room of a packet slot: a full-MTU packet and its headroom.
@@ -308,8 +344,10 @@ const SLOT: usize = 1500 + 64;
 
 impl Packets {
     /// A batch of at most `limit` packets with `headroom` bytes in front of
-    /// each.
+    /// each (at least [`DATA_HEADER`]: a sealed message's header goes
+    /// there).
     pub fn new(limit: usize, headroom: usize) -> Packets {
+        let headroom = headroom.max(DATA_HEADER);
         Packets {
             bufs: (0..limit)
                 .map(|_| Vec::with_capacity(headroom + SLOT))
@@ -317,7 +355,112 @@ impl Packets {
             len: 0,
             headroom,
             limit,
+            opens: Vec::with_capacity(limit),
+            sessions: Vec::with_capacity(4),
+            opened: true,
         }
+    }
+
+    /// Copies in a sealed data message from `src` for peer `peer`, to be
+    /// opened with `session` (the headroom must hold its 16-byte header).
+    pub fn push_sealed(
+        &mut self,
+        datagram: &[u8],
+        src: SocketAddr,
+        peer: u32,
+        session: &Arc<Session>,
+    ) {
+        let front = self.headroom - DATA_HEADER;
+        let slot = self.len;
+        let body = datagram.len().saturating_sub(DATA_HEADER);
+        // The slot's room is after the headroom; the header goes in front.
+        let _ = self.room(body);
+        let b = &mut self.bufs[slot];
+        b[front..front + datagram.len()].copy_from_slice(datagram);
+        self.len += 1;
+        let session = match self.sessions.iter().rposition(|s| Arc::ptr_eq(s, session)) {
+            Some(k) => k,
+            None => {
+                self.sessions.push(session.clone());
+                self.sessions.len() - 1
+            }
+        };
+        self.opens.push(Open {
+            slot,
+            peer,
+            src,
+            session,
+            len: datagram.len(),
+            result: None,
+        });
+        self.opened = false;
+    }
+
+    /// Whether data messages wait to be opened or judged.
+    pub fn has_sealed(&self) -> bool {
+        !self.opens.is_empty()
+    }
+
+    /// Opens every data message taken with [`Packets::push_sealed`] in
+    /// place (authenticates and decrypts; the replay window is only
+    /// checked, not marked: that is the engine's, in order).
+    pub fn open(&mut self) {
+        if self.opened {
+            return;
+        }
+        let front = self.headroom - DATA_HEADER;
+        for o in &mut self.opens {
+            let msg = &mut self.bufs[o.slot][front..front + o.len];
+            o.result = self
+                .sessions
+                .get(o.session)
+                .and_then(|s| s.open_in_place(msg).ok())
+                .map(|(counter, plain)| (counter, plain.len()));
+        }
+        self.opened = true;
+    }
+
+    /// The opened data messages, for the engine to judge in order; then
+    /// [`Packets::settle`].
+    pub fn opened(&mut self) -> Opened<'_> {
+        self.open();
+        Opened {
+            opens: &self.opens,
+            sessions: &self.sessions,
+            bufs: &mut self.bufs[..self.len],
+            headroom: self.headroom,
+        }
+    }
+
+    /// Ends judging: each opened slot keeps `keep[k]` bytes (`None`: the
+    /// slot is dropped); the batch closes up so that only packets remain,
+    /// in order.
+    pub fn settle(&mut self, keep: &[Option<usize>]) {
+        let mut write = 0;
+        let mut jobs = self.opens.iter().zip(keep).peekable();
+        for read in 0..self.len {
+            let verdict = match jobs.peek() {
+                Some((o, k)) if o.slot == read => {
+                    let k = **k;
+                    jobs.next();
+                    k
+                }
+                // Not a data message: a packet as it is.
+                _ => Some(self.bufs[read].len() - self.headroom),
+            };
+            let Some(n) = verdict else {
+                continue;
+            };
+            self.bufs[read].truncate(self.headroom + n);
+            if write != read {
+                self.bufs.swap(write, read);
+            }
+            write += 1;
+        }
+        self.len = write;
+        self.opens.clear();
+        self.sessions.clear();
+        self.opened = true;
     }
 
     /// Room for the next packet, at most `max` bytes; write it at the start
@@ -369,17 +512,22 @@ impl Packets {
     /// The waiting packets' buffers, headroom included (for the TUN write,
     /// which may modify and grow them).
     pub fn bufs_mut(&mut self) -> &mut [Vec<u8>] {
+        debug_assert!(!self.has_sealed(), "a batch with unjudged messages");
         &mut self.bufs[..self.len]
     }
 
     /// The waiting packets, without headroom.
     pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
+        debug_assert!(!self.has_sealed(), "a batch with unjudged messages");
         self.bufs[..self.len].iter().map(|b| &b[self.headroom..])
     }
 
     /// Empties the batch, keeping its memory.
     pub fn clear(&mut self) {
         self.len = 0;
+        self.opens.clear();
+        self.sessions.clear();
+        self.opened = true;
     }
 }
 

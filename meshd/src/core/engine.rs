@@ -25,7 +25,7 @@ use ipnet::Ipv4Net;
 
 use super::batch::{Datagrams, Packets};
 use super::lb::{Lb, LbTable, Verdict};
-use super::node::{DATA_HEADER, Node, PeerConfig, PeerDiff};
+use super::node::{DATA_HEADER, DropReason, Node, PeerConfig, PeerDiff};
 use super::route::parse_allowed;
 use crate::state::NetState;
 
@@ -57,6 +57,8 @@ pub struct Engine {
     /// Handshake initiations started during a staged TUN read, which may
     /// not be written into the staged batch.
     aside: Datagrams,
+    /// [`Engine::finish_opened`]'s verdicts (reused).
+    keep: Vec<Option<usize>>,
     next_tick: Instant,
     ticks: u64,
 }
@@ -69,6 +71,7 @@ impl Engine {
             lb,
             reply: Vec::with_capacity(1500),
             aside: Datagrams::new(4096, 1),
+            keep: Vec::with_capacity(256),
             next_tick: now,
             ticks: 0,
         }
@@ -152,7 +155,12 @@ impl Engine {
         }
     }
 
-    /// One datagram from the network.
+    /// One datagram from the network. A data message of a session this
+    /// node keeps is only copied into `tun`, still sealed: it is opened
+    /// where it lies ([`Packets::open`], on any thread) and judged by
+    /// [`Engine::finish_opened`] before the batch may go to the TUN.
+    /// Everything else is handled here and now (after what waits in `tun`,
+    /// so that order holds).
     pub fn handle_network(
         &mut self,
         src: SocketAddr,
@@ -161,6 +169,13 @@ impl Engine {
         net: &mut Datagrams,
         tun: &mut Packets,
     ) {
+        if let Some((peer, session)) = self.node.data_session(datagram) {
+            tun.push_sealed(datagram, src, peer, &session);
+            return;
+        }
+        if tun.has_sealed() {
+            self.finish_opened(tun, now);
+        }
         let room = tun.room(datagram.len());
         let Some(n) = self.node.handle_network(src, datagram, net, room) else {
             return;
@@ -171,6 +186,46 @@ impl Engine {
         ) {
             tun.commit(n);
         }
+    }
+
+    /// Judges, in order, the data messages of `tun` (opened here first if
+    /// no other thread did): replay window, cryptokey routing, roaming and
+    /// timers ([`Node::accept_opened`]), then the balancer's reverse
+    /// translation. What fails is dropped; afterwards `tun` holds only
+    /// packets for the TUN.
+    pub fn finish_opened(&mut self, tun: &mut Packets, now: Instant) {
+        if !tun.has_sealed() {
+            return;
+        }
+        let super::batch::Opened {
+            opens,
+            sessions,
+            bufs,
+            headroom,
+        } = tun.opened();
+        self.keep.clear();
+        for o in opens {
+            let verdict = o.result.and_then(|(counter, len)| {
+                let session = sessions.get(o.session)?;
+                let packet = bufs.get_mut(o.slot)?.get_mut(headroom..headroom + len)?;
+                let n = self
+                    .node
+                    .accept_opened(o.peer, session, o.src, counter, packet)?;
+                if n == 0 {
+                    return None;
+                }
+                matches!(
+                    self.lb.inbound(&mut packet[..n], now),
+                    Verdict::Pass | Verdict::ToTun
+                )
+                .then_some(n)
+            });
+            if o.result.is_none() {
+                self.node.count_drop(DropReason::AuthFailed);
+            }
+            self.keep.push(verdict);
+        }
+        tun.settle(&self.keep);
     }
 
     /// Runs what is due at `now`; returns whether WireGuard's timers ticked

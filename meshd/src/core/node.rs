@@ -341,6 +341,22 @@ impl Node {
         );
     }
 
+    /// The current session of the only peer (tests that seal by hand).
+    #[cfg(test)]
+    pub fn peer_session_for_tests(&self) -> Arc<Session> {
+        self.peers
+            .values()
+            .next()
+            .and_then(|p| p.tunn.current_session())
+            .expect("tests call this once a session is up")
+    }
+
+    /// Counts a drop that the caller judged ([`super::engine::Engine`]:
+    /// a data message that did not authenticate).
+    pub fn count_drop(&mut self, why: DropReason) {
+        self.drop_packet(why);
+    }
+
     fn drop_packet(&mut self, why: DropReason) {
         *self.drops.entry(why).or_default() += 1;
     }
@@ -444,6 +460,68 @@ impl Node {
         p.tx_packets += 1;
         p.tx_bytes += packet.len() as u64;
         out.commit(ep, written);
+    }
+
+    /// The peer slot and session of a data message whose session this
+    /// node still keeps: such a message can be opened in place on any
+    /// thread ([`super::batch::Packets::push_sealed`]) and then judged, in order, by
+    /// [`Node::accept_opened`]. Anything else (handshakes, cookies, data
+    /// for a session we no longer have) takes [`Node::handle_network`].
+    pub fn data_session(&self, datagram: &[u8]) -> Option<(u32, Arc<Session>)> {
+        if datagram.len() < DATA_OVERHEAD || datagram[..4] != [4, 0, 0, 0] {
+            return None;
+        }
+        let idx = u32::from_le_bytes([datagram[4], datagram[5], datagram[6], datagram[7]]);
+        let slot = idx >> 8;
+        let session = self.peers.get(&slot)?.tunn.session_by_index(idx)?;
+        Some((slot, session))
+    }
+
+    /// Judges a data message opened in place (in order, batch after
+    /// batch): its counter must still be new in `session`'s replay window
+    /// (marked now), and its packet must come from the peer's allowed IPs
+    /// and go to this gateway's networks (cryptokey routing both ways).
+    /// Authenticated, it also moves the peer's endpoint to `src`
+    /// (roaming) and counts toward its timers. Returns the length of the
+    /// packet to deliver (it starts at `packet[0]`; a keepalive delivers
+    /// nothing), or `None` if it is dropped (and counted).
+    pub fn accept_opened(
+        &mut self,
+        slot: u32,
+        session: &Session,
+        src: SocketAddr,
+        counter: u64,
+        packet: &[u8],
+    ) -> Option<usize> {
+        let Some(p) = self.peers.get_mut(&slot) else {
+            self.drop_packet(DropReason::UnknownPeer);
+            return None;
+        };
+        if session.mark_received(counter).is_err() {
+            // A replay: authentic, but seen before.
+            self.drop_packet(DropReason::AuthFailed);
+            return None;
+        }
+        if p.endpoint != Some(src) {
+            tracing::debug!(peer = %p.cfg.name, from = ?p.endpoint, to = %src, "peer roamed");
+            p.endpoint = Some(src);
+        }
+        let verdict = inner_verdict(packet, &p.cfg.allowed_ips, &self.local);
+        let delivered = match verdict {
+            Ok(n) => n,
+            Err(why) => {
+                p.tunn.note_received(session.receiving_index(), 0);
+                self.drop_packet(why);
+                return None;
+            }
+        };
+        p.tunn.note_received(session.receiving_index(), delivered);
+        if delivered > 0 {
+            p.rx_packets += 1;
+            p.rx_bytes += delivered as u64;
+        }
+        Self::track_handshake(p);
+        Some(delivered)
     }
 
     /// A UDP datagram from the network. A data message that decrypts and
@@ -645,6 +723,44 @@ impl Node {
             })
             .collect()
     }
+}
+
+/// What an opened data message carries: `Ok(0)` for a keepalive, else
+/// the length of its IPv4 packet once it passes cryptokey routing (inner
+/// source in the peer's `allowed`, destination in this gateway's `local`
+/// networks), or why it is dropped.
+fn inner_verdict(
+    packet: &[u8],
+    allowed: &[Ipv4Net],
+    local: &[Ipv4Net],
+) -> Result<usize, DropReason> {
+    if packet.is_empty() {
+        return Ok(0);
+    }
+    if packet[0] >> 4 != 4 {
+        return Err(if packet[0] >> 4 == 6 {
+            DropReason::NotIpv4
+        } else {
+            DropReason::AuthFailed
+        });
+    }
+    let total = match packet.get(2..4) {
+        Some(b) if packet.len() >= 20 => usize::from(u16::from_be_bytes([b[0], b[1]])),
+        _ => return Err(DropReason::AuthFailed),
+    };
+    if total > packet.len() || total < 20 {
+        return Err(DropReason::AuthFailed);
+    }
+    let (Some(src), Some(dst)) = (ipv4_src(packet), ipv4_dst(packet)) else {
+        return Err(DropReason::AuthFailed);
+    };
+    if !allowed.iter().any(|n| n.contains(&src)) {
+        return Err(DropReason::SourceNotAllowed);
+    }
+    if !local.iter().any(|n| n.contains(&dst)) {
+        return Err(DropReason::DestinationNotAllowed);
+    }
+    Ok(total)
 }
 
 /// The destination of an IPv4 packet.

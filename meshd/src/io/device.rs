@@ -40,7 +40,7 @@ use quinn_udp::{RecvMeta, UdpSocketState};
 use rustix::event::{PollFd, PollFlags};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
@@ -50,7 +50,7 @@ use crate::core::lb::{LbStats, LbTable};
 use crate::core::node::{DATA_HEADER, DropReason, MAX_DATAGRAM, PeerInfo};
 use crate::state::NetState;
 
-use super::stage::{self, Steps, Writer, WriterEnd};
+use super::stage::{self, POOL, Steps, Writer, WriterEnd};
 
 /// Counters published by the device loop.
 #[derive(Debug, Clone, Default)]
@@ -113,16 +113,41 @@ pub fn spawn(
         let (net, net_ends) = stage::writer("meshd-udp-tx", senders, || {
             Datagrams::new(DATAGRAM_BATCH, max_segments)
         });
-        let (tun_out, mut tun_ends) = stage::writer("meshd-tun-tx", 1, || {
-            Packets::new(IDEAL_BATCH_SIZE, TUN_OFFSET)
-        });
+        // With several crypto threads, received batches pass through the
+        // `meshd-open` stage first: their pool covers both stages.
+        let openers = if senders > 1 { senders } else { 0 };
+        let (tun_out, mut tun_ends) =
+            stage::pooled("meshd-tun-tx", 1, POOL * (1 + openers), || {
+                Packets::new(IDEAL_BATCH_SIZE, TUN_OFFSET)
+            });
         let udp_done = spawn_udp_writers(&udp_tx, net_ends)?;
         let tun_end = tun_ends.pop().context("one TUN writer")?;
         let tun_done = spawn_tun_writer(tun.clone(), tun_end)?;
+        let (open, open_done) = match openers {
+            0 => (None, Vec::new()),
+            n => {
+                let (back_tx, back) = tokio::sync::mpsc::channel(POOL * (1 + n) + 1);
+                let (to, ends) = stage::middle(n, &back_tx);
+                let done = stage::spawn("meshd-open", ends, |_| {
+                    Ok(Steps {
+                        work: |p: &mut Packets| p.open(),
+                        emit: |_: &mut Packets| {},
+                    })
+                })?;
+                let stage = OpenStage {
+                    to,
+                    next: 0,
+                    back,
+                    in_flight: 0,
+                };
+                (Some(stage), done)
+            }
+        };
+        let tun_out = TunPath { tun: tun_out, open };
         let io = BatchIo::new(tun, udp, udp_state);
         let result = run(engine, io, net, tun_out, netmap, lb_table, stats, cancel).await;
         // The writers end once their channels from `run` are gone.
-        for t in udp_done.into_iter().chain(tun_done) {
+        for t in udp_done.into_iter().chain(open_done).chain(tun_done) {
             let _ = t.join();
         }
         result
@@ -231,7 +256,7 @@ async fn run(
     mut engine: Engine,
     mut io: BatchIo,
     mut net: Writer<Datagrams>,
-    mut tun: Writer<Packets>,
+    mut tun: TunPath,
     mut netmap: watch::Receiver<Arc<NetState>>,
     mut lb_table: watch::Receiver<Arc<LbTable>>,
     stats: Arc<ArcSwap<DeviceStats>>,
@@ -276,9 +301,9 @@ async fn run(
                     let now = Instant::now();
                     for i in 0..n {
                         let len = io.tun_sizes[i];
-                        engine.handle_tun_staged(i, len, now, &mut net.current, &mut tun.current);
-                        if tun.current.is_full() {
-                            tun.swap().await?;
+                        engine.handle_tun_staged(i, len, now, &mut net.current, &mut tun.tun.current);
+                        if tun.tun.current.is_full() {
+                            tun.hand_over(&mut engine, now).await?;
                         }
                     }
                     engine.finish_staged(&mut net.current);
@@ -286,7 +311,7 @@ async fn run(
                         net.swap().await?;
                     }
                 }
-                flush(&mut io, &mut net, &mut tun).await?;
+                flush(&mut io, &mut engine, &mut net, &mut tun).await?;
             }
             r = io.udp.readable() => {
                 if let Err(e) = r {
@@ -307,9 +332,9 @@ async fn run(
                     for i in 0..n {
                         let (src, data, stride) = io.udp_buffer(i);
                         for datagram in data.chunks(stride) {
-                            engine.handle_network(src, datagram, now, &mut net.current, &mut tun.current);
-                            if tun.current.is_full() {
-                                tun.swap().await?;
+                            engine.handle_network(src, datagram, now, &mut net.current, &mut tun.tun.current);
+                            if tun.tun.current.is_full() {
+                                tun.hand_over(&mut engine, now).await?;
                             }
                         }
                     }
@@ -317,13 +342,16 @@ async fn run(
                         net.swap().await?;
                     }
                 }
-                flush(&mut io, &mut net, &mut tun).await?;
+                flush(&mut io, &mut engine, &mut net, &mut tun).await?;
+            }
+            Some(batch) = next_opened(&mut tun.open) => {
+                tun.opened(batch, &mut engine).await?;
             }
             () = tokio::time::sleep_until(wake) => {
                 if engine.handle_timeout(Instant::now(), &mut net.current) {
                     publish(&engine, listen_port, &stats);
                 }
-                flush(&mut io, &mut net, &mut tun).await?;
+                flush(&mut io, &mut engine, &mut net, &mut tun).await?;
             }
         }
     }
@@ -339,8 +367,9 @@ const INLINE_PACKETS: usize = 8;
 /// Sends or hands over whatever is pending, datagrams first.
 async fn flush(
     io: &mut BatchIo,
+    engine: &mut Engine,
     net: &mut Writer<Datagrams>,
-    tun: &mut Writer<Packets>,
+    tun: &mut TunPath,
 ) -> Result<()> {
     if !net.current.is_empty() {
         if net.idle() && net.current.bytes() <= INLINE_DATAGRAM_BYTES {
@@ -352,14 +381,98 @@ async fn flush(
             net.swap().await?;
         }
     }
-    if !tun.current.is_empty() {
-        if tun.idle() && tun.current.len() <= INLINE_PACKETS {
-            write_tun(&io.tun, &mut io.gro, &mut tun.current);
+    if !tun.tun.current.is_empty() {
+        // Idle: no batch in either stage, so nothing older is in flight.
+        if tun.tun.idle() && tun.tun.current.len() <= INLINE_PACKETS {
+            engine.finish_opened(&mut tun.tun.current, Instant::now());
+            write_tun(&io.tun, &mut io.gro, &mut tun.tun.current);
         } else {
-            tun.swap().await?;
+            tun.hand_over(engine, Instant::now()).await?;
         }
     }
     Ok(())
+}
+
+/// Where received packets go: through the `meshd-open` stage, when there
+/// is one, to be opened in parallel; back to the packet thread to be
+/// judged in order ([`Engine::finish_opened`]); then to `meshd-tun-tx`.
+struct TunPath {
+    tun: Writer<Packets>,
+    open: Option<OpenStage>,
+}
+
+/// The packet thread's end of the `meshd-open` stage.
+struct OpenStage {
+    to: Vec<mpsc::Sender<Packets>>,
+    /// The thread the next batch goes to.
+    next: usize,
+    /// Opened batches, in hand-out order.
+    back: mpsc::Receiver<Packets>,
+    in_flight: usize,
+}
+
+/// The next opened batch, if any is in flight (else never).
+async fn next_opened(open: &mut Option<OpenStage>) -> Option<Packets> {
+    match open {
+        Some(o) if o.in_flight > 0 => o.back.recv().await,
+        _ => std::future::pending().await,
+    }
+}
+
+impl TunPath {
+    /// Hands the current batch on: to the open stage if it holds data
+    /// messages (or an earlier batch still is there: order), else judged
+    /// here and to the TUN writer.
+    async fn hand_over(&mut self, engine: &mut Engine, now: Instant) -> Result<()> {
+        let via_open = self
+            .open
+            .as_ref()
+            .is_some_and(|o| o.in_flight > 0 || self.tun.current.has_sealed());
+        if !via_open {
+            engine.finish_opened(&mut self.tun.current, now);
+            let fresh = self.take_empty(engine).await?;
+            let full = std::mem::replace(&mut self.tun.current, fresh);
+            return self.tun.hand_over(full).await;
+        }
+        let fresh = self.take_empty(engine).await?;
+        let full = std::mem::replace(&mut self.tun.current, fresh);
+        let o = self.open.as_mut().context("the open stage")?;
+        let to = &o.to[o.next];
+        o.next = (o.next + 1) % o.to.len();
+        to.send(full)
+            .await
+            .map_err(|_| anyhow::anyhow!("the meshd-open thread ended"))?;
+        o.in_flight += 1;
+        Ok(())
+    }
+
+    /// An empty batch from the pool; while none is there, opened batches
+    /// coming back are judged and passed on (they are what frees one).
+    async fn take_empty(&mut self, engine: &mut Engine) -> Result<Packets> {
+        loop {
+            let back = match &mut self.open {
+                Some(o) if o.in_flight > 0 => {
+                    tokio::select! {
+                        biased;
+                        fresh = self.tun.take_empty() => return fresh,
+                        b = o.back.recv() => b.context("the meshd-open threads ended")?,
+                    }
+                }
+                _ => return self.tun.take_empty().await,
+            };
+            self.opened(back, engine).await?;
+        }
+    }
+
+    /// A batch back from the open stage (in hand-out order): judged, then
+    /// to the TUN writer.
+    async fn opened(&mut self, mut batch: Packets, engine: &mut Engine) -> Result<()> {
+        if let Some(o) = &mut self.open {
+            o.in_flight = o.in_flight.saturating_sub(1);
+        }
+        engine.finish_opened(&mut batch, Instant::now());
+        self.tun.hand_over(batch).await
+    }
 }
 
 /// Writes a batch to the TUN with the device's own batch write (TUN writes

@@ -53,7 +53,18 @@ pub fn writer<T>(
     make: impl Fn() -> T,
 ) -> (Writer<T>, Vec<WriterEnd<T>>) {
     let threads = threads.max(1);
-    let spare = POOL * threads;
+    pooled(name, threads, POOL * threads, make)
+}
+
+/// [`writer`] with `spare` batches besides the one being filled (more when
+/// the batches also pass through another stage first).
+pub fn pooled<T>(
+    name: &'static str,
+    threads: usize,
+    spare: usize,
+    make: impl Fn() -> T,
+) -> (Writer<T>, Vec<WriterEnd<T>>) {
+    let threads = threads.max(1);
     let (empty_tx, empty_rx) = mpsc::channel(spare);
     for _ in 0..spare {
         // Capacity `spare`: never full here.
@@ -84,7 +95,44 @@ pub fn writer<T>(
     )
 }
 
+/// The ends of a stage of `threads` threads that give each batch, once
+/// done, to `back` (in hand-out order) instead of a pool: a stage in the
+/// middle of a path. Returns the senders to hand batches to, in turn.
+pub fn middle<T>(
+    threads: usize,
+    back: &mpsc::Sender<T>,
+) -> (Vec<mpsc::Sender<T>>, Vec<WriterEnd<T>>) {
+    (0..threads.max(1))
+        .map(|_| {
+            let (tx, rx) = mpsc::channel(POOL * threads.max(1) + 1);
+            (
+                tx,
+                WriterEnd {
+                    full: rx,
+                    empty: back.clone(),
+                },
+            )
+        })
+        .unzip()
+}
+
 impl<T> Writer<T> {
+    /// Takes an empty batch from the pool, waiting while every batch is in
+    /// flight.
+    pub async fn take_empty(&mut self) -> Result<T> {
+        let fresh = self.empty.recv().await;
+        fresh.with_context(|| format!("the {} thread ended", self.name))
+    }
+
+    /// Hands `batch` (filled elsewhere) to the next thread in turn.
+    pub async fn hand_over(&mut self, batch: T) -> Result<()> {
+        let to = &self.full[self.next];
+        self.next = (self.next + 1) % self.full.len();
+        to.send(batch)
+            .await
+            .map_err(|_| anyhow::anyhow!("the {} thread ended", self.name))
+    }
+
     /// Whether the stage's threads hold no batch: everything handed over
     /// has been emitted.
     pub fn idle(&self) -> bool {
@@ -94,14 +142,9 @@ impl<T> Writer<T> {
     /// Hands the current batch to the next thread in turn and takes an
     /// empty one, waiting while every batch is in flight.
     pub async fn swap(&mut self) -> Result<()> {
-        let fresh = self.empty.recv().await;
-        let fresh = fresh.with_context(|| format!("the {} thread ended", self.name))?;
+        let fresh = self.take_empty().await?;
         let full = std::mem::replace(&mut self.current, fresh);
-        let to = &self.full[self.next];
-        self.next = (self.next + 1) % self.full.len();
-        to.send(full)
-            .await
-            .map_err(|_| anyhow::anyhow!("the {} thread ended", self.name))
+        self.hand_over(full).await
     }
 }
 
@@ -151,10 +194,12 @@ where
                         return;
                     }
                     emit(&mut batch);
-                    let _ = pass.send(());
-                    // Once the packet thread is gone nothing takes it back;
-                    // what is still queued is emitted all the same.
+                    // Back before the turn passes: where the batch goes
+                    // back to is in order too. Once the packet thread is
+                    // gone nothing takes it; what is still queued is
+                    // emitted all the same.
                     let _ = end.empty.blocking_send(batch);
+                    let _ = pass.send(());
                 }
             })
             .with_context(|| format!("failed to start the {label} thread"))?;

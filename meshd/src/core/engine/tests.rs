@@ -139,6 +139,8 @@ impl Wire {
             }
             net_a.clear();
             net_b.clear();
+            self.a.finish_opened(&mut pk_a, now);
+            self.b.finish_opened(&mut pk_b, now);
             self.tun_a.extend(pk_a.packets().map(<[u8]>::to_vec));
             self.tun_b.extend(pk_b.packets().map(<[u8]>::to_vec));
             pk_a.clear();
@@ -261,4 +263,100 @@ fn timers_are_polled_and_keep_the_session_alive() {
     // A late call runs one tick, not every missed one.
     assert!(w.a.handle_timeout(t0 + TIMER_TICK * 10, &mut net));
     assert!(w.a.poll_timeout() > t0 + TIMER_TICK * 10);
+}
+
+/// One data message from a to b, sealed as the device seals it.
+fn sealed_from_a(w: &mut Wire, seq: u32) -> Vec<u8> {
+    let mut net = Datagrams::new(TUN_SLOTS * SLOT + 4096, 64);
+    let mut tun = Packets::new(16, 10);
+    let p = numbered([10, 1, 0, 5], [10, 2, 0, 5], seq, 200);
+    stage(&mut net, std::slice::from_ref(&p));
+    w.a.handle_tun_staged(0, p.len(), w.now, &mut net, &mut tun);
+    w.a.finish_staged(&mut net);
+    let all: Vec<Vec<u8>> = net.datagrams().map(|(_, d)| d.to_vec()).collect();
+    assert_eq!(all.len(), 1);
+    all.into_iter().next().unwrap()
+}
+
+/// Delivers `d` to b from `src`; returns the packets b would write.
+fn deliver_to_b(w: &mut Wire, src: SocketAddr, d: &[u8]) -> usize {
+    let mut net = Datagrams::new(1 << 16, 64);
+    let mut tun = Packets::new(16, 10);
+    w.b.handle_network(src, d, w.now, &mut net, &mut tun);
+    assert!(tun.has_sealed(), "a data message waits to be opened");
+    w.b.finish_opened(&mut tun, w.now);
+    tun.len()
+}
+
+#[test]
+fn opened_in_place_replays_and_forgeries_are_dropped_and_never_move_the_endpoint() {
+    let mut w = wire();
+    w.run(
+        vec![numbered([10, 1, 0, 5], [10, 2, 0, 5], 0, 10)],
+        Vec::new(),
+    );
+    let a = addr(A_ADDR);
+    let elsewhere = addr("203.0.113.9:4444");
+    let endpoint = |w: &Wire| w.b.node().peers()[0].endpoint;
+    let d = sealed_from_a(&mut w, 1);
+    assert_eq!(deliver_to_b(&mut w, a, &d), 1, "the message is delivered");
+    // The same message again, from another address: a replay.
+    assert_eq!(deliver_to_b(&mut w, elsewhere, &d), 0);
+    assert_eq!(endpoint(&w), Some(a), "a replay never moves the endpoint");
+    // A forged one (a flipped ciphertext byte).
+    let mut forged = sealed_from_a(&mut w, 2);
+    forged[40] ^= 1;
+    assert_eq!(deliver_to_b(&mut w, elsewhere, &forged), 0);
+    assert_eq!(endpoint(&w), Some(a), "a forgery never moves the endpoint");
+    assert_eq!(w.b.node().drops()[&DropReason::AuthFailed], 2);
+    // An authentic one from the new address: roaming.
+    let d = sealed_from_a(&mut w, 3);
+    assert_eq!(deliver_to_b(&mut w, elsewhere, &d), 1);
+    assert_eq!(
+        endpoint(&w),
+        Some(elsewhere),
+        "authenticated: the peer roamed"
+    );
+    let b = &w.b.node().peers()[0];
+    assert_eq!(b.rx_packets, 3, "the handshake's packet and two more");
+}
+
+#[test]
+fn opened_packets_outside_the_peers_allowed_ips_are_dropped() {
+    let mut w = wire();
+    w.run(
+        vec![numbered([10, 1, 0, 5], [10, 2, 0, 5], 0, 10)],
+        Vec::new(),
+    );
+    // a's packet claims a source in b's own CIDR: a may not send it, and
+    // one to a destination b does not own may not pass b either.
+    for (src, dst, why) in [
+        ([10, 2, 0, 7], [10, 2, 0, 5], DropReason::SourceNotAllowed),
+        (
+            [10, 1, 0, 5],
+            [10, 9, 0, 5],
+            DropReason::DestinationNotAllowed,
+        ),
+    ] {
+        let mut net = Datagrams::new(1 << 16, 64);
+        let mut tun = Packets::new(16, 10);
+        // Sealed for b directly by a's node (a's own routing would not
+        // send the second).
+        let p = numbered(src, dst, 9, 100);
+        let session = w.a.node().peer_session_for_tests();
+        let area = net.stage(1, SLOT);
+        area[DATA_HEADER..DATA_HEADER + p.len()].copy_from_slice(&p);
+        net.commit_sealing(
+            0,
+            addr(B_ADDR),
+            p.len(),
+            &session,
+            session.reserve_nonces(1).unwrap(),
+        );
+        let d: Vec<u8> = net.datagrams().next().unwrap().1.to_vec();
+        w.b.handle_network(addr(A_ADDR), &d, w.now, &mut net, &mut tun);
+        w.b.finish_opened(&mut tun, w.now);
+        assert_eq!(tun.len(), 0);
+        assert_eq!(w.b.node().drops()[&why], 1, "{why:?}");
+    }
 }
