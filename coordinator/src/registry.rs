@@ -729,7 +729,14 @@ impl Registry {
                     continue;
                 };
                 let joined = o.status.as_ref().is_some_and(|s| !s.public_key.is_empty());
-                if c_name(&o) == cluster || !joined {
+                if c_name(&o) == cluster {
+                    continue;
+                }
+                if !joined {
+                    // If it joins meanwhile, its join did not see this one
+                    // either: one of the two must retry, or the pair would
+                    // get no key (and no tunnel).
+                    txn.pin(kv);
                     continue;
                 }
                 let pk = ipam::psk_key(cluster, c_name(&o));

@@ -908,3 +908,62 @@ async fn job_ips_must_lie_in_their_clusters_workload_cidrs() {
     .await
     .unwrap();
 }
+
+/// Gateways that join at the same moment each get every other as a peer:
+/// a join that did not see a concurrent one retries, so no pair is left
+/// without a pre-shared key (and its tunnel never comes up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_joins_give_every_pair_a_key() {
+    const N: u8 = 8;
+    let coord = Coordinator::start().unwrap();
+    let mut api = coord.api().await.unwrap();
+    let mut tokens = Vec::new();
+    for i in 1..=N {
+        let r = api
+            .create(CreateRequest {
+                object: Some(cluster(&format!("c{i}"), &format!("10.{i}.0.0/16"))),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        tokens.push((format!("c{i}"), r.join_token, i));
+    }
+    let joins = tokens.iter().map(|(name, token, i)| {
+        let coord = &coord;
+        async move {
+            let req = JoinRequest {
+                cluster: name.clone(),
+                public_key: key(*i),
+                endpoint: format!("198.51.100.{i}:51820"),
+            };
+            let joined = coord
+                .gateway(token)
+                .await
+                .unwrap()
+                .join(req)
+                .await
+                .unwrap()
+                .into_inner();
+            (name.clone(), joined.credential)
+        }
+    });
+    let joined = futures::future::join_all(joins).await;
+    for (name, cred) in joined {
+        let mut s = coord
+            .gateway(&cred)
+            .await
+            .unwrap()
+            .netmap(NetmapRequest {
+                cluster: name.clone(),
+                resource_version: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(Update::Snapshot(n)) = s.next().await.unwrap().unwrap().update else {
+            panic!("streams start with a snapshot")
+        };
+        let peers: BTreeSet<String> = n.peers.iter().map(|p| p.cluster.clone()).collect();
+        assert_eq!(peers.len(), usize::from(N) - 1, "{name} sees {peers:?}");
+    }
+}

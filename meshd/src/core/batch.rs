@@ -43,6 +43,18 @@ struct Group {
     closed: bool,
 }
 
+/// Where `session` is in a batch's `sessions` (added if new; a batch
+/// usually names one or two).
+fn session_index(sessions: &mut Vec<Arc<Session>>, session: &Arc<Session>) -> usize {
+    match sessions.iter().rposition(|s| Arc::ptr_eq(s, session)) {
+        Some(k) => k,
+        None => {
+            sessions.push(session.clone());
+            sessions.len() - 1
+        }
+    }
+}
+
 /// Encrypted datagrams waiting to be sent, grouped for GSO.
 #[derive(Debug, Clone)]
 pub struct Datagrams {
@@ -192,13 +204,7 @@ impl Datagrams {
     ) {
         let start = self.len;
         self.commit_staged(i, dst, len + DATA_OVERHEAD);
-        let session = match self.sessions.iter().rposition(|s| Arc::ptr_eq(s, session)) {
-            Some(k) => k,
-            None => {
-                self.sessions.push(session.clone());
-                self.sessions.len() - 1
-            }
-        };
+        let session = session_index(&mut self.sessions, session);
         self.seals.push(Seal {
             start,
             len,
@@ -378,13 +384,7 @@ impl Packets {
         let b = &mut self.bufs[slot];
         b[front..front + datagram.len()].copy_from_slice(datagram);
         self.len += 1;
-        let session = match self.sessions.iter().rposition(|s| Arc::ptr_eq(s, session)) {
-            Some(k) => k,
-            None => {
-                self.sessions.push(session.clone());
-                self.sessions.len() - 1
-            }
-        };
+        let session = session_index(&mut self.sessions, session);
         self.opens.push(Open {
             slot,
             peer,

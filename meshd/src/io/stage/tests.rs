@@ -13,28 +13,53 @@ use tokio::sync::mpsc;
 
 use super::*;
 use crate::core::batch::{Datagrams, Packets};
-use crate::core::engine::tests::{A_ADDR, numbered, stage as read_into, wire};
+use crate::core::engine::tests::{A_ADDR, Wire, numbered, stage as read_into, wire};
 use crate::core::engine::{SLOT, TUN_SLOTS};
 
 type Sent = Vec<(SocketAddr, Vec<u8>)>;
 
+/// Two engines with a session up, and numbered packets of `sizes` from a
+/// to b.
+fn established(sizes: &[usize]) -> (Wire, Vec<Vec<u8>>) {
+    let mut w = wire();
+    // The handshake, so that every packet after it is sealed in place.
+    w.run(
+        vec![numbered([10, 1, 0, 5], [10, 2, 0, 5], 0, 100)],
+        Vec::new(),
+    );
+    w.tun_b.clear();
+    let packets = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| numbered([10, 1, 0, 5], [10, 2, 0, 5], i as u32 + 1, *n))
+        .collect();
+    (w, packets)
+}
+
+/// Thread `k` of `threads`' delay before each batch it works on: its
+/// batches are k, k + threads, ...; batch n sleeps `delays[n % len]` ×
+/// 100 µs.
+fn delayed(k: usize, threads: usize, delays: Vec<u8>) -> impl FnMut() {
+    let mut seen = 0;
+    move || {
+        let nth = k + seen * threads;
+        seen += 1;
+        let us = 100 * u64::from(delays[nth % delays.len()]);
+        std::thread::sleep(Duration::from_micros(us));
+    }
+}
+
 /// Runs `batches` through a stage of `threads` threads that seal them
-/// (sleeping `delays[k % len]` × 100 µs first on batch k) and collect what
-/// they send.
+/// (each batch after its [`delayed`] sleep) and collect what they send.
 fn pipelined(batches: Vec<Datagrams>, threads: usize, delays: Vec<u8>) -> Sent {
     let sent: Arc<Mutex<Sent>> = Arc::default();
     let (mut w, ends) = writer("test-tx", threads, || Datagrams::new(1 << 16, 64));
     let handles = spawn("test-tx", ends, |k| {
         let sent = sent.clone();
-        let delays = delays.clone();
-        let mut seen = 0;
+        let mut delay = delayed(k, threads, delays.clone());
         Ok(Steps {
             work: move |d: &mut Datagrams| {
-                // This thread's batches are k, k + threads, ...
-                let nth = k + seen * threads;
-                seen += 1;
-                let us = 100 * u64::from(delays[nth % delays.len()]);
-                std::thread::sleep(Duration::from_micros(us));
+                delay();
                 d.seal();
             },
             emit: move |d: &mut Datagrams| {
@@ -71,15 +96,7 @@ proptest! {
         threads in 1usize..5,
         delays in prop::collection::vec(0u8..4, 1..8),
     ) {
-        let mut w = wire();
-        // The handshake, so that every packet below is sealed in place.
-        w.run(vec![numbered([10, 1, 0, 5], [10, 2, 0, 5], 0, 100)], Vec::new());
-        w.tun_b.clear();
-        let packets: Vec<Vec<u8>> = sizes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| numbered([10, 1, 0, 5], [10, 2, 0, 5], i as u32 + 1, *n))
-            .collect();
+        let (mut w, packets) = established(&sizes);
         // The packet thread's part: each read staged, balanced, routed,
         // nonces reserved in order; nothing sealed yet.
         let mut tun = Packets::new(128, 10);
@@ -131,14 +148,7 @@ proptest! {
         threads in 1usize..5,
         delays in prop::collection::vec(0u8..4, 1..8),
     ) {
-        let mut w = wire();
-        w.run(vec![numbered([10, 1, 0, 5], [10, 2, 0, 5], 0, 100)], Vec::new());
-        w.tun_b.clear();
-        let packets: Vec<Vec<u8>> = sizes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| numbered([10, 1, 0, 5], [10, 2, 0, 5], i as u32 + 1, *n))
-            .collect();
+        let (mut w, packets) = established(&sizes);
         let mut net = Datagrams::new(1 << 16, 64);
         let mut tun = Packets::new(128, 10);
         let mut sealed = Vec::new();
@@ -156,14 +166,10 @@ proptest! {
         let (to, ends) = middle(threads, &back_tx);
         drop(back_tx);
         let handles = spawn("test-open", ends, |k| {
-            let delays = delays.clone();
-            let mut seen = 0;
+            let mut delay = delayed(k, threads, delays.clone());
             Ok(Steps {
                 work: move |p: &mut Packets| {
-                    let nth = k + seen * threads;
-                    seen += 1;
-                    let us = 100 * u64::from(delays[nth % delays.len()]);
-                    std::thread::sleep(Duration::from_micros(us));
+                    delay();
                     p.open();
                 },
                 emit: |_: &mut Packets| {},
