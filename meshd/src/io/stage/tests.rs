@@ -162,7 +162,7 @@ proptest! {
             net.clear();
         }
         let from: SocketAddr = A_ADDR.parse().unwrap();
-        let (back_tx, mut back) = mpsc::channel(64);
+        let (back_tx, mut back) = mpsc::channel(2 * threads);
         let (to, ends) = middle(threads, &back_tx);
         drop(back_tx);
         let handles = spawn("test-open", ends, |k| {
@@ -179,7 +179,7 @@ proptest! {
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let mut got: Vec<Vec<u8>> = Vec::new();
         rt.block_on(async {
-            let mut handed = 0;
+            let (mut handed, mut judged) = (0, 0);
             for (n, chunk) in sealed.chunks(per_batch).enumerate() {
                 let mut batch = Packets::new(128, 10);
                 for d in chunk {
@@ -187,13 +187,15 @@ proptest! {
                 }
                 to[n % threads].send(batch).await.unwrap();
                 handed += 1;
+                // As the device's pool does: a bounded number in flight.
+                while handed - judged >= 2 * threads || (n + 1) * per_batch >= sealed.len() && judged < handed {
+                    let mut b = back.recv().await.unwrap();
+                    w.b.finish_opened(&mut b, w.now);
+                    got.extend(b.packets().map(<[u8]>::to_vec));
+                    judged += 1;
+                }
             }
             drop(to);
-            for _ in 0..handed {
-                let mut b = back.recv().await.unwrap();
-                w.b.finish_opened(&mut b, w.now);
-                got.extend(b.packets().map(<[u8]>::to_vec));
-            }
         });
         for h in handles {
             h.join().unwrap();
