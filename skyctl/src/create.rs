@@ -111,16 +111,26 @@ fn cluster(a: &CreateCluster) -> Result<Object, ValidationError> {
 }
 
 fn job(a: &CreateJob, namespace: &str) -> Result<Object, ValidationError> {
+    let ports: Vec<_> = a
+        .ports
+        .iter()
+        .map(|p| validate::parse_job_port("--port", p))
+        .collect::<Result<_, _>>()?;
+    let probe = match a.probe.as_deref() {
+        Some(text) => {
+            let mut p = validate::parse_probe("--probe", text)?;
+            validate::probe("--probe", &mut p, &ports)?;
+            Some(p)
+        }
+        None => None,
+    };
     Ok(Job {
         metadata: Some(meta(&a.name, namespace, &a.labels)?),
         spec: Some(JobSpec {
             cluster: validate::name("--cluster", &a.cluster)?,
             ip: validate::ip("--ip", &a.ip)?.to_string(),
-            ports: a
-                .ports
-                .iter()
-                .map(|p| validate::parse_job_port("--port", p))
-                .collect::<Result<_, _>>()?,
+            ports,
+            probe,
         }),
         status: None,
     }
@@ -324,6 +334,16 @@ mod tests {
             ("job j --cluster c --ip 10.1.0.300", "--ip"),
             ("job j --cluster c_ --ip 10.1.0.3", "--cluster"),
             ("job j --cluster c --ip 10.1.0.3 --port 0", "--port"),
+            ("job j --cluster c --ip 10.1.0.3 --probe ping", "--probe"),
+            ("job j --cluster c --ip 10.1.0.3 --probe icmp:80", "--probe"),
+            (
+                "job j --cluster c --ip 10.1.0.3 --port 53/udp --probe tcp",
+                "--probe.port",
+            ),
+            (
+                "job j --cluster c --ip 10.1.0.3 --probe http:/x",
+                "--probe.port",
+            ),
             ("job j --cluster c --ip 10.1.0.3 -l =x", "-l/--label"),
             ("namespace x-", "NAME"),
         ] {

@@ -231,6 +231,10 @@ pub(crate) fn tunnels(obj: &Object) -> Vec<Value> {
             let mut v = peer(p);
             if let Value::Object(m) = &mut v {
                 m.insert("cluster".into(), json!(obj.name()));
+                m.insert(
+                    "status".into(),
+                    json!(crate::output::columns::tunnel_status(c, p)),
+                );
             }
             v
         })
