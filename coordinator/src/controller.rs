@@ -36,8 +36,8 @@ use crate::registry::{ENDPOINTS_CONTROLLER, MANAGED_BY, Registry, decode, is_man
 /// after every probe round that changed (about every second), so this
 /// tolerates one lost report; with a pass due when the first cluster would
 /// go stale ([`next_stale_at`]) and `last_seen` in whole seconds, a dead
-/// gateway's cluster is NotReady within ~12 s of its last report.
-pub const CLUSTER_STALE_AFTER_S: i64 = 10;
+/// gateway's cluster is NotReady within ~10 s of its last report.
+pub const CLUSTER_STALE_AFTER_S: i64 = 8;
 /// Longest time between passes without any change.
 const RESYNC: Duration = Duration::from_secs(5);
 /// Shortest wait before a pass that is due at once (a stale cluster whose

@@ -369,6 +369,69 @@ fn recursion_only_for_local_clients() {
     drop(dnsmasq);
 }
 
+/// A headless service `name` over the `app=hl` jobs, with a named port.
+fn headless(mesh: &Mesh, name: &str) {
+    mesh.sky(&[
+        "create",
+        "service",
+        name,
+        "-t",
+        "Headless",
+        "-s",
+        "app=hl",
+        "-p",
+        &format!("http:80:{TCP_PORT}"),
+    ])
+    .unwrap();
+}
+
+/// The first app host's IP of each cluster in `v`.
+fn ips(mesh: &Mesh, v: &[usize]) -> Vec<String> {
+    v.iter()
+        .map(|i| mesh.topo.app_ip(*i, 1).to_string())
+        .collect()
+}
+
+/// What cluster `i` answers for headless service `svc`, as replica IPs: its
+/// A records, its SRV targets' replicas, and `hl-<j>.<svc>` for each job.
+fn answers(mesh: &Mesh, i: usize, svc: &str) -> Vec<Vec<String>> {
+    let a = short(mesh, i, &format!("{svc}.default.svc"), "A");
+    let mut srv: Vec<String> = short(mesh, i, &format!("_http._tcp.{svc}.default.svc"), "SRV")
+        .iter()
+        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+        .filter_map(|target| (1..=3).find(|j| target.starts_with(&format!("hl-{j}."))))
+        .map(|j| mesh.topo.app_ip(j, 1).to_string())
+        .collect();
+    srv.sort();
+    let jobs: Vec<String> = (1..=3)
+        .flat_map(|j| short(mesh, i, &format!("hl-{j}.{svc}.default.svc"), "A"))
+        .collect();
+    vec![a, srv, jobs]
+}
+
+/// A cluster's phase as `skyctl get cluster -o json` shows it.
+fn phase(mesh: &Mesh, c: &str) -> String {
+    let json = mesh
+        .sky(&["get", "cluster", c, "-o", "json"])
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+    v.pointer("/status/phase")
+        .and_then(|p| p.as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// A job's readiness as `skyctl get job -o json` shows it.
+fn job_ready(mesh: &Mesh, j: &str) -> bool {
+    let json = mesh
+        .sky(&["get", "job", j, "-o", "json"])
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+    v.pointer("/status/ready")
+        .and_then(|r| r.as_bool())
+        .unwrap_or(false)
+}
+
 /// SPEC §6: answers hold only addresses the balancer would route. When
 /// cluster c3's gateway dies, every answer that lists replicas — headless
 /// A, SRV, `<job>.<svc>` and a standalone exposed Endpoints — drops c3's
@@ -400,27 +463,8 @@ fn a_dead_gateways_replicas_leave_every_answer() {
         .unwrap();
     }
     // One service before the failure, one after (as in the issue).
-    let headless = |name: &str| {
-        mesh.sky(&[
-            "create",
-            "service",
-            name,
-            "-t",
-            "Headless",
-            "-s",
-            "app=hl",
-            "-p",
-            &format!("http:80:{TCP_PORT}"),
-        ])
-        .unwrap();
-    };
-    headless("hl");
-    let ips = |v: &[usize]| -> Vec<String> {
-        v.iter()
-            .map(|i| mesh.topo.app_ip(*i, 1).to_string())
-            .collect()
-    };
-    let all = ips(&[1, 2, 3]);
+    headless(&mesh, "hl");
+    let all = ips(&mesh, &[1, 2, 3]);
     assert!(
         wait_until(Duration::from_secs(15), || (1..=3).all(|i| short(
             &mesh,
@@ -431,42 +475,27 @@ fn a_dead_gateways_replicas_leave_every_answer() {
         "{:?}",
         short(&mesh, 1, "hl.default.svc", "A")
     );
-    // What each question answers from cluster `i`, as replica IPs.
-    let answers = |i: usize, svc: &str| -> Vec<Vec<String>> {
-        let a = short(&mesh, i, &format!("{svc}.default.svc"), "A");
-        let mut srv: Vec<String> = short(&mesh, i, &format!("_http._tcp.{svc}.default.svc"), "SRV")
-            .iter()
-            .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
-            .filter_map(|target| (1..=3).find(|j| target.starts_with(&format!("hl-{j}."))))
-            .map(|j| mesh.topo.app_ip(j, 1).to_string())
-            .collect();
-        srv.sort();
-        let jobs: Vec<String> = (1..=3)
-            .flat_map(|j| short(&mesh, i, &format!("hl-{j}.{svc}.default.svc"), "A"))
-            .collect();
-        vec![a, srv, jobs]
-    };
     assert_eq!(
-        answers(1, "hl"),
+        answers(&mesh, 1, "hl"),
         vec![all.clone(), all.clone(), all.clone()]
     );
 
     mesh.stop_meshd(3);
     let t0 = Instant::now();
-    headless("late");
+    headless(&mesh, "late");
     mesh.sky(&["create", "endpoints", "st", "-s", "app=hl"])
         .unwrap();
-    let rest = ips(&[1, 2]);
+    let rest = ips(&mesh, &[1, 2]);
     let want = vec![rest.clone(), rest.clone(), rest.clone()];
     for i in [1, 2] {
         for svc in ["hl", "late"] {
             assert!(
                 wait_until(
                     Duration::from_secs(5).saturating_sub(t0.elapsed()),
-                    || answers(i, svc) == want
+                    || answers(&mesh, i, svc) == want
                 ),
                 "c{i} {svc}: c3's replica still answered 5 s after its gateway died: {:?}",
-                answers(i, svc)
+                answers(&mesh, i, svc)
             );
         }
         assert!(
@@ -484,41 +513,25 @@ fn a_dead_gateways_replicas_leave_every_answer() {
     );
 
     // The coordinator: c3 NotReady, its job not ready, within 15 s.
-    let phase = |c: &str| {
-        let json = mesh
-            .sky(&["get", "cluster", c, "-o", "json"])
-            .unwrap_or_default();
-        let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
-        v.pointer("/status/phase")
-            .and_then(|p| p.as_str())
-            .unwrap_or("")
-            .to_string()
-    };
-    let job_ready = |j: &str| {
-        let json = mesh
-            .sky(&["get", "job", j, "-o", "json"])
-            .unwrap_or_default();
-        let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
-        v.pointer("/status/ready")
-            .and_then(|r| r.as_bool())
-            .unwrap_or(false)
-    };
     assert!(
         wait_until(
             Duration::from_secs(15).saturating_sub(t0.elapsed()),
-            || phase("c3") == "NotReady" && !job_ready("hl-3")
+            || phase(&mesh, "c3") == "NotReady" && !job_ready(&mesh, "hl-3")
         ),
         "after {:?}: c3 {}, hl-3 ready {}",
         t0.elapsed(),
-        phase("c3"),
-        job_ready("hl-3")
+        phase(&mesh, "c3"),
+        job_ready(&mesh, "hl-3")
     );
     eprintln!(
         "gateway c3 killed -> c3 NotReady, hl-3 not ready in {:?}",
         t0.elapsed()
     );
-    assert_eq!((phase("c1"), phase("c2")), ("Ready".into(), "Ready".into()));
-    assert!(job_ready("hl-1") && job_ready("hl-2"));
+    assert_eq!(
+        (phase(&mesh, "c1"), phase(&mesh, "c2")),
+        ("Ready".into(), "Ready".into())
+    );
+    assert!(job_ready(&mesh, "hl-1") && job_ready(&mesh, "hl-2"));
     let eps = mesh.sky(&["get", "endpoints", "hl", "-o", "json"]).unwrap();
     let v: serde_json::Value = serde_json::from_str(&eps).unwrap();
     let c3 = v["status"]["clusters"]
@@ -564,14 +577,14 @@ fn a_dead_gateways_replicas_leave_every_answer() {
     mesh.start_meshd(3, None).unwrap();
     let t1 = Instant::now();
     assert!(
-        wait_until(Duration::from_secs(20), || phase("c3") == "Ready"
-            && job_ready("hl-3")
-            && answers(1, "late")
+        wait_until(Duration::from_secs(20), || phase(&mesh, "c3") == "Ready"
+            && job_ready(&mesh, "hl-3")
+            && answers(&mesh, 1, "late")
                 == vec![all.clone(), all.clone(), all.clone()]),
         "c3 {} hl-3 {} c1 late {:?}",
-        phase("c3"),
-        job_ready("hl-3"),
-        answers(1, "late")
+        phase(&mesh, "c3"),
+        job_ready(&mesh, "hl-3"),
+        answers(&mesh, 1, "late")
     );
     eprintln!(
         "gateway c3 restarted -> Ready, its replica answered again in {:?}",
