@@ -122,28 +122,37 @@ pub fn endpoints_status(ns: &str, spec: &EndpointsSpec, jobs: &[Job]) -> Endpoin
     for list in by_cluster.values_mut() {
         list.sort_by(|a, b| meta(&a.metadata).1.cmp(meta(&b.metadata).1));
     }
+    // Ready first, keeping name order within each group; at most `n`.
+    let limit = |mut addrs: Vec<EndpointAddress>, n: u32| {
+        addrs.sort_by_key(|a| !a.ready);
+        if n > 0 {
+            addrs.truncate(usize::try_from(n).unwrap_or(usize::MAX));
+        }
+        addrs
+    };
     let clusters = if spec.clusters.is_empty() {
+        // Each cluster on its own (without settings: all, exposed).
+        let (n, exposed) = spec
+            .every_cluster
+            .as_ref()
+            .map_or((0, true), |e| (e.num_endpoints, e.exposed));
         by_cluster
             .iter()
             .map(|(c, js)| EndpointsClusterStatus {
                 cluster: c.to_string(),
-                exposed: true,
-                addresses: js.iter().map(|j| address(j)).collect(),
+                exposed,
+                addresses: limit(js.iter().map(|j| address(j)).collect(), n),
             })
             .collect()
     } else {
         spec.clusters
             .iter()
             .map(|cs| {
-                let mut addrs: Vec<EndpointAddress> = by_cluster
+                let addrs: Vec<EndpointAddress> = by_cluster
                     .get(cs.cluster.as_str())
                     .map(|js| js.iter().map(|j| address(j)).collect())
                     .unwrap_or_default();
-                // Ready first, keeping name order within each group.
-                addrs.sort_by_key(|a| !a.ready);
-                if cs.num_endpoints > 0 {
-                    addrs.truncate(usize::try_from(cs.num_endpoints).unwrap_or(usize::MAX));
-                }
+                let addrs = limit(addrs, cs.num_endpoints);
                 EndpointsClusterStatus {
                     cluster: cs.cluster.clone(),
                     exposed: cs.exposed,
@@ -504,6 +513,7 @@ mod tests {
         let spec = EndpointsSpec {
             selector: [("app".to_string(), "web".to_string())].into(),
             primary_cluster: "a".into(),
+            every_cluster: None,
             clusters: vec![EndpointsClusterSpec {
                 cluster: "a".into(),
                 num_endpoints: 2,
@@ -530,6 +540,50 @@ mod tests {
             endpoints_status("other", &spec, &jobs).clusters[0]
                 .addresses
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn without_a_primary_cluster_limit_and_exposure_apply_per_cluster() {
+        let spec = EndpointsSpec {
+            selector: [("app".to_string(), "web".to_string())].into(),
+            every_cluster: Some(EndpointsClusterSpec {
+                cluster: String::new(),
+                num_endpoints: 1,
+                exposed: false,
+            }),
+            ..Default::default()
+        };
+        let jobs = vec![
+            job("w1", "a", "10.1.0.1", "web", false),
+            job("w2", "a", "10.1.0.2", "web", true),
+            job("w3", "b", "10.2.0.3", "web", true),
+            job("w4", "b", "10.2.0.4", "web", true),
+        ];
+        let st = endpoints_status("default", &spec, &jobs);
+        let got: Vec<(&str, bool, Vec<&str>)> = st
+            .clusters
+            .iter()
+            .map(|c| {
+                let jobs = c.addresses.iter().map(|a| a.job.as_str()).collect();
+                (c.cluster.as_str(), c.exposed, jobs)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [("a", false, vec!["w2"]), ("b", false, vec!["w3"])],
+            "one ready job per cluster, each for its own clients"
+        );
+        let mut exposed = spec.clone();
+        exposed.every_cluster = Some(EndpointsClusterSpec {
+            exposed: true,
+            ..Default::default()
+        });
+        let st = endpoints_status("default", &exposed, &jobs);
+        assert!(
+            st.clusters
+                .iter()
+                .all(|c| c.exposed && c.addresses.len() == 2)
         );
     }
 
@@ -593,7 +647,7 @@ mod tests {
             _ => None,
         };
         for (o, _) in &stale.writes {
-            assert_eq!(ready(o).unwrap_or(false), false, "{o:?}");
+            assert!(!ready(o).unwrap_or(false), "{o:?}");
         }
         // Once NotReady (and its jobs written), nothing more until it reports.
         for (o, _) in stale.writes {

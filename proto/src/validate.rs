@@ -791,6 +791,20 @@ fn endpoints(e: &mut Endpoints) -> Result<()> {
     if !spec.primary_cluster.is_empty() {
         spec.primary_cluster = name("spec.primary_cluster", &spec.primary_cluster)?;
     }
+    if let Some(every) = &spec.every_cluster {
+        if !every.cluster.is_empty() {
+            return err(
+                "spec.every_cluster.cluster",
+                "must be empty: these settings apply to every cluster",
+            );
+        }
+        if !spec.clusters.is_empty() {
+            return err(
+                "spec.every_cluster",
+                "only without spec.clusters (each listed cluster has its own settings)",
+            );
+        }
+    }
     let mut seen = HashSet::new();
     for (i, c) in spec.clusters.iter_mut().enumerate() {
         let f = format!("spec.clusters[{i}].cluster");

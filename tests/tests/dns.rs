@@ -483,7 +483,7 @@ fn a_dead_gateways_replicas_leave_every_answer() {
     mesh.stop_meshd(3);
     let t0 = Instant::now();
     headless(&mesh, "late");
-    mesh.sky(&["create", "endpoints", "st", "-s", "app=hl"])
+    mesh.sky(&["create", "endpoints", "st", "-s", "app=hl", "--exposed"])
         .unwrap();
     let rest = ips(&mesh, &[1, 2]);
     let want = vec![rest.clone(), rest.clone(), rest.clone()];
@@ -658,7 +658,7 @@ fn dns_zones_are_configurable() {
     );
     assert_eq!(
         short(&mesh, 1, "orders.myproject.svc", "A"),
-        [vip.clone()],
+        std::slice::from_ref(&vip),
         "svc is listed too"
     );
     assert_eq!(
@@ -668,10 +668,117 @@ fn dns_zones_are_configurable() {
     );
     assert_ne!(
         short(&mesh, 1, "orders.myproject.svc.clusterset.local", "A"),
-        [vip.clone()],
+        std::slice::from_ref(&vip),
         "the replaced default zone is no longer served"
     );
     // PTR records point into the first zone.
     let ptr = dig(&mesh, 1, &["+short", "-x", &vip]);
     assert!(ptr.contains("orders.myproject.svc.cluster.local."), "{ptr}");
+}
+
+/// SPEC §2: `create endpoints` without `--primary_cluster` applies
+/// `--num_endpoints` and `--exposed` to each cluster on its own. With
+/// `--exposed` every cluster resolves at most N replicas of each cluster;
+/// without, each cluster's replicas serve only that cluster's clients: the
+/// standalone name does not resolve, and a Service without a selector in
+/// front of it balances a client only over its own cluster's replicas.
+#[test]
+fn endpoints_without_a_primary_cluster_apply_per_cluster() {
+    let mesh = Mesh::start(2, 2).unwrap();
+    let mut replicas = Vec::new();
+    for i in 1..=2 {
+        for k in 1..=2 {
+            let ip = mesh.topo.app_ip(i, k);
+            let name = format!("pe-{i}-{k}");
+            replicas.push(Replica::start(mesh.topo.app(i, k), ip, &name));
+            mesh.sky(&[
+                "create",
+                "job",
+                &name,
+                "--cluster",
+                &format!("c{i}"),
+                "--ip",
+                &ip.to_string(),
+                "-l",
+                "app=pe",
+                "--port",
+                &TCP_PORT.to_string(),
+            ])
+            .unwrap();
+        }
+    }
+    mesh.sky(&[
+        "create",
+        "endpoints",
+        "one",
+        "-s",
+        "app=pe",
+        "--num_endpoints",
+        "1",
+        "--exposed",
+    ])
+    .unwrap();
+    mesh.sky(&["create", "endpoints", "mine", "-s", "app=pe"])
+        .unwrap();
+    // `one`: the first ready job of each cluster, from both clusters.
+    let mut want = vec![
+        mesh.topo.app_ip(1, 1).to_string(),
+        mesh.topo.app_ip(2, 1).to_string(),
+    ];
+    want.sort();
+    assert!(
+        wait_until(Duration::from_secs(15), || [1, 2].iter().all(|i| short(
+            &mesh,
+            *i,
+            "one.default.svc",
+            "A"
+        ) == want)),
+        "c1 {:?} c2 {:?}",
+        short(&mesh, 1, "one.default.svc", "A"),
+        short(&mesh, 2, "one.default.svc", "A")
+    );
+    // `mine`: every job, each cluster's for itself.
+    let json = mesh
+        .sky(&["get", "endpoints", "mine", "-o", "json"])
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let clusters = v["status"]["clusters"].as_array().unwrap();
+    assert_eq!(clusters.len(), 2, "{json}");
+    for c in clusters {
+        assert_eq!(c["exposed"], false, "{json}");
+        assert_eq!(c["addresses"].as_array().unwrap().len(), 2, "{json}");
+    }
+    assert_eq!(status(&mesh, 1, "mine.default.svc"), "NXDOMAIN");
+
+    // Behind a Service without a selector: each cluster's clients reach
+    // only their own cluster's replicas.
+    mesh.sky(&["create", "service", "mine", "-p", &format!("80:{TCP_PORT}")])
+        .unwrap();
+    let vip = mesh.service_vip("mine").unwrap();
+    let hello = |i: usize| -> String {
+        let script = format!("timeout 2 bash -c 'exec 3<>/dev/tcp/{vip}/80; head -n1 <&3'");
+        String::from_utf8_lossy(&mesh.topo.app(i, 1).sh(&script).stdout)
+            .trim()
+            .to_string()
+    };
+    for i in [1, 2] {
+        let mut seen = std::collections::BTreeSet::new();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) && seen.len() < 2 {
+            let who = hello(i);
+            if !who.is_empty() {
+                assert!(
+                    who.starts_with(&format!("pe-{i}-")),
+                    "a client of c{i} reached {who}"
+                );
+                seen.insert(who);
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            2,
+            "c{i} reached both of its own replicas: {seen:?}"
+        );
+    }
+    drop(replicas);
 }

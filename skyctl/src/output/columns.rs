@@ -448,6 +448,7 @@ pub(crate) mod tests {
             spec: Some(EndpointsSpec {
                 selector: [("key1".to_string(), "value1".to_string())].into(),
                 primary_cluster: "east".into(),
+                every_cluster: None,
                 clusters: vec![],
             }),
             status: Some(EndpointsStatus {
