@@ -63,6 +63,11 @@ pub struct World {
     pub jobs: Vec<(Job, u64)>,
     pub endpoints: Vec<(Endpoints, u64)>,
     pub clusters: Vec<(Cluster, u64)>,
+    /// Since when (unix seconds) this controller has run: a gateway's
+    /// silence counts only from then, so a coordinator that was down (or a
+    /// replica that just took over) does not take every gateway for dead
+    /// before they could report to it.
+    pub reports_since: i64,
 }
 
 impl World {
@@ -192,10 +197,11 @@ fn external_ips(svc: &Service, clusters: &[(Cluster, u64)]) -> Vec<String> {
 }
 
 /// Whether a cluster's gateway has stopped reporting: Ready with a
-/// `last_seen` over [`CLUSTER_STALE_AFTER_S`] ago, or already NotReady.
-fn cluster_down(c: &Cluster, now: i64) -> bool {
+/// `last_seen` (or the controller's start, if later) over
+/// [`CLUSTER_STALE_AFTER_S`] ago, or already NotReady.
+fn cluster_down(c: &Cluster, now: i64, since: i64) -> bool {
     c.status.as_ref().is_some_and(|st| match st.phase() {
-        ClusterPhase::Ready => now - st.last_seen > CLUSTER_STALE_AFTER_S,
+        ClusterPhase::Ready => now - st.last_seen.max(since) > CLUSTER_STALE_AFTER_S,
         ClusterPhase::NotReady => true,
         ClusterPhase::Pending | ClusterPhase::Unspecified => false,
     })
@@ -209,7 +215,7 @@ pub fn next_stale_at(world: &World) -> Option<i64> {
         .iter()
         .filter_map(|(c, _)| c.status.as_ref())
         .filter(|st| st.phase() == ClusterPhase::Ready)
-        .map(|st| st.last_seen + CLUSTER_STALE_AFTER_S + 1)
+        .map(|st| st.last_seen.max(world.reports_since) + CLUSTER_STALE_AFTER_S + 1)
         .min()
 }
 
@@ -222,7 +228,7 @@ pub fn plan(world: &World, now: i64) -> Plan {
     let down: std::collections::BTreeSet<&str> = world
         .clusters
         .iter()
-        .filter(|(c, _)| cluster_down(c, now))
+        .filter(|(c, _)| cluster_down(c, now, world.reports_since))
         .map(|(c, _)| meta(&c.metadata).1)
         .collect();
     for (c, rev) in &world.clusters {
@@ -337,10 +343,11 @@ pub fn plan(world: &World, now: i64) -> Plan {
 
 /// One pass: read, plan, write. Returns the revision it read at and when
 /// the next cluster goes stale without a report ([`next_stale_at`]).
-pub async fn reconcile(reg: &Registry) -> Result<(u64, Option<i64>)> {
+pub async fn reconcile(reg: &Registry, reports_since: i64) -> Result<(u64, Option<i64>)> {
     let (kvs, rev) = reg.store().range(crate::keyspace::REGISTRY).await?;
     let objs = kvs.iter().map(decode).collect::<Result<Vec<_>>>()?;
-    let world = World::from_objects(objs);
+    let mut world = World::from_objects(objs);
+    world.reports_since = reports_since;
     let p = plan(&world, unix_now());
     let stale_at = next_stale_at(&world);
     for (o, r) in &p.writes {
@@ -377,8 +384,9 @@ pub async fn reconcile(reg: &Registry) -> Result<(u64, Option<i64>)> {
 /// Runs the controllers until `cancel` fires.
 pub async fn run(reg: Registry, cancel: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
+    let started = unix_now();
     loop {
-        let (rev, stale_at) = match reconcile(&reg).await {
+        let (rev, stale_at) = match reconcile(&reg, started).await {
             Ok(r) => {
                 backoff = Duration::from_millis(100);
                 r
@@ -660,5 +668,26 @@ mod tests {
         }
         assert_eq!(plan(&world, 200), Plan::default());
         assert_eq!(next_stale_at(&world), None, "no Ready cluster left");
+
+        // A controller that has just started (a coordinator back from an
+        // outage) gives every gateway the whole time to report to it.
+        let (c, _) = world.clusters.remove(0);
+        let mut ready = c;
+        ready.status.as_mut().unwrap().phase = ClusterPhase::Ready as i32;
+        world.clusters = vec![(ready, 14)];
+        world.reports_since = 500;
+        let p = plan(&world, 500 + CLUSTER_STALE_AFTER_S);
+        assert!(
+            p.writes
+                .iter()
+                .all(|(o, _)| o.kind() != skymesh_proto::v1::Kind::Cluster),
+            "not stale yet: {p:?}"
+        );
+        assert_eq!(next_stale_at(&world), Some(500 + CLUSTER_STALE_AFTER_S + 1));
+        assert!(
+            !plan(&world, 500 + CLUSTER_STALE_AFTER_S + 1)
+                .writes
+                .is_empty()
+        );
     }
 }
