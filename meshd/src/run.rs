@@ -32,6 +32,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub interface: String,
     pub dns_listen: Option<SocketAddr>,
+    /// Zones of the embedded DNS (`--dns-zone`); empty = the defaults
+    /// ([`skymesh_dns::config::DEFAULT_ZONES`]).
+    pub dns_zones: Vec<String>,
     /// Upstream resolvers for names outside the mesh zones; empty = the
     /// host's /etc/resolv.conf.
     pub dns_upstreams: Vec<SocketAddr>,
@@ -413,7 +416,7 @@ impl Tasks {
             Ok(())
         });
         if let Some(addr) = self.cfg.dns_listen {
-            let dns_cfg = skymesh_dns::DnsConfig {
+            let mut dns_cfg = skymesh_dns::DnsConfig {
                 listen: addr,
                 service_cidr: first.service_cidr.parse().ok(),
                 upstreams: if self.cfg.dns_upstreams.is_empty() {
@@ -424,6 +427,9 @@ impl Tasks {
                 recursion_allow: self.cfg.dns_allow.clone(),
                 ..Default::default()
             };
+            if !self.cfg.dns_zones.is_empty() {
+                dns_cfg.zones.clone_from(&self.cfg.dns_zones);
+            }
             let (handle, dns_done) = spawn_dns(dns_cfg, &mut registry, self.cancel.clone())
                 .await
                 .with_context(|| format!("failed to start DNS on --dns-listen {addr}"))?;

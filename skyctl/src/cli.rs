@@ -392,6 +392,11 @@ pub(crate) struct CreateJob {
         value_name = "[NAME:]PORT[/PROTO]"
     )]
     pub(crate) ports: Vec<String>,
+    /// Readiness probe meshd runs every second: tcp[:PORT] (default: each
+    /// TCP port), http[:PORT][/PATH] (2xx/3xx), icmp, udp[:PORT] (ICMP
+    /// port unreachable = down) or none.
+    #[arg(long, value_name = "PROBE")]
+    pub(crate) probe: Option<String>,
 }
 
 /// `skyctl create namespace NAME`.

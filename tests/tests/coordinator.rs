@@ -296,6 +296,7 @@ async fn bad_input_is_refused_and_nothing_is_written() {
             cluster: "east".into(),
             ip: "10.1.0.999".into(),
             ports: vec![],
+            probe: None,
         }),
         status: None,
     }
@@ -471,6 +472,7 @@ async fn bad_input_is_refused_and_nothing_is_written() {
             cluster: "east".into(),
             ip: "10.1.0.7".into(),
             ports: vec![],
+            probe: None,
         }),
         status: None,
     }
@@ -675,6 +677,7 @@ async fn join_pins_keys_and_streams_netmaps() {
             cluster: "east".into(),
             ip: "10.1.0.5".into(),
             ports: vec![],
+            probe: None,
         }),
         status: None,
     }

@@ -53,6 +53,7 @@ fn job(name: &str, cluster: &str, ip: &str, app: &str) -> Object {
             cluster: cluster.into(),
             ip: ip.into(),
             ports: vec![],
+            probe: None,
         }),
         status: None,
     }
