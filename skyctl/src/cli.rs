@@ -122,6 +122,10 @@ pub(crate) enum Command {
     /// Issue a new join token for a cluster whose gateway has not joined yet.
     #[command(name = "join-token", alias = "join_token")]
     JoinToken(JoinTokenArgs),
+    /// Ask the coordinator's gRPC health service (grpc.health.v1 Check;
+    /// no token needed): prints SERVING and exits 0, else exits 1. For
+    /// exec probes and scripts.
+    Health(HealthArgs),
     /// Print a shell completion script.
     Completions(CompletionsArgs),
 }
@@ -194,6 +198,11 @@ pub(crate) struct DeleteArgs {
     /// Names of the objects to delete.
     #[arg(required = true, num_args = 1.., value_name = "NAME")]
     pub(crate) names: Vec<String>,
+    /// Clusters only: also take the cluster out of the services and
+    /// Endpoints that name it (deleting a service it was the only cluster
+    /// of, and Endpoints whose primary cluster it is) instead of refusing.
+    #[arg(long)]
+    pub(crate) cascade: bool,
 }
 
 /// `skyctl join-token CLUSTER`.
@@ -201,6 +210,15 @@ pub(crate) struct DeleteArgs {
 pub(crate) struct JoinTokenArgs {
     /// The cluster (still Pending) whose gateway will join.
     pub(crate) cluster: String,
+}
+
+/// `skyctl health`.
+#[derive(Debug, Args)]
+pub(crate) struct HealthArgs {
+    /// The service to ask about (e.g. skymesh.v1.Api); default: the whole
+    /// server.
+    #[arg(long, default_value = "")]
+    pub(crate) service: String,
 }
 
 /// `skyctl completions SHELL`.

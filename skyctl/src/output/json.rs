@@ -313,7 +313,7 @@ mod tests {
         assert_eq!(items[0]["peer"], "south");
         let l = list(items);
         assert_eq!(l["items"].as_array().map(Vec::len), Some(2));
-        let y = serde_yaml::to_string(&l).unwrap();
+        let y = yaml_serde::to_string(&l).unwrap();
         assert!(y.starts_with("items:\n"), "{y}");
     }
 }
