@@ -34,6 +34,11 @@ impl ApiService {
             watches: StreamLimit::new("watches", MAX_WATCHES),
         }
     }
+
+    /// The open watches (shared: for the metrics).
+    pub fn watches(&self) -> StreamLimit {
+        self.watches.clone()
+    }
 }
 
 fn kind(k: i32) -> Result<Kind, Status> {
@@ -91,9 +96,17 @@ impl Api for ApiService {
 
     async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<Object>, Status> {
         let r = req.into_inner();
+        let k = kind(r.kind)?;
+        if r.cascade && k != Kind::Cluster {
+            return Err(Error::from(validate::ValidationError {
+                field: "cascade".into(),
+                rule: format!("only a cluster's delete cascades, not a {}'s", k.singular()),
+            })
+            .into());
+        }
         Ok(Response::new(
             self.reg
-                .delete(kind(r.kind)?, &r.namespace, &r.name)
+                .delete_with(k, &r.namespace, &r.name, r.cascade)
                 .await?,
         ))
     }

@@ -7,7 +7,9 @@
 //!   limits and exposure.
 //! - Service status: NodePort/LoadBalancer services list the underlay
 //!   addresses of their exposing gateways as `external_ips`.
-//! - Cluster phase: a joined gateway that stops reporting becomes NotReady.
+//! - Cluster phase: a joined gateway that stops reporting becomes NotReady,
+//!   and the jobs of a NotReady cluster not ready (so every Endpoints drops
+//!   them) until its gateway reports their health again.
 //! - Expired join tokens are removed.
 //!
 //! Each pass recomputes everything from one consistent read of the store
@@ -29,10 +31,18 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Result;
 use crate::registry::{ENDPOINTS_CONTROLLER, MANAGED_BY, Registry, decode, is_managed, unix_now};
 
-/// A gateway that has not reported for this long is NotReady.
-pub const CLUSTER_STALE_AFTER_S: i64 = 30;
+/// A gateway that has not reported for longer than this is NotReady.
+/// Tuning: meshd reports every 5 s at the least (`REPORT_INTERVAL`) and
+/// after every probe round that changed (about every second), so this
+/// tolerates one lost report; with a pass due when the first cluster would
+/// go stale ([`next_stale_at`]) and `last_seen` in whole seconds, a dead
+/// gateway's cluster is NotReady within ~10 s of its last report.
+pub const CLUSTER_STALE_AFTER_S: i64 = 8;
 /// Longest time between passes without any change.
 const RESYNC: Duration = Duration::from_secs(5);
+/// Shortest wait before a pass that is due at once (a stale cluster whose
+/// write lost a race), so a pass that keeps failing does not spin.
+const MIN_WAIT: Duration = Duration::from_millis(200);
 /// After a change, wait this long so a burst of writes (e.g. status
 /// reports of many gateways) costs one pass, not one pass per write.
 const DEBOUNCE: Duration = Duration::from_millis(50);
@@ -50,9 +60,14 @@ pub struct Plan {
 #[derive(Debug, Default)]
 pub struct World {
     pub services: Vec<(Service, u64)>,
-    pub jobs: Vec<Job>,
+    pub jobs: Vec<(Job, u64)>,
     pub endpoints: Vec<(Endpoints, u64)>,
     pub clusters: Vec<(Cluster, u64)>,
+    /// Since when (unix seconds) this controller has run: a gateway's
+    /// silence counts only from then, so a coordinator that was down (or a
+    /// replica that just took over) does not take every gateway for dead
+    /// before they could report to it.
+    pub reports_since: i64,
 }
 
 impl World {
@@ -63,7 +78,7 @@ impl World {
             let rev = o.resource_version();
             match o.obj {
                 Some(Obj::Service(s)) => w.services.push((s, rev)),
-                Some(Obj::Job(j)) => w.jobs.push(j),
+                Some(Obj::Job(j)) => w.jobs.push((j, rev)),
                 Some(Obj::Endpoints(e)) => w.endpoints.push((e, rev)),
                 Some(Obj::Cluster(c)) => w.clusters.push((c, rev)),
                 Some(Obj::Namespace(_)) | None => {}
@@ -112,28 +127,37 @@ pub fn endpoints_status(ns: &str, spec: &EndpointsSpec, jobs: &[Job]) -> Endpoin
     for list in by_cluster.values_mut() {
         list.sort_by(|a, b| meta(&a.metadata).1.cmp(meta(&b.metadata).1));
     }
+    // Ready first, keeping name order within each group; at most `n`.
+    let limit = |mut addrs: Vec<EndpointAddress>, n: u32| {
+        addrs.sort_by_key(|a| !a.ready);
+        if n > 0 {
+            addrs.truncate(usize::try_from(n).unwrap_or(usize::MAX));
+        }
+        addrs
+    };
     let clusters = if spec.clusters.is_empty() {
+        // Each cluster on its own (without settings: all, exposed).
+        let (n, exposed) = spec
+            .every_cluster
+            .as_ref()
+            .map_or((0, true), |e| (e.num_endpoints, e.exposed));
         by_cluster
             .iter()
             .map(|(c, js)| EndpointsClusterStatus {
                 cluster: c.to_string(),
-                exposed: true,
-                addresses: js.iter().map(|j| address(j)).collect(),
+                exposed,
+                addresses: limit(js.iter().map(|j| address(j)).collect(), n),
             })
             .collect()
     } else {
         spec.clusters
             .iter()
             .map(|cs| {
-                let mut addrs: Vec<EndpointAddress> = by_cluster
+                let addrs: Vec<EndpointAddress> = by_cluster
                     .get(cs.cluster.as_str())
                     .map(|js| js.iter().map(|j| address(j)).collect())
                     .unwrap_or_default();
-                // Ready first, keeping name order within each group.
-                addrs.sort_by_key(|a| !a.ready);
-                if cs.num_endpoints > 0 {
-                    addrs.truncate(usize::try_from(cs.num_endpoints).unwrap_or(usize::MAX));
-                }
+                let addrs = limit(addrs, cs.num_endpoints);
                 EndpointsClusterStatus {
                     cluster: cs.cluster.clone(),
                     exposed: cs.exposed,
@@ -172,9 +196,72 @@ fn external_ips(svc: &Service, clusters: &[(Cluster, u64)]) -> Vec<String> {
     ips
 }
 
+/// Whether a cluster's gateway has stopped reporting: Ready with a
+/// `last_seen` (or the controller's start, if later) over
+/// [`CLUSTER_STALE_AFTER_S`] ago, or already NotReady.
+fn cluster_down(c: &Cluster, now: i64, since: i64) -> bool {
+    c.status.as_ref().is_some_and(|st| match st.phase() {
+        ClusterPhase::Ready => now - st.last_seen.max(since) > CLUSTER_STALE_AFTER_S,
+        ClusterPhase::NotReady => true,
+        ClusterPhase::Pending | ClusterPhase::Unspecified => false,
+    })
+}
+
+/// When the first Ready cluster of `world` goes stale if its gateway does
+/// not report again (unix seconds), so a pass can be due then.
+pub fn next_stale_at(world: &World) -> Option<i64> {
+    world
+        .clusters
+        .iter()
+        .filter_map(|(c, _)| c.status.as_ref())
+        .filter(|st| st.phase() == ClusterPhase::Ready)
+        .map(|st| st.last_seen.max(world.reports_since) + CLUSTER_STALE_AFTER_S + 1)
+        .min()
+}
+
 /// Computes one pass's writes from a consistent view of the store.
 pub fn plan(world: &World, now: i64) -> Plan {
     let mut out = Plan::default();
+    // Clusters whose gateway stopped reporting: NotReady, and their jobs
+    // not ready, before the endpoints are computed from the jobs (the
+    // gateway's next report sets both again).
+    let down: std::collections::BTreeSet<&str> = world
+        .clusters
+        .iter()
+        .filter(|(c, _)| cluster_down(c, now, world.reports_since))
+        .map(|(c, _)| meta(&c.metadata).1)
+        .collect();
+    for (c, rev) in &world.clusters {
+        if down.contains(meta(&c.metadata).1)
+            && c.status
+                .as_ref()
+                .is_some_and(|st| st.phase() == ClusterPhase::Ready)
+        {
+            let mut c = c.clone();
+            if let Some(s) = c.status.as_mut() {
+                s.phase = ClusterPhase::NotReady as i32;
+            }
+            out.writes.push((c.into(), *rev));
+        }
+    }
+    let jobs: Vec<Job> = world
+        .jobs
+        .iter()
+        .map(|(j, rev)| {
+            let in_down = j
+                .spec
+                .as_ref()
+                .is_some_and(|s| down.contains(s.cluster.as_str()));
+            if in_down && j.status.as_ref().is_some_and(|s| s.ready) {
+                let mut j = j.clone();
+                j.status.get_or_insert_with(Default::default).ready = false;
+                out.writes.push((j.clone().into(), *rev));
+                j
+            } else {
+                j.clone()
+            }
+        })
+        .collect();
     let existing: BTreeMap<(&str, &str), &(Endpoints, u64)> = world
         .endpoints
         .iter()
@@ -199,7 +286,7 @@ pub fn plan(world: &World, now: i64) -> Plan {
             selector: spec.selector.clone(),
             ..Default::default()
         };
-        let status = endpoints_status(key.0, &ep_spec, &world.jobs);
+        let status = endpoints_status(key.0, &ep_spec, &jobs);
         match existing.get(&key) {
             Some((ep, ep_rev)) => {
                 if ep.spec.as_ref() != Some(&ep_spec)
@@ -244,32 +331,25 @@ pub fn plan(world: &World, now: i64) -> Plan {
             out.deletes.push((ep.clone().into(), *rev));
             continue;
         }
-        let status = endpoints_status(key.0, &ep.spec.clone().unwrap_or_default(), &world.jobs);
+        let status = endpoints_status(key.0, &ep.spec.clone().unwrap_or_default(), &jobs);
         if ep.status.as_ref() != Some(&status) {
             let mut e = ep.clone();
             e.status = Some(status);
             out.writes.push((e.into(), *rev));
         }
     }
-    for (c, rev) in &world.clusters {
-        let Some(st) = &c.status else { continue };
-        if st.phase() == ClusterPhase::Ready && now - st.last_seen > CLUSTER_STALE_AFTER_S {
-            let mut c = c.clone();
-            if let Some(s) = c.status.as_mut() {
-                s.phase = ClusterPhase::NotReady as i32;
-            }
-            out.writes.push((c.into(), *rev));
-        }
-    }
     out
 }
 
-/// One pass: read, plan, write. Returns the revision it read at.
-pub async fn reconcile(reg: &Registry) -> Result<u64> {
+/// One pass: read, plan, write. Returns the revision it read at and when
+/// the next cluster goes stale without a report ([`next_stale_at`]).
+pub async fn reconcile(reg: &Registry, reports_since: i64) -> Result<(u64, Option<i64>)> {
     let (kvs, rev) = reg.store().range(crate::keyspace::REGISTRY).await?;
     let objs = kvs.iter().map(decode).collect::<Result<Vec<_>>>()?;
-    let world = World::from_objects(objs);
+    let mut world = World::from_objects(objs);
+    world.reports_since = reports_since;
     let p = plan(&world, unix_now());
+    let stale_at = next_stale_at(&world);
     for (o, r) in &p.writes {
         if reg.write_if_unchanged(o, *r).await?.is_none() {
             tracing::debug!(
@@ -298,17 +378,18 @@ pub async fn reconcile(reg: &Registry) -> Result<u64> {
     if !ops.is_empty() {
         reg.store().txn(vec![], ops).await?;
     }
-    Ok(rev)
+    Ok((rev, stale_at))
 }
 
 /// Runs the controllers until `cancel` fires.
 pub async fn run(reg: Registry, cancel: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
+    let started = unix_now();
     loop {
-        let rev = match reconcile(&reg).await {
-            Ok(rev) => {
+        let (rev, stale_at) = match reconcile(&reg, started).await {
+            Ok(r) => {
                 backoff = Duration::from_millis(100);
-                rev
+                r
             }
             Err(e) => {
                 tracing::warn!(error = %e, "controller pass failed; retrying");
@@ -321,6 +402,10 @@ pub async fn run(reg: Registry, cancel: CancellationToken) {
             }
         };
         let mut changes = reg.store().watch(crate::keyspace::REGISTRY, rev);
+        // Due again at the next resync, or when a cluster goes stale.
+        let wait = stale_at
+            .map(|t| Duration::from_secs(u64::try_from(t - unix_now()).unwrap_or(0)))
+            .map_or(RESYNC, |d| d.clamp(MIN_WAIT, RESYNC));
         tokio::select! {
             _ = changes.next() => {
                 tokio::select! {
@@ -328,7 +413,7 @@ pub async fn run(reg: Registry, cancel: CancellationToken) {
                     () = cancel.cancelled() => return,
                 }
             }
-            () = tokio::time::sleep(RESYNC) => {}
+            () = tokio::time::sleep(wait) => {}
             () = cancel.cancelled() => return,
         }
     }
@@ -351,6 +436,7 @@ mod tests {
                 cluster: cluster.into(),
                 ip: ip.into(),
                 ports: vec![],
+                probe: None,
             }),
             status: Some(JobStatus { ready }),
         }
@@ -381,7 +467,7 @@ mod tests {
         ];
         let world = World {
             services: vec![(svc("web", "web"), 5)],
-            jobs,
+            jobs: jobs.into_iter().map(|j| (j, 1)).collect(),
             ..Default::default()
         };
         let p = plan(&world, 100);
@@ -408,7 +494,7 @@ mod tests {
     fn steady_state_writes_nothing_and_orphans_are_deleted() {
         let world = World {
             services: vec![(svc("web", "web"), 5)],
-            jobs: vec![job("w1", "a", "10.1.0.2", "web", true)],
+            jobs: vec![(job("w1", "a", "10.1.0.2", "web", true), 1)],
             ..Default::default()
         };
         let (o, _) = plan(&world, 1).writes.remove(0);
@@ -435,6 +521,7 @@ mod tests {
         let spec = EndpointsSpec {
             selector: [("app".to_string(), "web".to_string())].into(),
             primary_cluster: "a".into(),
+            every_cluster: None,
             clusters: vec![EndpointsClusterSpec {
                 cluster: "a".into(),
                 num_endpoints: 2,
@@ -465,6 +552,50 @@ mod tests {
     }
 
     #[test]
+    fn without_a_primary_cluster_limit_and_exposure_apply_per_cluster() {
+        let spec = EndpointsSpec {
+            selector: [("app".to_string(), "web".to_string())].into(),
+            every_cluster: Some(EndpointsClusterSpec {
+                cluster: String::new(),
+                num_endpoints: 1,
+                exposed: false,
+            }),
+            ..Default::default()
+        };
+        let jobs = vec![
+            job("w1", "a", "10.1.0.1", "web", false),
+            job("w2", "a", "10.1.0.2", "web", true),
+            job("w3", "b", "10.2.0.3", "web", true),
+            job("w4", "b", "10.2.0.4", "web", true),
+        ];
+        let st = endpoints_status("default", &spec, &jobs);
+        let got: Vec<(&str, bool, Vec<&str>)> = st
+            .clusters
+            .iter()
+            .map(|c| {
+                let jobs = c.addresses.iter().map(|a| a.job.as_str()).collect();
+                (c.cluster.as_str(), c.exposed, jobs)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [("a", false, vec!["w2"]), ("b", false, vec!["w3"])],
+            "one ready job per cluster, each for its own clients"
+        );
+        let mut exposed = spec.clone();
+        exposed.every_cluster = Some(EndpointsClusterSpec {
+            exposed: true,
+            ..Default::default()
+        });
+        let st = endpoints_status("default", &exposed, &jobs);
+        assert!(
+            st.clusters
+                .iter()
+                .all(|c| c.exposed && c.addresses.len() == 2)
+        );
+    }
+
+    #[test]
     fn stale_clusters_become_not_ready() {
         let c = Cluster {
             metadata: Some(ObjectMeta {
@@ -478,14 +609,85 @@ mod tests {
                 ..Default::default()
             }),
         };
-        let world = World {
+        let mut world = World {
+            services: vec![(svc("web", "web"), 5)],
             clusters: vec![(c, 3)],
+            jobs: vec![
+                (job("w1", "a", "10.1.0.2", "web", true), 8),
+                (job("w2", "b", "10.2.0.2", "web", true), 9),
+            ],
             ..Default::default()
         };
-        assert!(plan(&world, 110).writes.is_empty());
+        let fresh = plan(&world, 100 + CLUSTER_STALE_AFTER_S);
+        let (o, _) = &fresh.writes[0];
+        let Some(Obj::Endpoints(e)) = &o.obj else {
+            panic!("only the endpoints are written: {fresh:?}")
+        };
+        assert_eq!(fresh.writes.len(), 1);
+        world.endpoints = vec![(e.clone(), 10)];
         assert_eq!(
-            plan(&world, 100 + CLUSTER_STALE_AFTER_S + 1).writes.len(),
-            1
+            next_stale_at(&world),
+            Some(100 + CLUSTER_STALE_AFTER_S + 1),
+            "a pass is due when a goes stale"
+        );
+
+        let stale = plan(&world, 100 + CLUSTER_STALE_AFTER_S + 1);
+        let mut kinds: Vec<(&str, &str, u64)> = stale
+            .writes
+            .iter()
+            .map(|(o, rev)| (o.kind().singular(), o.name(), *rev))
+            .collect();
+        kinds.sort();
+        assert_eq!(
+            kinds,
+            [
+                ("cluster", "a", 3),
+                ("endpoints", "web", 10),
+                ("job", "w1", 8)
+            ],
+            "a NotReady, its job not ready, the endpoints without it; b's job untouched"
+        );
+        let ready = |o: &Object| match &o.obj {
+            Some(Obj::Job(j)) => j.status.as_ref().map(|s| s.ready),
+            Some(Obj::Endpoints(e)) => {
+                Some(e.status.as_ref().unwrap().clusters[0].addresses[0].ready)
+            }
+            _ => None,
+        };
+        for (o, _) in &stale.writes {
+            assert!(!ready(o).unwrap_or(false), "{o:?}");
+        }
+        // Once NotReady (and its jobs written), nothing more until it reports.
+        for (o, _) in stale.writes {
+            match o.obj {
+                Some(Obj::Cluster(c)) => world.clusters = vec![(c, 11)],
+                Some(Obj::Job(j)) => world.jobs[0] = (j, 12),
+                Some(Obj::Endpoints(e)) => world.endpoints = vec![(e, 13)],
+                _ => {}
+            }
+        }
+        assert_eq!(plan(&world, 200), Plan::default());
+        assert_eq!(next_stale_at(&world), None, "no Ready cluster left");
+
+        // A controller that has just started (a coordinator back from an
+        // outage) gives every gateway the whole time to report to it.
+        let (c, _) = world.clusters.remove(0);
+        let mut ready = c;
+        ready.status.as_mut().unwrap().phase = ClusterPhase::Ready as i32;
+        world.clusters = vec![(ready, 14)];
+        world.reports_since = 500;
+        let p = plan(&world, 500 + CLUSTER_STALE_AFTER_S);
+        assert!(
+            p.writes
+                .iter()
+                .all(|(o, _)| o.kind() != skymesh_proto::v1::Kind::Cluster),
+            "not stale yet: {p:?}"
+        );
+        assert_eq!(next_stale_at(&world), Some(500 + CLUSTER_STALE_AFTER_S + 1));
+        assert!(
+            !plan(&world, 500 + CLUSTER_STALE_AFTER_S + 1)
+                .writes
+                .is_empty()
         );
     }
 }

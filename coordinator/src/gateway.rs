@@ -51,6 +51,11 @@ impl GatewayService {
         }
     }
 
+    /// The open netmap streams (shared: for the metrics).
+    pub fn netmaps(&self) -> StreamLimit {
+        self.netmaps.clone()
+    }
+
     async fn authorize(&self, md: &tonic::metadata::MetadataMap, cluster: &str) -> Result<()> {
         if self.admin.is_admin(md) {
             return Ok(());

@@ -16,6 +16,8 @@
 //! - [`server`]: wiring for the binary.
 //! - [`shutdown`]: graceful stop (streams end with UNAVAILABLE, a drain deadline).
 //! - [`limits`]: streams per connection and credential, message sizes.
+//! - [`health`]: the standard gRPC health service's statuses.
+//! - [`metrics`]: `/metrics` (calls by method and code, streams, store latency).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod api;
@@ -24,9 +26,11 @@ pub mod controller;
 pub mod election;
 pub mod error;
 pub mod gateway;
+pub mod health;
 pub mod ipam;
 pub mod keyspace;
 pub mod limits;
+pub mod metrics;
 pub mod netmap;
 pub mod registry;
 pub mod server;

@@ -69,6 +69,12 @@ impl StreamLimit {
         })
     }
 
+    /// Streams open for every key together.
+    pub fn total(&self) -> usize {
+        let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        open.values().sum()
+    }
+
     /// Streams open for `key`.
     pub fn open(&self, key: &str) -> usize {
         let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);

@@ -82,6 +82,11 @@ struct Args {
     /// keys would otherwise cross the network in the clear).
     #[arg(long)]
     insecure_plaintext: bool,
+    /// Address of the Prometheus /metrics endpoint (plain HTTP; off by
+    /// default): RPCs by method and code, open watch and netmap streams,
+    /// store latency.
+    #[arg(long, env = "COORDINATOR_METRICS_LISTEN", value_name = "IP:PORT")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// How long the runtime waits for blocking tasks (a store call in flight)
@@ -226,6 +231,7 @@ fn main() -> ExitCode {
             sans: args.tls_sans,
             insecure_plaintext: args.insecure_plaintext,
         },
+        metrics_listen: args.metrics_listen,
     };
     if let Err(e) = coordinator::tls::check_flags(&cfg.tls, cfg.listen) {
         Args::command()

@@ -33,6 +33,8 @@ use crate::keyspace;
 
 pub use crate::keyspace::{kind_prefix, object_key, plural};
 
+mod references;
+
 /// Annotation marking Endpoints kept by the endpoints controller.
 pub const MANAGED_BY: &str = "skymesh.io/managed-by";
 /// Value of [`MANAGED_BY`] for controller-made Endpoints.
@@ -432,8 +434,23 @@ impl Registry {
 
     /// Deletes an object and everything that exists only for it (a
     /// service's VIP and managed Endpoints; a cluster's overlay IP, keys,
-    /// credentials and jobs). Returns the deleted object.
+    /// credentials and jobs). Returns the deleted object. A namespace must
+    /// be empty, and a cluster named by no service or Endpoints (see
+    /// [`Registry::delete_with`]).
     pub async fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Result<Object> {
+        self.delete_with(kind, namespace, name, false).await
+    }
+
+    /// [`Registry::delete`]; with `cascade`, deleting a cluster also takes
+    /// it out of the services and Endpoints that name it (deleting those
+    /// that exist only for it) instead of refusing.
+    pub async fn delete_with(
+        &self,
+        kind: Kind,
+        namespace: &str,
+        name: &str,
+        cascade: bool,
+    ) -> Result<Object> {
         let (ns, name) = normalise_ref(kind, namespace, name)?;
         let key = &object_key(kind, &ns, &name);
         let (ns, name) = (ns.as_str(), name.as_str());
@@ -445,16 +462,20 @@ impl Registry {
             let mut txn = Txn::default();
             txn.pin(&cur);
             txn.delete(key.clone());
+            let mut cleaned = Vec::new();
             match obj.obj.as_ref() {
-                Some(Obj::Namespace(_)) => self.check_namespace_empty(name).await?,
+                Some(Obj::Namespace(_)) => self.check_namespace_empty(name, &mut txn).await?,
                 Some(Obj::Service(s)) => self.release_service(s, &mut txn).await?,
-                Some(Obj::Cluster(_)) => self.release_cluster(name, &mut txn).await?,
+                Some(Obj::Cluster(_)) => {
+                    cleaned = self.cluster_references(name, cascade, &mut txn).await?;
+                    self.release_cluster(name, &mut txn).await?;
+                }
                 _ => {}
             }
             if !self.store.txn(txn.compares, txn.ops).await?.succeeded {
                 return Ok(None);
             }
-            tracing::info!(kind = kind.singular(), namespace = %ns, name = %name, "deleted");
+            tracing::info!(kind = kind.singular(), namespace = %ns, name = %name, ?cleaned, "deleted");
             Ok(Some(obj))
         })
         .await
@@ -852,7 +873,11 @@ impl Registry {
         Ok(())
     }
 
-    async fn check_namespace_empty(&self, ns: &str) -> Result<()> {
+    /// Refuses to delete a namespace that holds objects; pins its emptiness
+    /// in `txn` (nothing created in it between this read and the delete),
+    /// so a concurrent create either lands first and is seen on the retry,
+    /// or fails its own pin on the namespace.
+    async fn check_namespace_empty(&self, ns: &str, txn: &mut Txn) -> Result<()> {
         if ns == validate::DEFAULT_NAMESPACE {
             return Err(Error::Precondition(
                 "namespace \"default\" cannot be deleted".into(),
@@ -860,10 +885,12 @@ impl Registry {
         }
         let mut held = Vec::new();
         for kind in [Kind::Service, Kind::Endpoints, Kind::Job] {
-            let (kvs, _) = self.store.range(&kind_prefix(kind, Some(ns))).await?;
+            let prefix = kind_prefix(kind, Some(ns));
+            let (kvs, at) = self.store.range(&prefix).await?;
             if !kvs.is_empty() {
                 held.push(format!("{} {}", kvs.len(), plural(kind)));
             }
+            txn.compares.push(Compare::NoWritesUnder(prefix, at));
         }
         if held.is_empty() {
             Ok(())

@@ -1,6 +1,7 @@
 //! Wiring: opens the store (embedded, or etcd shared with other replicas),
 //! makes sure the admin token and the default namespace exist, runs the
-//! controllers (on the elected replica) and serves both gRPC services.
+//! controllers (on the elected replica) and serves both gRPC services, the
+//! standard health service and (with `--metrics-listen`) `/metrics`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use crate::auth::{self, AdminAuth, AdminTokenSource};
 use crate::election::Election;
 use crate::gateway::GatewayService;
 use crate::limits;
+use crate::metrics::{Metrics, RpcLayer, TimedStore};
 use crate::registry::Registry;
 use crate::shutdown::DRAIN_DEADLINE;
 use crate::tls::TlsFlags;
@@ -82,6 +84,9 @@ pub struct Config {
     /// TLS: the generated CA (default), the operator's certificate, or
     /// plaintext on loopback.
     pub tls: TlsFlags,
+    /// Where to serve Prometheus `/metrics` (`--metrics-listen`; off when
+    /// `None`).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Runs the coordinator until `cancel` fires, then stops within
@@ -99,6 +104,19 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     }
     crate::tls::check_flags(&cfg.tls, cfg.listen).map_err(|e| anyhow::anyhow!(e))?;
     create_private_dir(&cfg.data_dir)?;
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => {
+            let l = crate::metrics::bind(addr).await?;
+            // Where it ended up (useful with port 0), as listen.addr.
+            std::fs::write(
+                cfg.data_dir.join("metrics.addr"),
+                format!("{}\n", l.local_addr()?),
+            )
+            .context("failed to write metrics.addr")?;
+            Some(l)
+        }
+        None => None,
+    };
     // A stop while connecting to etcd (or repairing the database file)
     // needs no waiting.
     let (store, shared) = tokio::select! {
@@ -116,8 +134,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     .await?;
     let identity =
         crate::tls::init(store.as_dyn(), &cfg.data_dir, shared, &cfg.tls, cfg.listen).await?;
+    let (metrics, metrics_registry) = Metrics::new();
+    let timed: Arc<dyn skymesh_store::Store> =
+        Arc::new(TimedStore::new(store.as_arc(), metrics.clone()));
     let reg = Registry::new(
-        store.as_arc(),
+        timed.clone(),
         cfg.overlay_cidr,
         cfg.service_cidr,
         cfg.join_token_ttl,
@@ -157,15 +178,30 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         }))
     };
     let admin_auth = AdminAuth::new(admin);
+    let api_service = ApiService::new(reg.clone(), cancel.clone());
+    let gw_service = GatewayService::new(reg, admin_auth.clone(), cancel.clone());
+    metrics.watch_streams_of(api_service.watches(), gw_service.netmaps());
+    let rpc_metrics = metrics.clone();
     let api = tonic::service::interceptor::InterceptedService::new(
-        ApiServer::new(ApiService::new(reg.clone(), cancel.clone()))
+        ApiServer::new(api_service)
             .max_decoding_message_size(limits::MAX_REQUEST_BYTES)
             .max_encoding_message_size(limits::MAX_MESSAGE_BYTES),
-        admin_auth.clone(),
+        admin_auth,
     );
-    let gw = GatewayServer::new(GatewayService::new(reg, admin_auth, cancel.clone()))
+    let gw = GatewayServer::new(gw_service)
         .max_decoding_message_size(limits::MAX_REQUEST_BYTES)
         .max_encoding_message_size(limits::MAX_MESSAGE_BYTES);
+    // grpc.health.v1, without a token (probes carry none).
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let health_task = tokio::spawn(crate::health::run(health_reporter, timed, cancel.clone()));
+    if let Some(l) = metrics_listener {
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(l, metrics, metrics_registry, c).await {
+                tracing::error!("{e:#}");
+            }
+        });
+    }
     let shutdown = cancel.clone();
     let mut server = tonic::transport::Server::builder();
     if let Some(id) = &identity {
@@ -179,6 +215,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(Some(limits::MAX_STREAMS_PER_CONNECTION))
+        .layer(RpcLayer(rpc_metrics))
+        .add_service(health)
         .add_service(api)
         .add_service(gw)
         .serve_with_incoming_shutdown(
@@ -205,6 +243,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         },
     }
     cancel.cancel();
+    let _ = tokio::time::timeout_at(deadline, health_task).await;
     if tokio::time::timeout_at(deadline, controllers)
         .await
         .is_err()

@@ -470,10 +470,13 @@ fn endpoints_exposed(ep: &Endpoints) -> bool {
         .status
         .as_ref()
         .is_some_and(|s| s.clusters.iter().any(|c| c.exposed));
-    let spec = ep
-        .spec
-        .as_ref()
-        .is_none_or(|s| s.clusters.is_empty() || s.clusters.iter().any(|c| c.exposed));
+    let spec = ep.spec.as_ref().is_none_or(|s| {
+        if s.clusters.is_empty() {
+            s.every_cluster.as_ref().is_none_or(|e| e.exposed)
+        } else {
+            s.clusters.iter().any(|c| c.exposed)
+        }
+    });
     status || spec
 }
 

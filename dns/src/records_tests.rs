@@ -95,6 +95,7 @@ fn endpoints(
         metadata: meta(ns, name),
         spec: Some(EndpointsSpec {
             primary_cluster: "west".into(),
+            every_cluster: None,
             clusters: vec![EndpointsClusterSpec {
                 cluster: "west".into(),
                 num_endpoints: 0,

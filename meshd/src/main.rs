@@ -48,6 +48,13 @@ struct Args {
     /// Address of the embedded DNS server.
     #[arg(long)]
     dns_listen: Option<SocketAddr>,
+    /// Zone the embedded DNS answers service names in, as
+    /// `<service>.<namespace>.<zone>` (repeatable; replaces the defaults
+    /// `svc` and `svc.clusterset.local`, so list them too to keep them;
+    /// e.g. `svc.cluster.local` for Space Cloud's names). The first zone is
+    /// the one PTR records point into.
+    #[arg(long = "dns-zone", value_name = "ZONE", value_parser = parse_zone)]
+    dns_zones: Vec<String>,
     /// Upstream resolver for names outside the mesh zones (repeatable;
     /// default: the nameservers of /etc/resolv.conf).
     #[arg(long = "dns-upstream", value_name = "IP:PORT")]
@@ -95,6 +102,14 @@ fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
     s.parse::<ipnet::IpNet>()
         .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
         .map_err(|_| format!("{s:?} is not a CIDR (e.g. 10.9.0.0/16) or an IP address"))
+}
+
+/// A `--dns-zone`: a domain name other than the root, folded to lower case
+/// and written without the trailing dot.
+fn parse_zone(s: &str) -> Result<String, String> {
+    let name = skymesh_dns::records::parse_zone(s).map_err(|e| format!("{s:?}: {e}"))?;
+    let text = name.to_ascii();
+    Ok(text.trim_end_matches('.').to_owned())
 }
 
 /// The join token from `--join-token-file`, else `MESHD_JOIN_TOKEN`.
@@ -169,6 +184,7 @@ fn main() -> ExitCode {
         state_dir: a.state_dir,
         interface: a.interface,
         dns_listen: a.dns_listen,
+        dns_zones: a.dns_zones,
         dns_upstreams: a.dns_upstreams,
         dns_allow: a.dns_allow,
         metrics_listen: a.metrics_listen,

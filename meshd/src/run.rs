@@ -32,6 +32,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub interface: String,
     pub dns_listen: Option<SocketAddr>,
+    /// Zones of the embedded DNS (`--dns-zone`); empty = the defaults
+    /// ([`skymesh_dns::config::DEFAULT_ZONES`]).
+    pub dns_zones: Vec<String>,
     /// Upstream resolvers for names outside the mesh zones; empty = the
     /// host's /etc/resolv.conf.
     pub dns_upstreams: Vec<SocketAddr>,
@@ -77,6 +80,16 @@ fn coordinator_trust(dir: &StateDir, joined: bool, token: Option<&str>) -> Resul
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     let cluster = skymesh_proto::validate::name("--cluster", &cfg.cluster)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // /healthz answers (503) while meshd joins and waits for a netmap.
+    let observed = metrics::Observed::default();
+    let listener = match cfg.metrics_listen {
+        Some(addr) => Some(tokio::spawn(metrics::serve(
+            metrics::bind(addr).await?,
+            observed.clone(),
+            cancel.clone(),
+        ))),
+        None => None,
+    };
     let dir = StateDir::open(&cfg.state_dir)?;
     let (private_key, _) = dir.private_key()?;
     let node = Node::new(private_key);
@@ -85,17 +98,23 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     let Some(first) = first_netmap(nm_rx.clone(), &cancel).await? else {
         return Ok(());
     };
+    observed.set_stage(metrics::Stage::StartingTun);
     let (dev, overlay_ip) = open_tun(&cfg, &first)?;
     let udp = device::bind_udp(cfg.listen_port)?;
 
     let mut w = Tasks::new(cfg, cluster, gw, nm_rx, cancel);
+    if let Some(listener) = listener {
+        w.set
+            .spawn(async move { listener.await.context("metrics server task")? });
+    }
     w.packet_path(node, dev, udp, &first)?;
     w.routes();
     w.nodeport()?;
     w.uapi(private_key);
     w.health(overlay_ip);
     w.reporting();
-    w.observability(&first).await?;
+    w.observability(&first, &observed).await?;
+    observed.set_stage(metrics::Stage::Ready);
     // Every task has what it needs of the first netmap: do not hold it (and
     // what the later ones no longer share with it) while meshd runs.
     drop(first);
@@ -398,8 +417,13 @@ impl Tasks {
         }
     }
 
-    /// Metrics, and DNS with its record feed (both optional).
-    async fn observability(&mut self, first: &NetState) -> Result<()> {
+    /// Metrics (published to the listener bound at start), and DNS with
+    /// its record feed (both optional).
+    async fn observability(
+        &mut self,
+        first: &NetState,
+        observed: &metrics::Observed,
+    ) -> Result<()> {
         let mut registry = prometheus_client::registry::Registry::default();
         let m = metrics::Metrics::register(&mut registry);
         let (st, p, j, c) = (
@@ -413,7 +437,7 @@ impl Tasks {
             Ok(())
         });
         if let Some(addr) = self.cfg.dns_listen {
-            let dns_cfg = skymesh_dns::DnsConfig {
+            let mut dns_cfg = skymesh_dns::DnsConfig {
                 listen: addr,
                 service_cidr: first.service_cidr.parse().ok(),
                 upstreams: if self.cfg.dns_upstreams.is_empty() {
@@ -424,6 +448,9 @@ impl Tasks {
                 recursion_allow: self.cfg.dns_allow.clone(),
                 ..Default::default()
             };
+            if !self.cfg.dns_zones.is_empty() {
+                dns_cfg.zones.clone_from(&self.cfg.dns_zones);
+            }
             let (handle, dns_done) = spawn_dns(dns_cfg, &mut registry, self.cancel.clone())
                 .await
                 .with_context(|| format!("failed to start DNS on --dns-listen {addr}"))?;
@@ -440,13 +467,7 @@ impl Tasks {
                 Ok(())
             });
         }
-        if let Some(addr) = self.cfg.metrics_listen {
-            self.set.spawn(metrics::serve(
-                addr,
-                Arc::new(registry),
-                self.cancel.clone(),
-            ));
-        }
+        observed.publish(registry);
         Ok(())
     }
 

@@ -11,6 +11,23 @@ pub mod v1 {
     tonic::include_proto!("skymesh.v1");
 }
 
+/// One gRPC method of the API, as the `.proto` declares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcMethod {
+    /// The fully qualified service, e.g. `skymesh.v1.Api`.
+    pub service: &'static str,
+    /// The method, e.g. `Create`.
+    pub method: &'static str,
+    /// The server sends a stream.
+    pub server_streaming: bool,
+    /// The client sends a stream.
+    pub client_streaming: bool,
+}
+
+/// Every gRPC method of the API's services (generated from the `.proto`),
+/// e.g. for metrics that must name only methods that exist.
+pub const GRPC_METHODS: &[GrpcMethod] = include!(concat!(env!("OUT_DIR"), "/grpc_methods.rs"));
+
 pub mod files;
 pub mod tls;
 pub mod validate;

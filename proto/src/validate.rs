@@ -12,8 +12,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use ipnet::{IpNet, Ipv4Net};
 
 use crate::v1::{
-    Cluster, Endpoints, Job, JobPort, Namespace, Object, ObjectMeta, Protocol, Service,
-    ServicePort, ServiceType, SessionAffinity, TrafficPolicy, object::Obj,
+    Cluster, Endpoints, Job, JobPort, Namespace, Object, ObjectMeta, Probe, ProbeType, Protocol,
+    Service, ServicePort, ServiceType, SessionAffinity, TrafficPolicy, object::Obj,
 };
 
 /// The namespace used when a namespaced object names none.
@@ -26,6 +26,9 @@ pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 const MAX_LABEL_LEN: usize = 63;
 /// Longest port name (IANA service name, RFC 6335 §5.1).
 const MAX_PORT_NAME_LEN: usize = 15;
+/// Longest HTTP probe path. Tuning: Kubernetes sets no limit; a path is
+/// one request line meshd writes every second, so keep it short.
+pub const MAX_PROBE_PATH_LEN: usize = 1024;
 
 /// A field that broke a rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -432,6 +435,172 @@ pub fn parse_job_port(field: &str, s: &str) -> Result<JobPort> {
     })
 }
 
+/// The syntax of a probe, for messages.
+pub const PROBE_SYNTAX: &str =
+    "tcp[:PORT], http[:PORT][/PATH], icmp, udp[:PORT] or none (e.g. http:8080/healthz)";
+
+/// Parses a readiness probe: `tcp`, `tcp:PORT`, `http`, `http:/PATH`,
+/// `http:PORT`, `http:PORT/PATH`, `icmp`, `udp`, `udp:PORT` or `none`
+/// (case-insensitive type). The result still goes through [`object`]'s
+/// checks against the job's ports.
+pub fn parse_probe(field: &str, s: &str) -> Result<Probe> {
+    let (ty, rest) = match s.split_once(':') {
+        Some((t, r)) => (t, Some(r)),
+        None => (s, None),
+    };
+    let ty = match ty.to_ascii_lowercase().as_str() {
+        "tcp" => ProbeType::Tcp,
+        "http" => ProbeType::Http,
+        "icmp" => ProbeType::Icmp,
+        "udp" => ProbeType::Udp,
+        "none" => ProbeType::None,
+        _ => return err(field, format!("{s:?} is not a probe: {PROBE_SYNTAX}")),
+    };
+    let mut probe = Probe {
+        r#type: ty as i32,
+        ..Default::default()
+    };
+    let Some(rest) = rest else {
+        return Ok(probe);
+    };
+    match ty {
+        ProbeType::Icmp | ProbeType::None | ProbeType::Unspecified => err(
+            field,
+            format!("{s:?}: {} takes no port or path", a_probe(ty)),
+        ),
+        ProbeType::Tcp | ProbeType::Udp => {
+            probe.port = u32::from(parse_port_number(field, rest)?);
+            Ok(probe)
+        }
+        ProbeType::Http => {
+            let (port_s, path) = match rest.find('/') {
+                Some(i) => rest.split_at(i),
+                None => (rest, ""),
+            };
+            if !port_s.is_empty() {
+                probe.port = u32::from(parse_port_number(field, port_s)?);
+            } else if path.is_empty() {
+                return err(field, format!("{s:?}: give a port or a path after http:"));
+            }
+            probe.path = path.to_owned();
+            Ok(probe)
+        }
+    }
+}
+
+/// The name of a probe type, as [`parse_probe`] reads it.
+pub fn probe_type_name(t: ProbeType) -> &'static str {
+    match t {
+        ProbeType::Unspecified => "default",
+        ProbeType::Tcp => "tcp",
+        ProbeType::Http => "http",
+        ProbeType::Icmp => "icmp",
+        ProbeType::Udp => "udp",
+        ProbeType::None => "none",
+    }
+}
+
+/// "a tcp probe", "an http probe", ... for messages.
+fn a_probe(t: ProbeType) -> String {
+    let name = probe_type_name(t);
+    let article = if matches!(t, ProbeType::Http | ProbeType::Icmp) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {name} probe")
+}
+
+/// A probe as [`parse_probe`] reads it (`tcp` for the default one).
+pub fn probe_text(p: Option<&Probe>) -> String {
+    let Some(p) = p else {
+        return "tcp".to_owned();
+    };
+    let ty = p.r#type();
+    let name = match ty {
+        ProbeType::Unspecified => "tcp",
+        t => probe_type_name(t),
+    };
+    match (ty, p.port) {
+        (ProbeType::Http, 0) => format!("{name}:{}", p.path),
+        (ProbeType::Http, port) => format!("{name}:{port}{}", p.path),
+        (_, 0) => name.to_owned(),
+        (_, port) => format!("{name}:{port}"),
+    }
+}
+
+/// Checks a job's probe against its (already checked) ports, and
+/// normalises an http probe's empty path to `/`. `field` names the probe
+/// (`spec.probe`, `--probe`); errors name its part (`.port`, `.path`)
+/// after it.
+pub fn probe(field: &str, p: &mut Probe, ports: &[JobPort]) -> Result<()> {
+    let ty: ProbeType = enum_value(&format!("{field}.type"), p.r#type)?;
+    let has = |proto: Protocol| ports.iter().any(|j| j.protocol() == proto);
+    if p.port != 0 {
+        if matches!(
+            ty,
+            ProbeType::Icmp | ProbeType::None | ProbeType::Unspecified
+        ) {
+            return err(
+                format!("{field}.port"),
+                format!("{} takes no port", a_probe(ty)),
+            );
+        }
+        port(&format!("{field}.port"), p.port)?;
+    }
+    if ty != ProbeType::Http && !p.path.is_empty() {
+        return err(
+            format!("{field}.path"),
+            format!(
+                "only an http probe has a path (this one is {})",
+                probe_type_name(ty)
+            ),
+        );
+    }
+    match ty {
+        ProbeType::Tcp | ProbeType::Http if p.port == 0 && !has(Protocol::Tcp) => err(
+            format!("{field}.port"),
+            format!(
+                "{} needs a port: give one ({}:8080) or a TCP port to the job",
+                a_probe(ty),
+                probe_type_name(ty)
+            ),
+        ),
+        ProbeType::Udp if p.port == 0 && !has(Protocol::Udp) => err(
+            format!("{field}.port"),
+            "a udp probe needs a port: give one (udp:53) or a UDP port to the job",
+        ),
+        ProbeType::Http => {
+            if p.path.is_empty() {
+                p.path = "/".to_owned();
+            }
+            if !p.path.starts_with('/') {
+                return err(
+                    format!("{field}.path"),
+                    format!("{:?} must start with /", p.path),
+                );
+            }
+            if p.path.len() > MAX_PROBE_PATH_LEN {
+                return err(
+                    format!("{field}.path"),
+                    format!("at most {MAX_PROBE_PATH_LEN} characters"),
+                );
+            }
+            if !p.path.bytes().all(|b| b.is_ascii_graphic()) {
+                return err(
+                    format!("{field}.path"),
+                    format!(
+                        "{:?} must be printable ASCII without spaces (percent-encode the rest)",
+                        p.path
+                    ),
+                );
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
 fn enum_value<E: TryFrom<i32>>(field: &str, v: i32) -> Result<E> {
     E::try_from(v).or_else(|_| err(field, format!("{v} is not a known value")))
 }
@@ -511,7 +680,11 @@ fn job(j: &mut Job) -> Result<()> {
     }
     spec.cluster = name("spec.cluster", &spec.cluster)?;
     spec.ip = ip("spec.ip", &spec.ip)?.to_string();
-    job_ports("spec.ports", &mut spec.ports)
+    job_ports("spec.ports", &mut spec.ports)?;
+    match spec.probe.as_mut() {
+        Some(p) => probe("spec.probe", p, &spec.ports),
+        None => Ok(()),
+    }
 }
 
 fn service(s: &mut Service) -> Result<()> {
@@ -617,6 +790,20 @@ fn endpoints(e: &mut Endpoints) -> Result<()> {
     labels("spec.selector", &spec.selector)?;
     if !spec.primary_cluster.is_empty() {
         spec.primary_cluster = name("spec.primary_cluster", &spec.primary_cluster)?;
+    }
+    if let Some(every) = &spec.every_cluster {
+        if !every.cluster.is_empty() {
+            return err(
+                "spec.every_cluster.cluster",
+                "must be empty: these settings apply to every cluster",
+            );
+        }
+        if !spec.clusters.is_empty() {
+            return err(
+                "spec.every_cluster",
+                "only without spec.clusters (each listed cluster has its own settings)",
+            );
+        }
     }
     let mut seen = HashSet::new();
     for (i, c) in spec.clusters.iter_mut().enumerate() {

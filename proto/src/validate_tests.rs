@@ -1,8 +1,8 @@
 //! Unit tests for [`crate::validate`].
 
 use crate::v1::{
-    Cluster, ClusterSpec, Job, JobSpec, Object, ObjectMeta, Protocol, Service, ServicePort,
-    ServiceSpec, ServiceType,
+    Cluster, ClusterSpec, Job, JobSpec, Object, ObjectMeta, Probe, ProbeType, Protocol, Service,
+    ServicePort, ServiceSpec, ServiceType, object::Obj,
 };
 use crate::validate::{self, *};
 
@@ -201,6 +201,7 @@ fn clusters_and_jobs() {
             cluster: "East".into(),
             ip: "10.1.0.300".into(),
             ports: vec![],
+            probe: None,
         }),
         status: None,
     }
@@ -217,5 +218,128 @@ fn clusters_and_jobs() {
     assert_eq!(
         validate::object(&mut ns).unwrap_err().field,
         "metadata.namespace"
+    );
+}
+
+/// A job with these ports and probe, validated: the error's field, or the
+/// normalised probe.
+fn job_probe(ports: &[&str], probe: &str) -> std::result::Result<Option<Probe>, String> {
+    let probe = validate::parse_probe("--probe", probe).map_err(|e| e.field)?;
+    let mut j: Object = Job {
+        metadata: meta("web-1"),
+        spec: Some(JobSpec {
+            cluster: "east".into(),
+            ip: "10.1.0.3".into(),
+            ports: ports
+                .iter()
+                .map(|p| validate::parse_job_port("--port", p).unwrap())
+                .collect(),
+            probe: Some(probe),
+        }),
+        status: None,
+    }
+    .into();
+    validate::object(&mut j).map_err(|e| e.field)?;
+    let Some(Obj::Job(j)) = j.obj else {
+        unreachable!()
+    };
+    Ok(j.spec.unwrap().probe)
+}
+
+#[test]
+fn probes_parse_and_fit_the_job() {
+    let p = |s: &str| validate::parse_probe("--probe", s);
+    assert_eq!(p("HTTP:8080/healthz").unwrap().r#type(), ProbeType::Http);
+    assert_eq!(p("http:8080/healthz").unwrap().port, 8080);
+    assert_eq!(p("http:/healthz").unwrap().path, "/healthz");
+    assert_eq!(p("udp:53").unwrap().port, 53);
+    assert_eq!(p("icmp").unwrap().r#type(), ProbeType::Icmp);
+    assert_eq!(p("none").unwrap().r#type(), ProbeType::None);
+    for bad in [
+        "ping",
+        "",
+        "icmp:1",
+        "none:/x",
+        "tcp:0",
+        "tcp:",
+        "udp:x",
+        "http:",
+        "http:99999/x",
+    ] {
+        let e = p(bad).unwrap_err();
+        assert_eq!(e.field, "--probe", "{bad:?}");
+        assert!(!e.rule.contains('\n'), "one line: {e}");
+    }
+    // Every type round-trips through its text.
+    for s in [
+        "tcp",
+        "tcp:8080",
+        "http:/",
+        "http:8080/healthz",
+        "icmp",
+        "udp",
+        "udp:53",
+        "none",
+    ] {
+        assert_eq!(validate::probe_text(Some(&p(s).unwrap())), s);
+    }
+    assert_eq!(validate::probe_text(None), "tcp");
+
+    // Against the job's ports.
+    assert_eq!(
+        job_probe(&["8080"], "http").unwrap().unwrap().path,
+        "/",
+        "an empty path is /"
+    );
+    assert!(job_probe(&["53/udp"], "udp").is_ok());
+    assert!(job_probe(&[], "icmp").is_ok());
+    assert!(job_probe(&[], "none").is_ok());
+    assert!(job_probe(&[], "udp:53").is_ok());
+    assert_eq!(
+        job_probe(&["53/udp"], "tcp").unwrap_err(),
+        "spec.probe.port"
+    );
+    assert_eq!(
+        job_probe(&["53/udp"], "http:/x").unwrap_err(),
+        "spec.probe.port"
+    );
+    assert_eq!(job_probe(&["8080"], "udp").unwrap_err(), "spec.probe.port");
+    assert_eq!(
+        job_probe(&["8080"], "http:/a b").unwrap_err(),
+        "spec.probe.path"
+    );
+    let long = format!("http:/{}", "a".repeat(validate::MAX_PROBE_PATH_LEN));
+    assert_eq!(job_probe(&["8080"], &long).unwrap_err(), "spec.probe.path");
+
+    // Probes written by hand (the API) get the same checks.
+    let mut j: Object = Job {
+        metadata: meta("web-1"),
+        spec: Some(JobSpec {
+            cluster: "east".into(),
+            ip: "10.1.0.3".into(),
+            ports: vec![],
+            probe: Some(Probe {
+                r#type: 9,
+                ..Default::default()
+            }),
+        }),
+        status: None,
+    }
+    .into();
+    assert_eq!(
+        validate::object(&mut j).unwrap_err().field,
+        "spec.probe.type"
+    );
+    let Some(Obj::Job(job)) = j.obj.as_mut() else {
+        unreachable!()
+    };
+    job.spec.as_mut().unwrap().probe = Some(Probe {
+        r#type: ProbeType::Icmp as i32,
+        path: "/x".into(),
+        ..Default::default()
+    });
+    assert_eq!(
+        validate::object(&mut j).unwrap_err().field,
+        "spec.probe.path"
     );
 }

@@ -122,6 +122,10 @@ pub(crate) enum Command {
     /// Issue a new join token for a cluster whose gateway has not joined yet.
     #[command(name = "join-token", alias = "join_token")]
     JoinToken(JoinTokenArgs),
+    /// Ask the coordinator's gRPC health service (grpc.health.v1 Check;
+    /// no token needed): prints SERVING and exits 0, else exits 1. For
+    /// exec probes and scripts.
+    Health(HealthArgs),
     /// Print a shell completion script.
     Completions(CompletionsArgs),
 }
@@ -194,6 +198,11 @@ pub(crate) struct DeleteArgs {
     /// Names of the objects to delete.
     #[arg(required = true, num_args = 1.., value_name = "NAME")]
     pub(crate) names: Vec<String>,
+    /// Clusters only: also take the cluster out of the services and
+    /// Endpoints that name it (deleting a service it was the only cluster
+    /// of, and Endpoints whose primary cluster it is) instead of refusing.
+    #[arg(long)]
+    pub(crate) cascade: bool,
 }
 
 /// `skyctl join-token CLUSTER`.
@@ -201,6 +210,15 @@ pub(crate) struct DeleteArgs {
 pub(crate) struct JoinTokenArgs {
     /// The cluster (still Pending) whose gateway will join.
     pub(crate) cluster: String,
+}
+
+/// `skyctl health`.
+#[derive(Debug, Args)]
+pub(crate) struct HealthArgs {
+    /// The service to ask about (e.g. skymesh.v1.Api); default: the whole
+    /// server.
+    #[arg(long, default_value = "")]
+    pub(crate) service: String,
 }
 
 /// `skyctl completions SHELL`.
@@ -392,6 +410,11 @@ pub(crate) struct CreateJob {
         value_name = "[NAME:]PORT[/PROTO]"
     )]
     pub(crate) ports: Vec<String>,
+    /// Readiness probe meshd runs every second: tcp[:PORT] (default: each
+    /// TCP port), http[:PORT][/PATH] (2xx/3xx), icmp, udp[:PORT] (ICMP
+    /// port unreachable = down) or none.
+    #[arg(long, value_name = "PROBE")]
+    pub(crate) probe: Option<String>,
 }
 
 /// `skyctl create namespace NAME`.

@@ -99,6 +99,25 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 /// coordinator. `--coordinator` may list several replicas (comma-separated):
 /// the first one that answers serves this invocation.
 pub(crate) async fn connect(global: &GlobalArgs) -> Result<Ctx, Exit> {
+    let token = resolve_token(global.token.as_deref(), &global.token_file)?;
+    let auth = Bearer::new(Some(&token)).map_err(|_| {
+        Exit::usage(
+            "the admin token holds characters that cannot be sent in a header; check --token",
+        )
+    })?;
+    let (channel, url) = channel(global).await?;
+    Ok(Ctx {
+        // A large mesh's lists are well over tonic's 4 MiB default.
+        api: ApiClient::with_interceptor(channel, auth)
+            .max_decoding_message_size(skymesh_proto::MAX_MESSAGE_BYTES),
+        url,
+        output: global.output,
+    })
+}
+
+/// A verified TLS connection to the first coordinator of `--coordinator`
+/// that answers, with the URL list (for messages); no token involved.
+pub(crate) async fn channel(global: &GlobalArgs) -> Result<(Channel, String), Exit> {
     let urls: Vec<String> = global
         .coordinator
         .split(',')
@@ -133,39 +152,20 @@ pub(crate) async fn connect(global: &GlobalArgs) -> Result<Ctx, Exit> {
                 .tcp_nodelay(true))
         })
         .collect::<Result<Vec<_>, Exit>>()?;
-    let token = resolve_token(global.token.as_deref(), &global.token_file)?;
-    let auth = Bearer::new(Some(&token)).map_err(|_| {
-        Exit::usage(
-            "the admin token holds characters that cannot be sent in a header; check --token",
-        )
-    })?;
     // The first replica that answers serves this invocation.
     let mut last = String::new();
-    let mut channel = None;
     for e in &endpoints {
         match e.connect().await {
-            Ok(c) => {
-                channel = Some(c);
-                break;
-            }
+            Ok(c) => return Ok((c, url)),
             Err(err) => last = root_cause(&err),
         }
     }
-    let Some(channel) = channel else {
-        if let Some(why) = tls.refusal() {
-            return Err(Exit::refused(format!(
-                "refused to talk to the coordinator at {url}: {why}; check --coordinator and --ca-file (or SKYCTL_CA)"
-            )));
-        }
-        return Err(error::unreachable(&url, &last));
-    };
-    Ok(Ctx {
-        // A large mesh's lists are well over tonic's 4 MiB default.
-        api: ApiClient::with_interceptor(channel, auth)
-            .max_decoding_message_size(skymesh_proto::MAX_MESSAGE_BYTES),
-        url,
-        output: global.output,
-    })
+    if let Some(why) = tls.refusal() {
+        return Err(Exit::refused(format!(
+            "refused to talk to the coordinator at {url}: {why}; check --coordinator and --ca-file (or SKYCTL_CA)"
+        )));
+    }
+    Err(error::unreachable(&url, &last))
 }
 
 #[cfg(test)]

@@ -66,20 +66,22 @@ fn service(a: &CreateService, namespace: &str) -> Result<Object, ValidationError
 }
 
 fn endpoints(a: &CreateEndpoints, namespace: &str) -> Result<Object, ValidationError> {
-    let clusters = match (&a.primary_cluster, a.num_endpoints) {
-        (Some(c), n) => vec![EndpointsClusterSpec {
-            cluster: validate::name("--primary_cluster", c)?,
-            num_endpoints: n.unwrap_or(0),
-            exposed: a.exposed,
-        }],
-        (None, Some(_)) => {
-            return Err(ValidationError {
-                field: "--num_endpoints".into(),
-                rule: "limits the jobs of one cluster: give that cluster with --primary_cluster"
-                    .into(),
-            });
-        }
-        (None, None) => Vec::new(),
+    // With a primary cluster, the limit and exposure are that cluster's;
+    // without, each cluster's on its own.
+    let settings = EndpointsClusterSpec {
+        cluster: String::new(),
+        num_endpoints: a.num_endpoints.unwrap_or(0),
+        exposed: a.exposed,
+    };
+    let (clusters, every_cluster) = match &a.primary_cluster {
+        Some(c) => (
+            vec![EndpointsClusterSpec {
+                cluster: validate::name("--primary_cluster", c)?,
+                ..settings
+            }],
+            None,
+        ),
+        None => (Vec::new(), Some(settings)),
     };
     Ok(Endpoints {
         metadata: Some(meta(&a.name, namespace, &a.labels)?),
@@ -89,6 +91,7 @@ fn endpoints(a: &CreateEndpoints, namespace: &str) -> Result<Object, ValidationE
                 .collect(),
             primary_cluster: a.primary_cluster.clone().unwrap_or_default(),
             clusters,
+            every_cluster,
         }),
         status: None,
     }
@@ -111,16 +114,26 @@ fn cluster(a: &CreateCluster) -> Result<Object, ValidationError> {
 }
 
 fn job(a: &CreateJob, namespace: &str) -> Result<Object, ValidationError> {
+    let ports: Vec<_> = a
+        .ports
+        .iter()
+        .map(|p| validate::parse_job_port("--port", p))
+        .collect::<Result<_, _>>()?;
+    let probe = match a.probe.as_deref() {
+        Some(text) => {
+            let mut p = validate::parse_probe("--probe", text)?;
+            validate::probe("--probe", &mut p, &ports)?;
+            Some(p)
+        }
+        None => None,
+    };
     Ok(Job {
         metadata: Some(meta(&a.name, namespace, &a.labels)?),
         spec: Some(JobSpec {
             cluster: validate::name("--cluster", &a.cluster)?,
             ip: validate::ip("--ip", &a.ip)?.to_string(),
-            ports: a
-                .ports
-                .iter()
-                .map(|p| validate::parse_job_port("--port", p))
-                .collect::<Result<_, _>>()?,
+            ports,
+            probe,
         }),
         status: None,
     }
@@ -292,9 +305,23 @@ mod tests {
         let Some(Obj::Endpoints(e)) = obj.obj else {
             panic!("not endpoints");
         };
-        assert!(e.spec.unwrap().clusters.is_empty());
-        let err = build_from(&["ep", "e", "--num-endpoints", "2"]).unwrap_err();
-        assert!(err.to_string().contains("--primary_cluster"), "{err}");
+        let spec = e.spec.unwrap();
+        assert!(spec.clusters.is_empty());
+        assert_eq!(
+            spec.every_cluster,
+            Some(EndpointsClusterSpec::default()),
+            "each cluster: no limit, its own clients only"
+        );
+        let obj = build_from(&["ep", "e", "--num-endpoints", "2", "--exposed"]).unwrap();
+        let Some(Obj::Endpoints(e)) = obj.obj else {
+            panic!("not endpoints");
+        };
+        let every = e.spec.unwrap().every_cluster.unwrap();
+        assert_eq!(
+            (every.num_endpoints, every.exposed),
+            (2, true),
+            "kept, per cluster"
+        );
     }
 
     #[test]
@@ -324,6 +351,16 @@ mod tests {
             ("job j --cluster c --ip 10.1.0.300", "--ip"),
             ("job j --cluster c_ --ip 10.1.0.3", "--cluster"),
             ("job j --cluster c --ip 10.1.0.3 --port 0", "--port"),
+            ("job j --cluster c --ip 10.1.0.3 --probe ping", "--probe"),
+            ("job j --cluster c --ip 10.1.0.3 --probe icmp:80", "--probe"),
+            (
+                "job j --cluster c --ip 10.1.0.3 --port 53/udp --probe tcp",
+                "--probe.port",
+            ),
+            (
+                "job j --cluster c --ip 10.1.0.3 --probe http:/x",
+                "--probe.port",
+            ),
             ("job j --cluster c --ip 10.1.0.3 -l =x", "-l/--label"),
             ("namespace x-", "NAME"),
         ] {

@@ -5,7 +5,7 @@
 //! still deleted; the exit code is 1 if any failed.
 
 use anyhow::Result;
-use skymesh_proto::v1::DeleteRequest;
+use skymesh_proto::v1::{DeleteRequest, Kind};
 use skymesh_proto::validate;
 use tonic::Code;
 
@@ -22,6 +22,12 @@ pub(crate) fn plan(namespace: &str, args: &DeleteArgs) -> Result<(Scope, Vec<Str
         .iter()
         .map(|n| validate::name("NAME", n))
         .collect::<Result<Vec<_>, _>>()?;
+    if args.cascade && args.kind != Kind::Cluster {
+        return Err(Exit::usage(format!(
+            "--cascade: only a cluster's delete cascades, not a {}'s",
+            args.kind.singular()
+        )));
+    }
     let scope = Scope {
         kind: args.kind,
         namespace: if args.kind.namespaced() {
@@ -36,7 +42,12 @@ pub(crate) fn plan(namespace: &str, args: &DeleteArgs) -> Result<(Scope, Vec<Str
 }
 
 /// Runs `skyctl delete ...` for names from [`plan`].
-pub(crate) async fn run(ctx: &mut Ctx, scope: Scope, names: Vec<String>) -> Result<()> {
+pub(crate) async fn run(
+    ctx: &mut Ctx,
+    scope: Scope,
+    names: Vec<String>,
+    cascade: bool,
+) -> Result<()> {
     let kind = scope.kind;
     let mut failure: Option<Exit> = None;
     for name in names {
@@ -46,6 +57,7 @@ pub(crate) async fn run(ctx: &mut Ctx, scope: Scope, names: Vec<String>) -> Resu
                 kind: kind as i32,
                 namespace: scope.namespace.clone(),
                 name: name.clone(),
+                cascade,
             })
             .await;
         match result {

@@ -5,7 +5,7 @@
 //! # Layout
 //! - [`cli`]: the grammar (clap): verbs, kinds and aliases, both flag spellings.
 //! - [`client`]: URL, admin token, connection; [`error`]: messages and exit codes.
-//! - [`create`], [`get`], [`delete`], [`watch`], [`join_token`], [`completions`]:
+//! - [`create`], [`get`], [`delete`], [`watch`], [`join_token`], [`health`], [`completions`]:
 //!   one module per subcommand.
 //! - [`output`]: tables, json/yaml documents, human units.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -20,6 +20,7 @@ mod create;
 mod delete;
 mod error;
 mod get;
+mod health;
 mod join_token;
 mod output;
 mod watch;
@@ -54,8 +55,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Delete(args) => {
             let (scope, names) = delete::plan(&namespace, args)?;
-            delete::run(&mut client::connect(&cli.global).await?, scope, names).await
+            delete::run(
+                &mut client::connect(&cli.global).await?,
+                scope,
+                names,
+                args.cascade,
+            )
+            .await
         }
+        Command::Health(args) => health::run(&cli.global, &args.service).await,
         Command::JoinToken(args) => {
             let cluster = validate::name("CLUSTER", &args.cluster).map_err(Exit::from)?;
             join_token::run(&mut client::connect(&cli.global).await?, cluster).await

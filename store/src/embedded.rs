@@ -216,6 +216,28 @@ fn kv_get(
     }
 }
 
+/// Whether no key under `prefix` was written after `revision`.
+fn no_writes_under(
+    kv: &impl ReadableTable<&'static str, &'static [u8]>,
+    prefix: &str,
+    revision: u64,
+) -> Result<bool> {
+    for entry in kv
+        .range(prefix..)
+        .map_err(backend("failed to read store kv table"))?
+    {
+        let (key, value) = entry.map_err(backend("failed to read store kv table"))?;
+        let key = key.value();
+        if !key.starts_with(prefix) {
+            break;
+        }
+        if codec::decode_kv(key, value.value())?.mod_revision > revision {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// What a write transaction did, before commit.
 enum Applied {
     /// A comparison failed; nothing written. Carries the current revision.
@@ -317,6 +339,9 @@ impl Inner {
                 }
                 Compare::CreateRevision(key, revision) => {
                     kv_get(&kv, key)?.is_some_and(|old| old.create_revision == *revision)
+                }
+                Compare::NoWritesUnder(prefix, revision) => {
+                    no_writes_under(&kv, prefix, *revision)?
                 }
             };
             if !holds {

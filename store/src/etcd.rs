@@ -378,6 +378,18 @@ impl EtcdStore {
                     )),
                     _ => never(self.full(&k), &mut out),
                 },
+                // etcd compares every key of a range (and, for an empty
+                // range, a key with revisions 0): all must hold.
+                Compare::NoWritesUnder(prefix, r) => {
+                    let full = self.full(&prefix);
+                    let end = prefix_end(&full);
+                    // (No revision can be later than one past i64::MAX.)
+                    if let Some(r) = r.checked_add(1).and_then(|r| i64::try_from(r).ok()) {
+                        out.push(
+                            ec::Compare::mod_revision(full, ec::CompareOp::Less, r).with_range(end),
+                        );
+                    }
+                }
             }
         }
         out
@@ -678,9 +690,19 @@ impl Store for EtcdStore {
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResult> {
-        let txn = ec::Txn::new()
-            .when(self.compares(compares))
-            .and_then(self.ops(ops));
+        let mut then = self.ops(ops);
+        if then.is_empty() {
+            // etcd serves a transaction without operations as a
+            // serializable read, from whichever member got it, which may
+            // not have applied the latest writes yet: its comparisons
+            // could hold against stale keys. One linearizable read makes
+            // it a linearizable one.
+            then.push(ec::TxnOp::get(
+                self.full(""),
+                Some(ec::GetOptions::new().with_keys_only().with_limit(1)),
+            ));
+        }
+        let txn = ec::Txn::new().when(self.compares(compares)).and_then(then);
         let deadline = Instant::now() + RETRY_FOR;
         let mut delay = Duration::from_millis(50);
         loop {

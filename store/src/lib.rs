@@ -47,6 +47,11 @@ pub enum Compare {
     /// still exists, not deleted and re-created", however often it is
     /// modified).
     CreateRevision(String, u64),
+    /// No key under the prefix was created or modified after this revision
+    /// (keys deleted since do not count). With the revision a
+    /// [`Store::range`] was read at, it pins what the range found: that an
+    /// empty range is still empty, or that none of its keys changed.
+    NoWritesUnder(String, u64),
 }
 
 /// A write inside a transaction.

@@ -27,6 +27,7 @@ pub async fn run_all<S: Store + ?Sized>(store: Arc<S>) {
     create_if_absent(&*store).await;
     cas_mod_revision(&*store).await;
     cas_create_revision(&*store).await;
+    cas_no_writes_under(&*store).await;
     revision_bookkeeping(&*store).await;
     delete_absent_is_noop(&*store).await;
     range_by_prefix(&*store).await;
@@ -410,6 +411,68 @@ pub async fn cas_create_revision<S: Store + ?Sized>(store: &S) {
         .await
         .expect("txn");
     assert!(both.succeeded);
+}
+
+/// `Compare::NoWritesUnder` pins a range read: it holds while nothing under
+/// the prefix is created or modified after the read's revision (deleting
+/// does not count), and only under that prefix (`/p/a/` is not `/p/ab`).
+pub async fn cas_no_writes_under<S: Store + ?Sized>(store: &S) {
+    let p = "/testsuite/cas_no_writes_under/";
+    let dir = format!("{p}a/");
+    let (kvs, empty_at) = store.range(&dir).await.expect("range");
+    assert!(kvs.is_empty());
+    // A write beside the prefix does not break it.
+    must_write(store, vec![put(&format!("{p}ab"), "beside")]).await;
+    let ok = store
+        .txn(
+            vec![Compare::NoWritesUnder(dir.clone(), empty_at)],
+            vec![put(&format!("{p}marker"), "1")],
+        )
+        .await
+        .expect("txn");
+    assert!(ok.succeeded, "an empty prefix is still empty");
+
+    // A key created under it after the read: the empty read no longer holds.
+    must_write(store, vec![put(&format!("{dir}x"), "1")]).await;
+    let stale = store
+        .txn(
+            vec![Compare::NoWritesUnder(dir.clone(), empty_at)],
+            vec![put(&format!("{p}marker"), "2")],
+        )
+        .await
+        .expect("txn");
+    assert!(!stale.succeeded, "a key created under the prefix breaks it");
+    assert_eq!(must_get(store, &format!("{p}marker")).await.value, b"1");
+
+    // Read again: holds until a key under it is modified.
+    let (kvs, at) = store.range(&dir).await.expect("range");
+    assert_eq!(kvs.len(), 1);
+    let ok = store
+        .txn(vec![Compare::NoWritesUnder(dir.clone(), at)], vec![])
+        .await
+        .expect("txn");
+    assert!(ok.succeeded);
+    must_write(store, vec![put(&format!("{dir}x"), "2")]).await;
+    let stale = store
+        .txn(vec![Compare::NoWritesUnder(dir.clone(), at)], vec![])
+        .await
+        .expect("txn");
+    assert!(
+        !stale.succeeded,
+        "a key modified under the prefix breaks it"
+    );
+
+    // Deleting under it does not.
+    let (_, at) = store.range(&dir).await.expect("range");
+    must_write(store, vec![delete(&format!("{dir}x"))]).await;
+    let ok = store
+        .txn(vec![Compare::NoWritesUnder(dir.clone(), at)], vec![])
+        .await
+        .expect("txn");
+    assert!(
+        ok.succeeded,
+        "a delete leaves nothing written after the read"
+    );
 }
 
 /// create_revision, mod_revision and version through create, update,
@@ -883,6 +946,7 @@ macro_rules! conformance_tests {
             create_if_absent,
             cas_mod_revision,
             cas_create_revision,
+            cas_no_writes_under,
             revision_bookkeeping,
             delete_absent_is_noop,
             range_by_prefix,

@@ -16,6 +16,7 @@
 //! - [`netns`]: network-namespace clusters (SPEC §9) for the end-to-end
 //!   tests of meshd; needs root.
 //! - [`replica`]: a service replica (TCP and UDP) for those tests.
+//! - [`http`]: GET `/metrics` and `/healthz`; `promtool check metrics`.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod etcd;
+pub mod http;
 pub mod mesh;
 pub mod netns;
 pub mod replica;
@@ -136,6 +138,16 @@ impl Coordinator {
         }
     }
 
+    /// Where `--metrics-listen` ended up (`<data-dir>/metrics.addr`).
+    pub fn metrics_addr(&self) -> Result<std::net::SocketAddr> {
+        let f = self.data.path().join("metrics.addr");
+        std::fs::read_to_string(&f)
+            .with_context(|| format!("reading {}", f.display()))?
+            .trim()
+            .parse()
+            .context("metrics.addr holds no address")
+    }
+
     /// `https://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
@@ -236,6 +248,22 @@ impl Coordinator {
 }
 
 impl Coordinator {
+    /// Starts a long-running skyctl (e.g. `get ns --watch`) against this
+    /// coordinator; it is killed when the handle is dropped.
+    pub fn skyctl_spawn(&self, args: &[&str]) -> Running {
+        let child = Command::new(bin_path("skyctl"))
+            .args(args)
+            .env("SKYCTL_COORDINATOR", self.url())
+            .env("SKYCTL_TOKEN", self.token())
+            .env("SKYCTL_CA", self.ca_file())
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("skyctl runs");
+        Running(child)
+    }
+
     /// A gRPC client of the object API with an arbitrary bearer token
     /// (`None`: no token at all).
     pub async fn api_with_token(&self, token: Option<&str>) -> Result<ApiClient> {
@@ -284,6 +312,16 @@ pub type ApiClient = skymesh_proto::v1::api_client::ApiClient<
 impl Drop for Coordinator {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// A process that is killed (and reaped) when dropped.
+pub struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_yaml::Value;
 use skymesh_tests::bin_path;
 use skymesh_tests::netns::require_root;
+use yaml_serde::Value;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -64,7 +64,7 @@ fn k8s_docs() -> Vec<(String, Value)> {
     for f in files {
         let name = f.file_name().unwrap().to_string_lossy().into_owned();
         let text = fs::read_to_string(&f).unwrap();
-        for (i, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        for (i, de) in yaml_serde::Deserializer::from_str(&text).enumerate() {
             let v: Value = serde::Deserialize::deserialize(de)
                 .unwrap_or_else(|e| panic!("{name}: document {i} does not parse: {e}"));
             if !v.is_null() {

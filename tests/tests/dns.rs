@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use skymesh_tests::mesh::Mesh;
 use skymesh_tests::netns::{NsProcess, wait_until};
+use skymesh_tests::replica::{Replica, TCP_PORT};
 
 /// `dig @<gateway> ARGS` from cluster `i`'s first app host.
 fn dig(mesh: &Mesh, i: usize, args: &[&str]) -> String {
@@ -368,17 +369,84 @@ fn recursion_only_for_local_clients() {
     drop(dnsmasq);
 }
 
+/// A headless service `name` over the `app=hl` jobs, with a named port.
+fn headless(mesh: &Mesh, name: &str) {
+    mesh.sky(&[
+        "create",
+        "service",
+        name,
+        "-t",
+        "Headless",
+        "-s",
+        "app=hl",
+        "-p",
+        &format!("http:80:{TCP_PORT}"),
+    ])
+    .unwrap();
+}
+
+/// The first app host's IP of each cluster in `v`.
+fn ips(mesh: &Mesh, v: &[usize]) -> Vec<String> {
+    v.iter()
+        .map(|i| mesh.topo.app_ip(*i, 1).to_string())
+        .collect()
+}
+
+/// What cluster `i` answers for headless service `svc`, as replica IPs: its
+/// A records, its SRV targets' replicas, and `hl-<j>.<svc>` for each job.
+fn answers(mesh: &Mesh, i: usize, svc: &str) -> Vec<Vec<String>> {
+    let a = short(mesh, i, &format!("{svc}.default.svc"), "A");
+    let mut srv: Vec<String> = short(mesh, i, &format!("_http._tcp.{svc}.default.svc"), "SRV")
+        .iter()
+        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+        .filter_map(|target| (1..=3).find(|j| target.starts_with(&format!("hl-{j}."))))
+        .map(|j| mesh.topo.app_ip(j, 1).to_string())
+        .collect();
+    srv.sort();
+    let jobs: Vec<String> = (1..=3)
+        .flat_map(|j| short(mesh, i, &format!("hl-{j}.{svc}.default.svc"), "A"))
+        .collect();
+    vec![a, srv, jobs]
+}
+
+/// A cluster's phase as `skyctl get cluster -o json` shows it.
+fn phase(mesh: &Mesh, c: &str) -> String {
+    let json = mesh
+        .sky(&["get", "cluster", c, "-o", "json"])
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+    v.pointer("/status/phase")
+        .and_then(|p| p.as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// A job's readiness as `skyctl get job -o json` shows it.
+fn job_ready(mesh: &Mesh, j: &str) -> bool {
+    let json = mesh
+        .sky(&["get", "job", j, "-o", "json"])
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+    v.pointer("/status/ready")
+        .and_then(|r| r.as_bool())
+        .unwrap_or(false)
+}
+
 /// SPEC §6: answers hold only addresses the balancer would route. When
-/// cluster c3's gateway dies, c1's headless answer drops c3's replica
-/// within 5 s (c1's peer probes mark c3 down), without waiting for the
-/// coordinator, which still lists it.
+/// cluster c3's gateway dies, every answer that lists replicas — headless
+/// A, SRV, `<job>.<svc>` and a standalone exposed Endpoints — drops c3's
+/// replica within 5 s in the other clusters (their peer probes mark c3
+/// down), also for names made after the gateway died (the issue's
+/// quickstart case). The coordinator then marks c3 NotReady and its job
+/// not ready within 15 s, `get tunnels` shows what the gateways see, and
+/// everything comes back when the gateway does.
 #[test]
-fn a_dead_gateways_replicas_leave_headless_answers() {
+fn a_dead_gateways_replicas_leave_every_answer() {
     let mut mesh = Mesh::start(3, 1).unwrap();
-    mesh.sky(&["create", "service", "hl", "-t", "Headless", "-s", "app=hl"])
-        .unwrap();
+    let mut replicas = Vec::new();
     for i in 1..=3 {
-        let ip = mesh.topo.app_ip(i, 1).to_string();
+        let ip = mesh.topo.app_ip(i, 1);
+        replicas.push(Replica::start(mesh.topo.app(i, 1), ip, &format!("hl-{i}")));
         mesh.sky(&[
             "create",
             "job",
@@ -386,43 +454,331 @@ fn a_dead_gateways_replicas_leave_headless_answers() {
             "--cluster",
             &format!("c{i}"),
             "--ip",
-            &ip,
+            &ip.to_string(),
             "-l",
             "app=hl",
+            "--port",
+            &format!("http:{TCP_PORT}"),
         ])
         .unwrap();
     }
-    let all: Vec<String> = (1..=3)
-        .map(|i| mesh.topo.app_ip(i, 1).to_string())
-        .collect();
+    // One service before the failure, one after (as in the issue).
+    headless(&mesh, "hl");
+    let all = ips(&mesh, &[1, 2, 3]);
+    assert!(
+        wait_until(Duration::from_secs(15), || (1..=3).all(|i| short(
+            &mesh,
+            i,
+            "hl.default.svc",
+            "A"
+        ) == all)),
+        "{:?}",
+        short(&mesh, 1, "hl.default.svc", "A")
+    );
+    assert_eq!(
+        answers(&mesh, 1, "hl"),
+        vec![all.clone(), all.clone(), all.clone()]
+    );
+
+    mesh.stop_meshd(3);
+    let t0 = Instant::now();
+    headless(&mesh, "late");
+    mesh.sky(&["create", "endpoints", "st", "-s", "app=hl", "--exposed"])
+        .unwrap();
+    let rest = ips(&mesh, &[1, 2]);
+    let want = vec![rest.clone(), rest.clone(), rest.clone()];
+    for i in [1, 2] {
+        for svc in ["hl", "late"] {
+            assert!(
+                wait_until(
+                    Duration::from_secs(5).saturating_sub(t0.elapsed()),
+                    || answers(&mesh, i, svc) == want
+                ),
+                "c{i} {svc}: c3's replica still answered 5 s after its gateway died: {:?}",
+                answers(&mesh, i, svc)
+            );
+        }
+        assert!(
+            wait_until(
+                Duration::from_secs(5).saturating_sub(t0.elapsed()),
+                || short(&mesh, i, "st.default.svc", "A") == rest
+            ),
+            "c{i}: standalone endpoints: {:?}",
+            short(&mesh, i, "st.default.svc", "A")
+        );
+    }
+    eprintln!(
+        "gateway c3 killed -> its replica gone from headless, SRV, job and endpoints answers in c1 and c2 in {:?}",
+        t0.elapsed()
+    );
+
+    // The coordinator: c3 NotReady, its job not ready, within 15 s.
+    assert!(
+        wait_until(
+            Duration::from_secs(15).saturating_sub(t0.elapsed()),
+            || phase(&mesh, "c3") == "NotReady" && !job_ready(&mesh, "hl-3")
+        ),
+        "after {:?}: c3 {}, hl-3 ready {}",
+        t0.elapsed(),
+        phase(&mesh, "c3"),
+        job_ready(&mesh, "hl-3")
+    );
+    eprintln!(
+        "gateway c3 killed -> c3 NotReady, hl-3 not ready in {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        (phase(&mesh, "c1"), phase(&mesh, "c2")),
+        ("Ready".into(), "Ready".into())
+    );
+    assert!(job_ready(&mesh, "hl-1") && job_ready(&mesh, "hl-2"));
+    let eps = mesh.sky(&["get", "endpoints", "hl", "-o", "json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&eps).unwrap();
+    let c3 = v["status"]["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cluster"] == "c3")
+        .cloned()
+        .unwrap();
+    assert!(
+        c3["addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["ready"] != true),
+        "c3's replica is no ready endpoint: {c3}"
+    );
+    // Tunnels: c1 and c2 see c3 down; c3's own rows are unknown.
+    let tunnels = mesh.sky(&["get", "tunnels"]).unwrap();
+    let row = |from: &str, to: &str| {
+        tunnels
+            .lines()
+            .find(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                w.len() > 2 && w[0] == from && w[1] == to
+            })
+            .map(|l| l.split_whitespace().nth(2).unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(row("c1", "c3"), "down", "{tunnels}");
+    assert_eq!(row("c2", "c3"), "down", "{tunnels}");
+    assert_eq!(row("c1", "c2"), "up", "{tunnels}");
+    assert_eq!(row("c3", "c1"), "unknown", "{tunnels}");
+    let clusters = mesh.sky(&["get", "clusters"]).unwrap();
+    assert!(
+        clusters
+            .lines()
+            .any(|l| l.starts_with("c3 ") && l.contains("NotReady")),
+        "{clusters}"
+    );
+
+    // Back: the gateway's reports set everything again.
+    mesh.start_meshd(3, None).unwrap();
+    let t1 = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || phase(&mesh, "c3") == "Ready"
+            && job_ready(&mesh, "hl-3")
+            && answers(&mesh, 1, "late")
+                == vec![all.clone(), all.clone(), all.clone()]),
+        "c3 {} hl-3 {} c1 late {:?}",
+        phase(&mesh, "c3"),
+        job_ready(&mesh, "hl-3"),
+        answers(&mesh, 1, "late")
+    );
+    eprintln!(
+        "gateway c3 restarted -> Ready, its replica answered again in {:?}",
+        t1.elapsed()
+    );
+    drop(replicas);
+}
+
+/// SPEC §6: `--dns-zone` (repeatable) replaces the default zones, e.g.
+/// with Space Cloud's `<service>.<project>.svc.cluster.local`; a zone
+/// that is no domain name stops meshd at start with one line naming the
+/// flag.
+#[test]
+fn dns_zones_are_configurable() {
+    let bad = std::process::Command::new(skymesh_tests::bin_path("meshd"))
+        .args([
+            "--coordinator",
+            "https://127.0.0.1:1",
+            "--cluster",
+            "c1",
+            "--dns-zone",
+            "a..b",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert!(
+        err.lines().next().unwrap_or("").contains("--dns-zone"),
+        "{err}"
+    );
+
+    let mut mesh = Mesh::start(1, 1).unwrap();
+    mesh.sky(&["create", "namespace", "myproject"]).unwrap();
+    mesh.sky(&["create", "service", "orders", "-n", "myproject", "-p", "80"])
+        .unwrap();
+    let vip = {
+        let json = mesh
+            .sky(&["get", "service", "orders", "-n", "myproject", "-o", "json"])
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v["status"]["cluster_ip"].as_str().unwrap().to_string()
+    };
     assert!(
         wait_until(Duration::from_secs(10), || short(
             &mesh,
             1,
-            "hl.default.svc",
+            "orders.myproject.svc",
             "A"
-        ) == all),
-        "{:?}",
-        short(&mesh, 1, "hl.default.svc", "A")
+        ) == [vip.clone()]),
+        "default zone"
     );
-    mesh.stop_meshd(3);
-    let t0 = Instant::now();
-    let rest = all[..2].to_vec();
+    assert!(short(&mesh, 1, "orders.myproject.svc.cluster.local", "A").is_empty());
+
+    mesh.stop_meshd(1);
+    mesh.set_meshd_args(
+        1,
+        &["--dns-zone", "svc.cluster.local", "--dns-zone", "SVC."],
+    );
+    mesh.start_meshd(1, None).unwrap();
     assert!(
-        wait_until(Duration::from_secs(5), || short(
+        wait_until(Duration::from_secs(15), || short(
             &mesh,
             1,
-            "hl.default.svc",
+            "orders.myproject.svc.cluster.local",
             "A"
-        ) == rest),
-        "c3's replica still answered after 5 s: {:?}",
-        short(&mesh, 1, "hl.default.svc", "A")
+        ) == [vip.clone()]),
+        "Space Cloud's form: {:?}\n{}",
+        short(&mesh, 1, "orders.myproject.svc.cluster.local", "A"),
+        mesh.meshd_log(1)
     );
-    eprintln!(
-        "gateway c3 killed -> its replica gone from c1's answer in {:?}",
-        t0.elapsed()
+    assert_eq!(
+        short(&mesh, 1, "orders.myproject.svc", "A"),
+        std::slice::from_ref(&vip),
+        "svc is listed too"
     );
-    // The coordinator has not noticed yet: the endpoints still list it.
-    let eps = mesh.sky(&["get", "endpoints", "hl", "-o", "wide"]).unwrap();
-    eprintln!("coordinator's endpoints meanwhile: {eps}");
+    assert_eq!(
+        status(&mesh, 1, "nope.myproject.svc.cluster.local"),
+        "NXDOMAIN",
+        "an unknown name inside the zone"
+    );
+    assert_ne!(
+        short(&mesh, 1, "orders.myproject.svc.clusterset.local", "A"),
+        std::slice::from_ref(&vip),
+        "the replaced default zone is no longer served"
+    );
+    // PTR records point into the first zone.
+    let ptr = dig(&mesh, 1, &["+short", "-x", &vip]);
+    assert!(ptr.contains("orders.myproject.svc.cluster.local."), "{ptr}");
+}
+
+/// SPEC §2: `create endpoints` without `--primary_cluster` applies
+/// `--num_endpoints` and `--exposed` to each cluster on its own. With
+/// `--exposed` every cluster resolves at most N replicas of each cluster;
+/// without, each cluster's replicas serve only that cluster's clients: the
+/// standalone name does not resolve, and a Service without a selector in
+/// front of it balances a client only over its own cluster's replicas.
+#[test]
+fn endpoints_without_a_primary_cluster_apply_per_cluster() {
+    let mesh = Mesh::start(2, 2).unwrap();
+    let mut replicas = Vec::new();
+    for i in 1..=2 {
+        for k in 1..=2 {
+            let ip = mesh.topo.app_ip(i, k);
+            let name = format!("pe-{i}-{k}");
+            replicas.push(Replica::start(mesh.topo.app(i, k), ip, &name));
+            mesh.sky(&[
+                "create",
+                "job",
+                &name,
+                "--cluster",
+                &format!("c{i}"),
+                "--ip",
+                &ip.to_string(),
+                "-l",
+                "app=pe",
+                "--port",
+                &TCP_PORT.to_string(),
+            ])
+            .unwrap();
+        }
+    }
+    mesh.sky(&[
+        "create",
+        "endpoints",
+        "one",
+        "-s",
+        "app=pe",
+        "--num_endpoints",
+        "1",
+        "--exposed",
+    ])
+    .unwrap();
+    mesh.sky(&["create", "endpoints", "mine", "-s", "app=pe"])
+        .unwrap();
+    // `one`: the first ready job of each cluster, from both clusters.
+    let mut want = vec![
+        mesh.topo.app_ip(1, 1).to_string(),
+        mesh.topo.app_ip(2, 1).to_string(),
+    ];
+    want.sort();
+    assert!(
+        wait_until(Duration::from_secs(15), || [1, 2].iter().all(|i| short(
+            &mesh,
+            *i,
+            "one.default.svc",
+            "A"
+        ) == want)),
+        "c1 {:?} c2 {:?}",
+        short(&mesh, 1, "one.default.svc", "A"),
+        short(&mesh, 2, "one.default.svc", "A")
+    );
+    // `mine`: every job, each cluster's for itself.
+    let json = mesh
+        .sky(&["get", "endpoints", "mine", "-o", "json"])
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let clusters = v["status"]["clusters"].as_array().unwrap();
+    assert_eq!(clusters.len(), 2, "{json}");
+    for c in clusters {
+        assert_eq!(c["exposed"], false, "{json}");
+        assert_eq!(c["addresses"].as_array().unwrap().len(), 2, "{json}");
+    }
+    assert_eq!(status(&mesh, 1, "mine.default.svc"), "NXDOMAIN");
+
+    // Behind a Service without a selector: each cluster's clients reach
+    // only their own cluster's replicas.
+    mesh.sky(&["create", "service", "mine", "-p", &format!("80:{TCP_PORT}")])
+        .unwrap();
+    let vip = mesh.service_vip("mine").unwrap();
+    let hello = |i: usize| -> String {
+        let script = format!("timeout 2 bash -c 'exec 3<>/dev/tcp/{vip}/80; head -n1 <&3'");
+        String::from_utf8_lossy(&mesh.topo.app(i, 1).sh(&script).stdout)
+            .trim()
+            .to_string()
+    };
+    for i in [1, 2] {
+        let mut seen = std::collections::BTreeSet::new();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) && seen.len() < 2 {
+            let who = hello(i);
+            if !who.is_empty() {
+                assert!(
+                    who.starts_with(&format!("pe-{i}-")),
+                    "a client of c{i} reached {who}"
+                );
+                seen.insert(who);
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            2,
+            "c{i} reached both of its own replicas: {seen:?}"
+        );
+    }
+    drop(replicas);
 }

@@ -53,6 +53,7 @@ fn job(name: &str, cluster: &str, ip: &str, app: &str) -> Object {
             cluster: cluster.into(),
             ip: ip.into(),
             ports: vec![],
+            probe: None,
         }),
         status: None,
     }
@@ -179,6 +180,7 @@ async fn a_watch_on_one_coordinator_sees_writes_through_the_other() {
             kind: Kind::Service as i32,
             namespace: "default".into(),
             name: "w1".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

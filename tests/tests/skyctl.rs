@@ -442,11 +442,6 @@ fn bad_input_is_refused_and_nothing_is_written() {
             "ip",
         ),
         (
-            &["create", "endpoints", "e", "--num_endpoints", "2"],
-            2,
-            "primary_cluster",
-        ),
-        (
             &["create", "service", "s1", "-p", "80", "-c", "nope"],
             1,
             "nope",

@@ -6,4 +6,5 @@ pub mod engine;
 pub mod health;
 pub mod lb;
 pub mod node;
+pub mod probe;
 pub mod route;

@@ -7,6 +7,8 @@
 //! ip = "10.1.0.11"
 //! labels = { app = "web" }
 //! ports = ["http:8080/TCP"]    # [NAME:]PORT[/TCP|UDP]
+//! probe = "http:8080/healthz"  # optional: tcp[:PORT] (default), http[:PORT][/PATH],
+//!                              # icmp, udp[:PORT] or none
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -35,6 +37,8 @@ struct Entry {
     labels: BTreeMap<String, String>,
     #[serde(default)]
     ports: Vec<String>,
+    #[serde(default)]
+    probe: Option<String>,
 }
 
 /// Parses and validates a jobs file (the cluster is filled in by the
@@ -56,6 +60,16 @@ pub fn parse(text: &str) -> Result<Vec<Job>> {
             .map(|p| validate::parse_job_port("ports", p))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|err| anyhow!("job[{i}] ({}): {err}", e.name))?;
+        let probe = e
+            .probe
+            .as_deref()
+            .map(|text| {
+                let mut p = validate::parse_probe("probe", text)?;
+                validate::probe("probe", &mut p, &ports)?;
+                Ok(p)
+            })
+            .transpose()
+            .map_err(|err: validate::ValidationError| anyhow!("job[{i}] ({}): {err}", e.name))?;
         let mut o: Object = Job {
             metadata: Some(ObjectMeta {
                 name: e.name.clone(),
@@ -68,6 +82,7 @@ pub fn parse(text: &str) -> Result<Vec<Job>> {
                 cluster: "self".into(),
                 ip: e.ip,
                 ports,
+                probe,
             }),
             status: None,
         }
@@ -111,5 +126,18 @@ mod tests {
         let e = parse("[[job]]\nname = \"a\"\nip = \"10.1.0.3\"\nports = [\"0\"]\n").unwrap_err();
         assert!(format!("{e:#}").contains("port"), "{e:#}");
         assert!(parse("[[job]]\nname = \"a\"\nip = \"10.1.0.3\"\ncolour = 1\n").is_err());
+        let ok = parse("[[job]]\nname = \"a\"\nip = \"10.1.0.3\"\nprobe = \"icmp\"\n").unwrap();
+        let p = ok[0].spec.as_ref().unwrap().probe.as_ref().unwrap();
+        assert_eq!(p.r#type(), skymesh_proto::v1::ProbeType::Icmp);
+        for (probe, field) in [
+            ("ping", "probe"),
+            ("udp", "probe.port"),
+            ("http:80/a b", "probe.path"),
+        ] {
+            let text = format!("[[job]]\nname = \"a\"\nip = \"10.1.0.3\"\nprobe = \"{probe}\"\n");
+            let e = format!("{:#}", parse(&text).unwrap_err());
+            assert!(e.contains(&format!("invalid {field}:")), "{probe}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
     }
 }

@@ -1,16 +1,21 @@
-//! Prometheus metrics (text format on `--metrics-listen`, path `/metrics`):
-//! per-peer bytes, packets, handshakes, RTT and probe state; drops by
-//! reason; local job readiness. Counters advance from the device loop's
-//! published totals once a second.
+//! Prometheus metrics (on `--metrics-listen`, path `/metrics`; text format
+//! 0.0.4, or OpenMetrics when the scraper asks): per-peer bytes, packets,
+//! handshakes, RTT and probe state; drops by reason; local job readiness.
+//! Counters advance from the device loop's published totals once a second.
+//! The same listener answers `/healthz` (200 once the gateway has a netmap
+//! and its TUN interface is up); it is bound first thing at start, so a
+//! gateway still joining or waiting for the coordinator answers 503.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use arc_swap::ArcSwap;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse as _;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -293,40 +298,93 @@ pub async fn run_updater(
     }
 }
 
-/// Serves `/metrics` on `addr` until `cancel` fires.
-pub async fn serve(
-    addr: SocketAddr,
-    registry: Arc<Registry>,
-    cancel: CancellationToken,
-) -> Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let registry = registry.clone();
-            async move {
-                let mut body = String::new();
-                match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                    Ok(()) => (
-                        axum::http::StatusCode::OK,
-                        [(
-                            "content-type",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        body,
-                    ),
-                    Err(_) => (
-                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                        [("content-type", "text/plain")],
-                        "failed to encode metrics".to_string(),
-                    ),
-                }
-            }
-        }),
-    );
+/// How far a gateway has come, for `/healthz`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Stage {
+    /// Joining, or waiting for the first netmap (from the coordinator or
+    /// the cache).
+    WaitingForNetmap = 0,
+    /// Has a netmap; the TUN interface and the tasks are being set up.
+    StartingTun = 1,
+    /// Has a netmap, the TUN interface is up and every task runs.
+    Ready = 2,
+}
+
+/// What the observability listener serves from a gateway that may still be
+/// starting: its stage, and the metrics registry once every metric is in it.
+#[derive(Clone, Default)]
+pub struct Observed {
+    registry: Arc<OnceLock<Registry>>,
+    stage: Arc<AtomicU8>,
+}
+
+impl Observed {
+    /// Moves `/healthz` on to `stage`.
+    pub fn set_stage(&self, stage: Stage) {
+        self.stage.store(stage as u8, Ordering::Release);
+    }
+
+    /// Serves `registry` on `/metrics` from now on (the first one given
+    /// stays).
+    pub fn publish(&self, registry: Registry) {
+        let _ = self.registry.set(registry);
+    }
+
+    fn healthz(&self) -> (StatusCode, &'static str) {
+        match self.stage.load(Ordering::Acquire) {
+            s if s == Stage::Ready as u8 => (StatusCode::OK, "ok\n"),
+            s if s == Stage::StartingTun as u8 => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "starting: bringing the TUN interface up\n",
+            ),
+            _ => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "starting: no netmap yet (joining, or waiting for the coordinator)\n",
+            ),
+        }
+    }
+}
+
+/// Binds the observability listener (`--metrics-listen`).
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("failed to listen on --metrics-listen {addr}"))?;
-    tracing::info!(%addr, "metrics listening");
+    tracing::info!(%addr, "metrics and /healthz listening");
+    Ok(listener)
+}
+
+/// Serves, until `cancel` fires: `/metrics` (Prometheus text format 0.0.4,
+/// or OpenMetrics when `Accept` asks for it; 503 until the registry is
+/// published) and `/healthz` (200 once the gateway has a netmap and its
+/// TUN interface is up, 503 before, with the stage in the body).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    observed: Observed,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let (m, h) = (observed.clone(), observed);
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move |headers: HeaderMap| {
+                let m = m.clone();
+                async move {
+                    match m.registry.get() {
+                        Some(r) => skymesh_metrics::scrape(r, &headers),
+                        None => (StatusCode::SERVICE_UNAVAILABLE, m.healthz().1).into_response(),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/healthz",
+            axum::routing::get(move || {
+                let h = h.clone();
+                async move { h.healthz() }
+            }),
+        );
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await

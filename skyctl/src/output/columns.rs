@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use skymesh_proto::v1::object::Obj;
 use skymesh_proto::v1::{
-    Cluster, ClusterPhase, Endpoints, Job, JobPort, Kind, Namespace, Object, ObjectMeta, Service,
-    ServiceType,
+    Cluster, ClusterPhase, Endpoints, Job, JobPort, Kind, Namespace, Object, ObjectMeta,
+    PeerHealth, Service, ServiceType,
 };
 use skymesh_proto::validate;
 
@@ -66,7 +66,7 @@ pub(crate) fn headers(view: View, wide: bool) -> Vec<&'static str> {
                 "NAMESPACE",
                 "AGE",
             ],
-            &["LABELS"],
+            &["PROBE", "LABELS"],
         ),
         View::Objects(Kind::Namespace | Kind::Unspecified) => (vec!["NAME", "AGE"], &[]),
         View::Tunnels => (
@@ -231,13 +231,19 @@ fn cluster(c: &Cluster, wide: bool, now: i64) -> Vec<String> {
     let spec = c.spec.clone().unwrap_or_default();
     let status = c.status.clone().unwrap_or_default();
     let up = status.peers.iter().filter(|p| p.up).count();
+    // A NotReady gateway's last report says nothing of its tunnels now.
+    let peers = if status.phase() == ClusterPhase::NotReady {
+        format!("?/{}", status.peers.len())
+    } else {
+        format!("{up}/{}", status.peers.len())
+    };
     let mut row = vec![
         name.to_string(),
         phase_name(status.phase()).to_string(),
         or_none(status.overlay_ip.clone()),
         or_none(status.endpoint.clone()),
         or_none(spec.workload_cidrs.join(",")),
-        format!("{up}/{}", status.peers.len()),
+        peers,
         human::age(created, now),
     ];
     if wide {
@@ -286,6 +292,7 @@ fn job(j: &Job, wide: bool, now: i64) -> Vec<String> {
             .as_ref()
             .map(|m| labels(&m.labels))
             .unwrap_or_default();
+        row.push(validate::probe_text(spec.probe.as_ref()));
         row.push(or_none(l));
     }
     row
@@ -294,6 +301,21 @@ fn job(j: &Job, wide: bool, now: i64) -> Vec<String> {
 fn namespace(n: &Namespace, now: i64) -> Vec<String> {
     let (name, _, created) = meta_of(n.metadata.as_ref());
     vec![name.to_string(), human::age(created, now)]
+}
+
+/// A tunnel's state as its cluster's gateway last reported it: `up`,
+/// `down`, or `unknown` while that gateway is not reporting (NotReady: the
+/// report is stale, and what the other gateways see of it is in their rows).
+pub(crate) fn tunnel_status(c: &Cluster, p: &PeerHealth) -> &'static str {
+    let reporting = c
+        .status
+        .as_ref()
+        .is_some_and(|s| s.phase() != ClusterPhase::NotReady);
+    match (reporting, p.up) {
+        (false, _) => "unknown",
+        (true, true) => "up",
+        (true, false) => "down",
+    }
 }
 
 fn tunnels(c: &Cluster, now: i64) -> Vec<Vec<String>> {
@@ -314,7 +336,7 @@ fn tunnels(c: &Cluster, now: i64) -> Vec<Vec<String>> {
             vec![
                 name.to_string(),
                 p.peer.clone(),
-                if p.up { "up" } else { "down" }.to_string(),
+                tunnel_status(c, p).to_string(),
                 handshake,
                 human::rtt(p.rtt_us),
                 human::bytes(p.rx_bytes),
@@ -426,6 +448,7 @@ pub(crate) mod tests {
             spec: Some(EndpointsSpec {
                 selector: [("key1".to_string(), "value1".to_string())].into(),
                 primary_cluster: "east".into(),
+                every_cluster: None,
                 clusters: vec![],
             }),
             status: Some(EndpointsStatus {
@@ -566,6 +589,15 @@ pub(crate) mod tests {
         );
         let other = Object::from(web_service());
         assert!(rows(View::Tunnels, &other, false, NOW).is_empty());
+        // A gateway that stopped reporting: its tunnels are unknown, and
+        // its cluster row does not count them up.
+        let mut gone = east_cluster();
+        gone.status.as_mut().unwrap().phase = ClusterPhase::NotReady as i32;
+        let gone = Object::from(gone);
+        let r = rows(View::Tunnels, &gone, false, NOW);
+        assert_eq!((r[0][2].as_str(), r[1][2].as_str()), ("unknown", "unknown"));
+        let c = rows(View::Objects(Kind::Cluster), &gone, false, NOW);
+        assert_eq!((c[0][1].as_str(), c[0][5].as_str()), ("NotReady", "?/2"));
     }
 
     #[test]
@@ -580,6 +612,7 @@ pub(crate) mod tests {
                     port: 8080,
                     protocol: Protocol::Tcp as i32,
                 }],
+                probe: None,
             }),
             status: Some(JobStatus { ready: true }),
         });

@@ -134,6 +134,12 @@ fn endpoints(e: &Endpoints) -> Value {
             .map(|c| json!({"cluster": c.cluster, "num_endpoints": c.num_endpoints, "exposed": c.exposed}))
             .collect(),
     );
+    if let Some(e) = &spec.every_cluster {
+        sp.insert(
+            "every_cluster".into(),
+            json!({"num_endpoints": e.num_endpoints, "exposed": e.exposed}),
+        );
+    }
     let clusters: Vec<Value> = status
         .clusters
         .iter()
@@ -231,6 +237,10 @@ pub(crate) fn tunnels(obj: &Object) -> Vec<Value> {
             let mut v = peer(p);
             if let Value::Object(m) = &mut v {
                 m.insert("cluster".into(), json!(obj.name()));
+                m.insert(
+                    "status".into(),
+                    json!(crate::output::columns::tunnel_status(c, p)),
+                );
             }
             v
         })
@@ -303,7 +313,7 @@ mod tests {
         assert_eq!(items[0]["peer"], "south");
         let l = list(items);
         assert_eq!(l["items"].as_array().map(Vec::len), Some(2));
-        let y = serde_yaml::to_string(&l).unwrap();
+        let y = yaml_serde::to_string(&l).unwrap();
         assert!(y.starts_with("items:\n"), "{y}");
     }
 }

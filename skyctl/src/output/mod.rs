@@ -75,7 +75,7 @@ impl Printer {
     fn doc(&self, v: &Value) -> Result<String> {
         match self.format {
             OutputFormat::Yaml => {
-                let y = serde_yaml::to_string(v).context("failed to render YAML")?;
+                let y = yaml_serde::to_string(v).context("failed to render YAML")?;
                 Ok(if self.stream { format!("---\n{y}") } else { y })
             }
             _ => serde_json::to_string_pretty(v).context("failed to render JSON"),
@@ -193,9 +193,67 @@ mod tests {
         let mut p = Printer::new(View::Objects(Kind::Service), OutputFormat::Yaml, true);
         let y = p.event(EventType::Added, &obj).unwrap();
         assert!(y.starts_with("---\n"), "{y}");
-        let v: Value = serde_yaml::from_str(&y).unwrap();
+        let v: Value = yaml_serde::from_str(&y).unwrap();
         assert_eq!(v["object"]["spec"]["type"], "ClusterIP");
     }
+
+    /// The exact YAML `get -o yaml` prints for a service and a cluster's
+    /// tunnels (kept byte for byte across YAML libraries).
+    #[test]
+    fn yaml_is_stable() {
+        let mut p = Printer::new(View::Objects(Kind::Service), OutputFormat::Yaml, false);
+        let y = p.one(&Object::from(web_service())).unwrap();
+        assert_eq!(y, GOLDEN_SERVICE_YAML, "got:\n{y}");
+        let mut p = Printer::new(View::Tunnels, OutputFormat::Yaml, true);
+        let y = p.list(&[east_cluster().into()]).unwrap();
+        assert_eq!(y, GOLDEN_TUNNELS_YAML, "got:\n{y}");
+    }
+
+    const GOLDEN_SERVICE_YAML: &str = r#"kind: Service
+metadata:
+  creation_timestamp: 2024-05-01T11:59:15Z
+  name: myservice
+  namespace: default
+  resource_version: 7
+  uid: u-1
+spec:
+  affinity_timeout_s: 10800
+  clusters:
+  - mycluster
+  ports:
+  - port: 80
+    protocol: TCP
+    target_port: 8080
+  - name: dns
+    port: 53
+    protocol: UDP
+    target_port: 53
+  selector:
+    app: myApp
+  session_affinity: None
+  traffic_policy: Spread
+  type: ClusterIP
+status:
+  cluster_ip: 100.65.0.1
+  external_ips: []
+"#;
+    const GOLDEN_TUNNELS_YAML: &str = r#"---
+items:
+- cluster: east
+  last_handshake: null
+  peer: south
+  rtt_us: 0
+  rx_bytes: 0
+  tx_bytes: 3145728
+  up: false
+- cluster: east
+  last_handshake: 2024-05-01T11:59:48Z
+  peer: west
+  rtt_us: 1234
+  rx_bytes: 1536
+  tx_bytes: 100
+  up: true
+"#;
 
     #[test]
     fn tunnels_view() {
