@@ -244,6 +244,7 @@ items:
   peer: south
   rtt_us: 0
   rx_bytes: 0
+  status: down
   tx_bytes: 3145728
   up: false
 - cluster: east
@@ -251,6 +252,7 @@ items:
   peer: west
   rtt_us: 1234
   rx_bytes: 1536
+  status: up
   tx_bytes: 100
   up: true
 "#;
