@@ -50,7 +50,7 @@ use crate::core::lb::{LbStats, LbTable};
 use crate::core::node::{DATA_HEADER, DropReason, MAX_DATAGRAM, PeerInfo};
 use crate::state::NetState;
 
-use super::stage::{self, POOL, Steps, Writer, WriterEnd};
+use super::stage::{self, POOL, Steps, Turns, Writer, WriterEnd};
 
 /// Counters published by the device loop.
 #[derive(Debug, Clone, Default)]
@@ -127,7 +127,7 @@ pub fn spawn(
             0 => (None, Vec::new()),
             n => {
                 let (back_tx, back) = tokio::sync::mpsc::channel(POOL * (1 + n) + 1);
-                let (to, ends) = stage::middle(n, &back_tx);
+                let (to, ends) = stage::middle("meshd-open", n, &back_tx);
                 let done = stage::spawn("meshd-open", ends, |_| {
                     Ok(Steps {
                         work: |p: &mut Packets| p.open(),
@@ -136,7 +136,6 @@ pub fn spawn(
                 })?;
                 let stage = OpenStage {
                     to,
-                    next: 0,
                     back,
                     in_flight: 0,
                 };
@@ -403,9 +402,7 @@ struct TunPath {
 
 /// The packet thread's end of the `meshd-open` stage.
 struct OpenStage {
-    to: Vec<mpsc::Sender<Packets>>,
-    /// The thread the next batch goes to.
-    next: usize,
+    to: Turns<Packets>,
     /// Opened batches, in hand-out order.
     back: mpsc::Receiver<Packets>,
     in_flight: usize,
@@ -430,20 +427,17 @@ impl TunPath {
             .is_some_and(|o| o.in_flight > 0 || self.tun.current.has_sealed());
         if !via_open {
             engine.finish_opened(&mut self.tun.current, now);
-            let fresh = self.take_empty(engine).await?;
-            let full = std::mem::replace(&mut self.tun.current, fresh);
-            return self.tun.hand_over(full).await;
         }
         let fresh = self.take_empty(engine).await?;
         let full = std::mem::replace(&mut self.tun.current, fresh);
-        let o = self.open.as_mut().context("the open stage")?;
-        let to = &o.to[o.next];
-        o.next = (o.next + 1) % o.to.len();
-        to.send(full)
-            .await
-            .map_err(|_| anyhow::anyhow!("the meshd-open thread ended"))?;
-        o.in_flight += 1;
-        Ok(())
+        match &mut self.open {
+            Some(o) if via_open => {
+                o.to.send(full).await?;
+                o.in_flight += 1;
+                Ok(())
+            }
+            _ => self.tun.hand_over(full).await,
+        }
     }
 
     /// An empty batch from the pool; while none is there, opened batches

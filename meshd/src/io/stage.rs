@@ -26,13 +26,31 @@ use tokio::sync::mpsc;
 /// Batches per stage thread, beyond the one being filled.
 pub const POOL: usize = 2;
 
+/// A stage's threads as the packet thread hands them batches: each in
+/// turn.
+pub struct Turns<T> {
+    to: Vec<mpsc::Sender<T>>,
+    /// The thread the next batch goes to.
+    next: usize,
+    name: &'static str,
+}
+
+impl<T> Turns<T> {
+    /// Hands `batch` to the next thread in turn.
+    pub async fn send(&mut self, batch: T) -> Result<()> {
+        let to = &self.to[self.next];
+        self.next = (self.next + 1) % self.to.len();
+        to.send(batch)
+            .await
+            .map_err(|_| anyhow::anyhow!("the {} thread ended", self.name))
+    }
+}
+
 /// The packet thread's end of a stage.
 pub struct Writer<T> {
     /// The batch being filled.
     pub current: T,
-    full: Vec<mpsc::Sender<T>>,
-    /// The thread the next full batch goes to.
-    next: usize,
+    full: Turns<T>,
     empty: mpsc::Receiver<T>,
     /// Batches besides `current`.
     spare: usize,
@@ -85,8 +103,11 @@ pub fn pooled<T>(
     (
         Writer {
             current: make(),
-            full,
-            next: 0,
+            full: Turns {
+                to: full,
+                next: 0,
+                name,
+            },
             empty: empty_rx,
             spare,
             name,
@@ -97,12 +118,13 @@ pub fn pooled<T>(
 
 /// The ends of a stage of `threads` threads that give each batch, once
 /// done, to `back` (in hand-out order) instead of a pool: a stage in the
-/// middle of a path. Returns the senders to hand batches to, in turn.
+/// middle of a path. Returns where to hand batches to.
 pub fn middle<T>(
+    name: &'static str,
     threads: usize,
     back: &mpsc::Sender<T>,
-) -> (Vec<mpsc::Sender<T>>, Vec<WriterEnd<T>>) {
-    (0..threads.max(1))
+) -> (Turns<T>, Vec<WriterEnd<T>>) {
+    let (to, ends) = (0..threads.max(1))
         .map(|_| {
             let (tx, rx) = mpsc::channel(POOL * threads.max(1) + 1);
             (
@@ -113,7 +135,8 @@ pub fn middle<T>(
                 },
             )
         })
-        .unzip()
+        .unzip();
+    (Turns { to, next: 0, name }, ends)
 }
 
 impl<T> Writer<T> {
@@ -126,11 +149,7 @@ impl<T> Writer<T> {
 
     /// Hands `batch` (filled elsewhere) to the next thread in turn.
     pub async fn hand_over(&mut self, batch: T) -> Result<()> {
-        let to = &self.full[self.next];
-        self.next = (self.next + 1) % self.full.len();
-        to.send(batch)
-            .await
-            .map_err(|_| anyhow::anyhow!("the {} thread ended", self.name))
+        self.full.send(batch).await
     }
 
     /// Whether the stage's threads hold no batch: everything handed over

@@ -163,7 +163,7 @@ proptest! {
         }
         let from: SocketAddr = A_ADDR.parse().unwrap();
         let (back_tx, mut back) = mpsc::channel(2 * threads);
-        let (to, ends) = middle(threads, &back_tx);
+        let (mut to, ends) = middle("test-open", threads, &back_tx);
         drop(back_tx);
         let handles = spawn("test-open", ends, |k| {
             let mut delay = delayed(k, threads, delays.clone());
@@ -185,7 +185,7 @@ proptest! {
                 for d in chunk {
                     w.b.handle_network(from, d, w.now, &mut net, &mut batch);
                 }
-                to[n % threads].send(batch).await.unwrap();
+                to.send(batch).await.unwrap();
                 handed += 1;
                 // As the device's pool does: a bounded number in flight.
                 while handed - judged >= 2 * threads || (n + 1) * per_batch >= sealed.len() && judged < handed {
