@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use meshd::core::lb::FlowLimits;
+use meshd::io::endpoint::Endpoint;
 use meshd::run::{Config, run};
 use tokio_util::sync::CancellationToken;
 
@@ -31,10 +32,12 @@ struct Args {
     /// host (ps, /proc). Kept only to say so.
     #[arg(long, hide = true, value_name = "TOKEN")]
     join_token: Option<String>,
-    /// Underlay address other gateways reach this one at (default: the
-    /// address used to reach the coordinator, with --listen-port).
-    #[arg(long)]
-    endpoint: Option<SocketAddr>,
+    /// Underlay address other gateways reach this one at, as IP:PORT or
+    /// HOST:PORT (default: the address used to reach the coordinator, with
+    /// --listen-port). A host name is resolved at start and again before
+    /// every status report, so peers follow a dynamic DNS name.
+    #[arg(long, value_name = "HOST:PORT")]
+    endpoint: Option<Endpoint>,
     /// WireGuard UDP port.
     #[arg(long, default_value_t = 51820)]
     listen_port: u16,

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::core::engine::Engine;
 use crate::core::lb::{Health, Lb, LbConfig, LbTable, routable};
 use crate::core::node::Node;
+use crate::io::endpoint::{self, Endpoint};
 use crate::io::{control, device, health, metrics, nodeport, tun, uapi};
 use crate::state::NetState;
 use crate::statedir::StateDir;
@@ -27,7 +28,8 @@ pub struct Config {
     pub coordinator: String,
     pub cluster: String,
     pub join_token: Option<String>,
-    pub endpoint: Option<SocketAddr>,
+    /// `--endpoint` (an address or a host name).
+    pub endpoint: Option<Endpoint>,
     pub listen_port: u16,
     pub state_dir: PathBuf,
     pub interface: String,
@@ -93,7 +95,13 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     let dir = StateDir::open(&cfg.state_dir)?;
     let (private_key, _) = dir.private_key()?;
     let node = Node::new(private_key);
-    let (gw, tls) = join(&cfg, &cluster, &dir, &node).await?;
+    // A host name must resolve now: the join and the NodePort listeners
+    // need an address. The reporter looks it up again every report.
+    let endpoint = match &cfg.endpoint {
+        Some(e) => Some(e.resolve().await?),
+        None => None,
+    };
+    let (gw, tls) = join(&cfg, endpoint, &cluster, &dir, &node).await?;
     let nm_rx = start_netmap(&dir, &cluster, gw.clone(), tls, &cancel);
     let Some(first) = first_netmap(nm_rx.clone(), &cancel).await? else {
         return Ok(());
@@ -102,7 +110,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     let (dev, overlay_ip) = open_tun(&cfg, &first)?;
     let udp = device::bind_udp(cfg.listen_port)?;
 
-    let mut w = Tasks::new(cfg, cluster, gw, nm_rx, cancel);
+    let mut w = Tasks::new(cfg, endpoint, cluster, gw, nm_rx, cancel);
     if let Some(listener) = listener {
         w.set
             .spawn(async move { listener.await.context("metrics server task")? });
@@ -126,6 +134,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
 /// credential, and the coordinator's CA, are saved for later starts).
 async fn join(
     cfg: &Config,
+    endpoint: Option<SocketAddr>,
     cluster: &str,
     dir: &StateDir,
     node: &Node,
@@ -146,7 +155,7 @@ async fn join(
                     "first start needs a join token: --join-token-file FILE or MESHD_JOIN_TOKEN (skyctl create cluster {cluster} prints one)"
                 );
             };
-            let endpoint = match cfg.endpoint {
+            let endpoint = match endpoint {
                 Some(e) => e,
                 None => {
                     SocketAddr::new(control::detect_local_ip(&cfg.coordinator)?, cfg.listen_port)
@@ -253,6 +262,8 @@ fn open_tun(cfg: &Config, first: &NetState) -> Result<(tun_rs::SyncDevice, Ipv4A
 /// Every long-running task of a gateway and the channels between them.
 struct Tasks {
     cfg: Config,
+    /// What `--endpoint` resolved to at start.
+    endpoint: Option<SocketAddr>,
     cluster: String,
     gw: control::Gateway,
     nm_rx: watch::Receiver<Arc<NetState>>,
@@ -269,6 +280,7 @@ struct Tasks {
 impl Tasks {
     fn new(
         cfg: Config,
+        endpoint: Option<SocketAddr>,
         cluster: String,
         gw: control::Gateway,
         nm_rx: watch::Receiver<Arc<NetState>>,
@@ -278,6 +290,7 @@ impl Tasks {
         let (jobs_tx, jobs_rx) = watch::channel(BTreeMap::new());
         Tasks {
             cfg,
+            endpoint,
             cluster,
             gw,
             nm_rx,
@@ -352,7 +365,7 @@ impl Tasks {
 
     /// NodePort/LoadBalancer services on the underlay address.
     fn nodeport(&mut self) -> Result<()> {
-        let underlay = match self.cfg.endpoint {
+        let underlay = match self.endpoint {
             Some(e) => e.ip(),
             None => control::detect_local_ip(&self.cfg.coordinator)?,
         };
@@ -395,7 +408,12 @@ impl Tasks {
 
     /// Status reports to the coordinator, and the jobs file synced to it.
     fn reporting(&mut self) {
-        let endpoint = self.cfg.endpoint;
+        let endpoint = self
+            .cfg
+            .endpoint
+            .clone()
+            .zip(self.endpoint)
+            .map(|(e, at_start)| endpoint::Reported::new(e, at_start));
         let (gw, cl, st, p, j, c) = (
             self.gw.clone(),
             self.cluster.clone(),

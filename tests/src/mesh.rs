@@ -36,6 +36,9 @@ pub struct Mesh {
     meshd_args: Vec<Vec<String>>,
     /// WireGuard UDP port per cluster (`--listen-port`, `--endpoint`).
     meshd_ports: Vec<u16>,
+    /// `--endpoint` per cluster in place of the gateway's WAN address and
+    /// port (e.g. a host name).
+    meshd_endpoints: Vec<Option<String>>,
     pub topo: Topology,
 }
 
@@ -79,6 +82,7 @@ impl Mesh {
             meshd_bin,
             meshd_args: vec![Vec::new(); n],
             meshd_ports: vec![51820; n],
+            meshd_endpoints: vec![None; n],
             topo,
         };
         if etcd {
@@ -260,7 +264,9 @@ impl Mesh {
         let url = self.urls.clone();
         let name = self.topo.cluster_name(i);
         let port = self.meshd_ports[i - 1];
-        let endpoint = SocketAddr::from((self.topo.gateway_wan_ip(i), port)).to_string();
+        let endpoint = self.meshd_endpoints[i - 1]
+            .clone()
+            .unwrap_or_else(|| SocketAddr::from((self.topo.gateway_wan_ip(i), port)).to_string());
         let port = port.to_string();
         let state = self.state_dir(i);
         let iface = self.topo.iface(i);
@@ -314,6 +320,12 @@ impl Mesh {
         self.meshd_args[i - 1] = args.iter().map(|a| a.to_string()).collect();
     }
 
+    /// The `--endpoint` of cluster `i`'s meshd from its next start on
+    /// (`None`: the gateway's WAN address and WireGuard port).
+    pub fn set_meshd_endpoint(&mut self, i: usize, endpoint: Option<&str>) {
+        self.meshd_endpoints[i - 1] = endpoint.map(str::to_string);
+    }
+
     /// The WireGuard port of cluster `i`'s meshd from its next start on
     /// (`--listen-port`, and `--endpoint` on the gateway's WAN address).
     pub fn set_meshd_port(&mut self, i: usize, port: u16) {
@@ -347,6 +359,11 @@ impl Mesh {
     /// The process id of cluster `i`'s meshd while it runs.
     pub fn meshd_pid(&self, i: usize) -> Option<u32> {
         self.meshd[i - 1].as_ref().map(NsProcess::pid)
+    }
+
+    /// Cluster `i`'s meshd's exit status once it has exited by itself.
+    pub fn meshd_exited(&self, i: usize) -> Option<ExitStatus> {
+        self.meshd[i - 1].as_ref().and_then(NsProcess::try_wait)
     }
 
     /// Sends cluster `i`'s meshd SIGTERM and waits up to `grace` for it to

@@ -330,6 +330,29 @@ impl Netns {
         Path::new(NETNS_DIR).join(&self.name)
     }
 
+    /// `/etc/netns/<name>`: `ip netns exec` bind-mounts each file in it
+    /// over the file of that name in `/etc` for the programs it starts.
+    fn etc_dir(&self) -> PathBuf {
+        Path::new("/etc/netns").join(&self.name)
+    }
+
+    /// Makes `/etc/<file>` read `contents` for the programs started in this
+    /// namespace from now on (e.g. `hosts`, `resolv.conf`; see
+    /// [`Netns::etc_dir`]). Written in place afterwards, so that programs
+    /// already running see the new contents too. Removed with the
+    /// namespace.
+    pub fn set_etc_file(&self, file: &str, contents: &str) -> Result<()> {
+        ensure!(
+            !file.is_empty() && !file.contains('/') && file != "..",
+            "bad /etc file name {file:?}"
+        );
+        let dir = self.etc_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(file);
+        // Truncate and write the same inode: a bind mount of it stays valid.
+        std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))
+    }
+
     /// Runs `ip -n <name> ARGS...`, failing with its output on error.
     pub fn ip(&self, args: &[&str]) -> Result<String> {
         let mut full = vec!["ip", "-n", self.name.as_str()];
@@ -602,6 +625,10 @@ impl Netns {
         let deleted = wait_until(Duration::from_secs(5), || {
             run_host(&["ip", "netns", "del", &self.name]).is_ok() || !self.path().exists()
         });
+        let etc = self.etc_dir();
+        if etc.exists() && std::fs::remove_dir_all(&etc).is_err() {
+            eprintln!("netns harness: could not remove {}", etc.display());
+        }
         if !deleted {
             eprintln!("netns harness: could not delete namespace {}", self.name);
         }

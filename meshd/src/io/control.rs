@@ -28,6 +28,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use super::device::DeviceStats;
+use super::endpoint::Reported;
 use super::health::{JobReadiness, PeerHealth};
 use crate::state::NetState;
 use crate::statedir::StateDir;
@@ -285,12 +286,13 @@ pub async fn run_cache_writer(
 }
 
 /// Reports status every [`REPORT_INTERVAL`] and whenever health changes,
-/// with the `--endpoint` given on the command line (if any), so that the
-/// peers learn a changed one.
+/// with the `--endpoint` given on the command line (if any; a host name
+/// looked up again for each report), so that the peers learn a changed
+/// one.
 pub async fn run_reporter(
     mut gw: Gateway,
     cluster: String,
-    endpoint: Option<SocketAddr>,
+    mut endpoint: Option<Reported>,
     stats: Arc<ArcSwap<DeviceStats>>,
     mut peers: watch::Receiver<BTreeMap<String, PeerHealth>>,
     mut jobs: watch::Receiver<JobReadiness>,
@@ -304,9 +306,16 @@ pub async fn run_reporter(
             r = peers.changed() => if r.is_err() { return },
             r = jobs.changed() => if r.is_err() { return },
         }
+        let at = match endpoint.as_mut() {
+            Some(e) => tokio::select! {
+                () = cancel.cancelled() => return,
+                a = e.current() => Some(a),
+            },
+            None => None,
+        };
         let r = report(
             &cluster,
-            endpoint,
+            at,
             &stats.load(),
             &peers.borrow_and_update(),
             &jobs.borrow_and_update(),

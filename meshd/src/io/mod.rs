@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod device;
+pub mod endpoint;
 pub mod health;
 pub mod jobs;
 pub mod metrics;
