@@ -26,6 +26,10 @@ pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 const MAX_LABEL_LEN: usize = 63;
 /// Longest port name (IANA service name, RFC 6335 §5.1).
 const MAX_PORT_NAME_LEN: usize = 15;
+/// Most entries in one service's `upstreams` or `whitelists`. Tuning:
+/// every gateway compiles every list into its policy tables; 1,000 covers
+/// a team's services many times over and bounds what one object costs.
+pub const MAX_POLICY_ENTRIES: usize = 1_000;
 /// Longest HTTP probe path. Tuning: Kubernetes sets no limit; a path is
 /// one request line meshd writes every second, so keep it short.
 pub const MAX_PROBE_PATH_LEN: usize = 1024;
@@ -58,6 +62,52 @@ fn is_dns_label(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
+}
+
+/// Folds a `namespace/service` policy pattern to lower case and checks it:
+/// two parts, each a DNS-1123 label in which `*` may stand for any run of
+/// characters (`shop/web`, `shop/*`, `*/db`, `team-*/api-*`).
+pub fn policy_pattern(field: &str, value: &str) -> Result<String> {
+    let v = value.trim().to_ascii_lowercase();
+    let Some((ns, svc)) = v.split_once('/') else {
+        return err(
+            field,
+            format!("{value:?} is not namespace/service (e.g. shop/web, shop/*)"),
+        );
+    };
+    for (part, what) in [(ns, "namespace"), (svc, "service")] {
+        let ok = !part.is_empty()
+            && part.len() <= MAX_LABEL_LEN
+            && part
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'*');
+        if !ok {
+            return err(
+                field,
+                format!(
+                    "{value:?}: the {what} part must be 1-{MAX_LABEL_LEN} lower-case letters, digits, '-' or '*'"
+                ),
+            );
+        }
+    }
+    Ok(v)
+}
+
+/// Checks and normalises a policy list: each pattern checked, sorted,
+/// duplicates removed, at most [`MAX_POLICY_ENTRIES`].
+fn policy_list(field: &str, list: &mut Vec<String>) -> Result<()> {
+    if list.len() > MAX_POLICY_ENTRIES {
+        return err(
+            field,
+            format!("{} entries; at most {MAX_POLICY_ENTRIES}", list.len()),
+        );
+    }
+    for (i, p) in list.iter_mut().enumerate() {
+        *p = policy_pattern(&format!("{field}[{i}]"), p)?;
+    }
+    list.sort();
+    list.dedup();
+    Ok(())
 }
 
 /// Folds `value` to lower case and checks it is a DNS-1123 label.
@@ -760,6 +810,8 @@ fn service(s: &mut Service) -> Result<()> {
             ),
         );
     }
+    policy_list("spec.upstreams", &mut spec.upstreams)?;
+    policy_list("spec.whitelists", &mut spec.whitelists)?;
     let tp: TrafficPolicy = enum_value("spec.traffic_policy", spec.traffic_policy)?;
     if tp == TrafficPolicy::Unspecified {
         spec.traffic_policy = TrafficPolicy::Spread as i32;

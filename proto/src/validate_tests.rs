@@ -343,3 +343,61 @@ fn probes_parse_and_fit_the_job() {
         "spec.probe.path"
     );
 }
+
+#[test]
+fn policy_patterns_name_a_namespace_and_a_service() {
+    for (ok, want) in [
+        ("shop/web", "shop/web"),
+        ("Shop/Web", "shop/web"),
+        ("shop/*", "shop/*"),
+        ("*/db", "*/db"),
+        ("*/*", "*/*"),
+        ("team-*/api-*", "team-*/api-*"),
+    ] {
+        assert_eq!(policy_pattern("spec.whitelists[0]", ok).unwrap(), want);
+    }
+    for bad in [
+        "web",
+        "shop/",
+        "/web",
+        "shop/web/x",
+        "shop/we_b",
+        "sh op/web",
+        "",
+    ] {
+        let e = policy_pattern("spec.whitelists[0]", bad).unwrap_err();
+        assert_eq!(e.field, "spec.whitelists[0]", "{bad}");
+    }
+    let svc = |whitelists: Vec<String>| -> Object {
+        Service {
+            metadata: meta("web"),
+            spec: Some(ServiceSpec {
+                ports: vec![ServicePort {
+                    port: 80,
+                    ..Default::default()
+                }],
+                whitelists,
+                upstreams: vec!["shop/db".into(), "Shop/DB".into()],
+                ..Default::default()
+            }),
+            status: None,
+        }
+        .into()
+    };
+    let mut o = svc(vec!["shop/b".into(), "shop/a".into(), "shop/a".into()]);
+    validate::object(&mut o).unwrap();
+    let crate::v1::object::Obj::Service(s) = o.obj.unwrap() else {
+        panic!("kind changed")
+    };
+    let spec = s.spec.unwrap();
+    assert_eq!(spec.whitelists, vec!["shop/a", "shop/b"]);
+    assert_eq!(spec.upstreams, vec!["shop/db"]);
+    let e = validate::object(&mut svc(vec!["shop/a".into(), "web".into()])).unwrap_err();
+    assert_eq!(e.field, "spec.whitelists[1]");
+    let many = (0..=MAX_POLICY_ENTRIES)
+        .map(|i| format!("shop/s{i}"))
+        .collect();
+    let e = validate::object(&mut svc(many)).unwrap_err();
+    assert_eq!(e.field, "spec.whitelists");
+    assert!(e.rule.contains("at most 1000"), "{}", e.rule);
+}

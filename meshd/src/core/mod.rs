@@ -6,5 +6,6 @@ pub mod engine;
 pub mod health;
 pub mod lb;
 pub mod node;
+pub mod policy;
 pub mod probe;
 pub mod route;
