@@ -79,14 +79,19 @@ fn with_error(error: &str, body: &str) -> String {
 /// Reads the edited text into the object to write, or the reason it is
 /// refused. The edit must keep the kind, name and namespace.
 fn check(edited: &str, current: &Object) -> Result<Object, String> {
-    let docs = manifest::split("edit", edited).map_err(|e| e.message)?;
+    // Messages without the document's name: there is only the one.
+    let bare = |e: Exit| match e.message.split_once(": ") {
+        Some((origin, rest)) if origin.starts_with("edit#") => rest.to_string(),
+        _ => e.message,
+    };
+    let docs = manifest::split("edit", edited).map_err(bare)?;
     let [doc] = docs.as_slice() else {
         return Err(format!(
             "the file must hold exactly one object, not {}",
             docs.len()
         ));
     };
-    let m = manifest::parse(doc, current.namespace()).map_err(|e| e.message)?;
+    let m = manifest::parse(doc, current.namespace()).map_err(bare)?;
     if !m.named_targets.is_empty() {
         return Err("edit: give targetPort as a number".to_string());
     }

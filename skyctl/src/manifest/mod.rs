@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize as _;
 use serde_json::Value;
 use skymesh_proto::v1::Object;
-use skymesh_proto::validate::{self, ValidationError};
+use skymesh_proto::validate;
 
 use crate::error::Exit;
 use fields::Fields;
@@ -137,22 +137,23 @@ pub(crate) fn split(name: &str, text: &str) -> Result<Vec<Doc>, Exit> {
 /// Kubernetes; none or `skymesh.io/v1` is skymesh's own), then the object
 /// is validated. `namespace` applies when the document names none.
 pub(crate) fn parse(doc: &Doc, namespace: &str) -> Result<Manifest, Exit> {
-    let at = |e: ValidationError| Exit::usage(format!("{}: {e}", doc.origin));
-    let (mut object, named_targets) = parse_value(&doc.value).map_err(at)?;
+    let (mut object, named_targets) =
+        parse_value(&doc.value).map_err(|e| Exit::usage(format!("{}: {e}", doc.origin)))?;
     if object.kind().namespaced()
         && let Some(m) = object.meta_mut()
         && m.namespace.is_empty()
     {
         m.namespace = namespace.to_string();
     }
+    let what = |o: &Object| format!("{}/{}", o.kind().singular(), o.name().to_ascii_lowercase());
+    let origin = format!("{} ({})", doc.origin, what(&object));
     // Named targets are resolved later; validation needs a number there.
     let named: Vec<usize> = named_targets.iter().map(|t| t.index).collect();
     set_targets(&mut object, &named, 1);
-    validate::object(&mut object).map_err(at)?;
+    validate::object(&mut object).map_err(|e| Exit::usage(format!("{origin}: {e}")))?;
     set_targets(&mut object, &named, 0);
-    let what = format!("{}/{}", object.kind().singular(), object.name());
     Ok(Manifest {
-        origin: format!("{} ({what})", doc.origin),
+        origin,
         object,
         named_targets,
     })
