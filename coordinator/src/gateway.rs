@@ -72,10 +72,27 @@ impl GatewayService {
                 "join needs a join token (authorization: Bearer <token>)".into(),
             ));
         };
-        let joined = self
+        let joined = match self
             .reg
             .join(&cluster, token, &req.public_key, &req.endpoint)
-            .await?;
+            .await
+        {
+            Ok(j) => j,
+            Err(e) => {
+                if matches!(
+                    e,
+                    Error::Unauthenticated(_) | Error::PermissionDenied(_) | Error::Precondition(_)
+                ) {
+                    let why = e.to_string();
+                    crate::events::record(
+                        self.reg.store().as_ref(),
+                        crate::events::join_refused(&cluster, &why),
+                    )
+                    .await;
+                }
+                return Err(e);
+            }
+        };
         Ok(JoinResponse {
             credential: joined.credential,
             overlay_ip: joined.overlay_ip,

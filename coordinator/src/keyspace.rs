@@ -13,6 +13,7 @@
 //! | `/psk/<a>/<b>` | the pre-shared key of a pair of clusters (`a < b`) |
 //! | `/election/controllers` | the controller leader (etcd lease) |
 //! | `/tls/ca` | the mesh CA, certificate and key (shared stores only) |
+//! | `/events/<unix-ms>-<seq>` | a recorded event (protobuf `MeshEvent`), kept 1 h |
 
 use skymesh_proto::v1::Kind;
 
@@ -50,6 +51,9 @@ pub const PSKS: &str = "/psk/";
 pub const CONTROLLER_LEADER: &str = "/election/controllers";
 /// The mesh CA, when the store is shared by several coordinators.
 pub const MESH_CA: &str = "/tls/ca";
+
+/// Recorded events (outside [`REGISTRY`]: recording one is no object write).
+pub const EVENTS: &str = "/events/";
 
 /// The kind's name in keys (`clusters`, `jobs`, ...).
 pub fn plural(kind: Kind) -> &'static str {

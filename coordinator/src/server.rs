@@ -171,7 +171,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             let (reg, store) = (reg.clone(), store.clone());
             async move {
                 tokio::join!(
-                    crate::controller::run(reg, lost.clone()),
+                    crate::controller::run(reg.clone(), lost.clone()),
+                    crate::events::run(reg, lost.clone()),
                     store.leader_duties(lost)
                 );
             }

@@ -150,6 +150,8 @@ pub(crate) enum Target {
     Kind(Kind),
     /// Every cluster's tunnels to its peers.
     Tunnels,
+    /// The state changes the coordinator recorded (kept 1 h).
+    Events,
 }
 
 impl Target {
@@ -157,6 +159,12 @@ impl Target {
     pub(crate) fn parse(s: &str) -> Option<Target> {
         if s.eq_ignore_ascii_case("tunnels") || s.eq_ignore_ascii_case("tunnel") {
             return Some(Target::Tunnels);
+        }
+        if ["events", "event", "ev"]
+            .iter()
+            .any(|e| s.eq_ignore_ascii_case(e))
+        {
+            return Some(Target::Events);
         }
         Kind::from_alias(s).map(Target::Kind)
     }
@@ -177,6 +185,7 @@ fn kind_values() -> Vec<PossibleValue> {
 fn target_parser() -> impl TypedValueParser<Value = Target> {
     let mut values = kind_values();
     values.push(PossibleValue::new("tunnels").alias("tunnel"));
+    values.push(PossibleValue::new("events").aliases(["event", "ev"]));
     PossibleValuesParser::new(values)
         .try_map(|s| Target::parse(&s).ok_or_else(|| format!("unknown kind {s:?}")))
 }
@@ -685,6 +694,8 @@ mod tests {
             ("namespaces", Target::Kind(Kind::Namespace)),
             ("ns", Target::Kind(Kind::Namespace)),
             ("tunnels", Target::Tunnels),
+            ("events", Target::Events),
+            ("ev", Target::Events),
         ] {
             let cli = parse(&["get", word, "-w"]);
             let Command::Get(g) = cli.command else {

@@ -385,6 +385,15 @@ pub(crate) async fn run(ctx: &mut Ctx, kind: Kind, namespace: &str, name: &str) 
             out
         }
     };
-    output::emit(&text)?;
+    let mut events = crate::events::of_object(ctx, kind, ns, name).await?;
+    // A service's endpoints changes are its own story.
+    if kind == Kind::Service {
+        events.extend(crate::events::of_object(ctx, Kind::Endpoints, ns, name).await?);
+        events.sort_by_key(|e| (e.timestamp, e.resource_version));
+    }
+    output::emit(&format!(
+        "{text}{}",
+        crate::events::describe_lines(&events, now)
+    ))?;
     Ok(())
 }

@@ -7,7 +7,7 @@
 //! - [`cli`]: the grammar (clap): verbs, kinds and aliases, both flag spellings.
 //! - [`client`]: URL, admin token, connection; [`error`]: messages and exit codes.
 //! - [`create`], [`get`], [`delete`], [`watch`], [`apply`] (`apply`/`create`/`delete -f`),
-//!   [`edit`], [`describe`], [`join_token`], [`health`], [`completions`]:
+//!   [`edit`], [`describe`], [`events`] (`get events`), [`join_token`], [`health`], [`completions`]:
 //!   one module per subcommand.
 //! - [`manifest`]: YAML/JSON documents (skymesh's and Kubernetes v1) into objects.
 //! - [`output`]: tables, json/yaml documents, human units.
@@ -25,6 +25,7 @@ mod delete;
 mod describe;
 mod edit;
 mod error;
+mod events;
 mod get;
 mod health;
 mod join_token;
@@ -81,6 +82,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let name = validate::name("NAME", &args.name).map_err(Exit::from)?;
             let ctx = &mut client::connect(&cli.global).await?;
             describe::run(ctx, args.kind, &namespace, &name).await
+        }
+        Command::Get(args) if args.target == cli::Target::Events => {
+            if args.name.is_some() {
+                return Err(Exit::usage(
+                    "events have no names: skyctl get events [--watch] (an object's events: skyctl describe KIND NAME)",
+                )
+                .into());
+            }
+            let ctx = &mut client::connect(&cli.global).await?;
+            events::run(ctx, &namespace, args.all_namespaces, args.watch).await
         }
         Command::Get(args) => {
             let (scope, view) = get::scope_of(&namespace, args)?;

@@ -536,6 +536,38 @@ fn applied_port_changes_reach_the_mesh_within_a_second() {
         "the established flow survives the update"
     );
 
+    // Events: the service's own in describe; `get events --watch` sees a
+    // job go not ready when its listener stops.
+    let d = mesh.sky(&["describe", "service", "web"]).unwrap();
+    for reason in ["Created", "VipAllocated", "Updated", "EndpointsChanged"] {
+        assert!(d.contains(reason), "{reason} in describe:\n{d}");
+    }
+    let (watch_out, watch_err) = (dir.join("events.out"), dir.join("events.err"));
+    let watch = mesh
+        .spawn_skyctl(&["get", "events", "--watch"], &watch_out, &watch_err)
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || std::fs::read_to_string(
+            &watch_out
+        )
+        .unwrap_or_default()
+        .contains("LAST SEEN")),
+        "the watch printed its table"
+    );
+    replicas[1].stop();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let out = std::fs::read_to_string(&watch_out).unwrap_or_default();
+            out.lines().any(|l| {
+                l.contains("Warning") && l.contains("NotReady") && l.contains("job/web-2-1")
+            })
+        }),
+        "get events --watch saw web-2-1 go not ready:\n{}\n{}",
+        std::fs::read_to_string(&watch_out).unwrap_or_default(),
+        std::fs::read_to_string(&watch_err).unwrap_or_default()
+    );
+    watch.kill();
+
     // Removing the port again: it stops answering.
     assert_eq!(
         mesh.sky(&["apply", "-f", &v1]).unwrap(),
@@ -549,6 +581,10 @@ fn applied_port_changes_reach_the_mesh_within_a_second() {
         .is_err()),
         "a removed port stops answering within 1 s"
     );
-    assert!(name_at(&mesh, SocketAddr::from((vip, 80))).is_ok());
+    assert!(wait_until(Duration::from_secs(3), || name_at(
+        &mesh,
+        SocketAddr::from((vip, 80))
+    )
+    .is_ok()));
     drop(replicas);
 }
