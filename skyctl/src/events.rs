@@ -184,6 +184,14 @@ pub(crate) async fn run(ctx: &mut Ctx, namespace: &str, all: bool, watch: bool) 
                         Err(st) if st.code() == Code::Unauthenticated => {
                             return Err(ctx.status(&st).into());
                         }
+                        Err(st) if st.code() == Code::OutOfRange => {
+                            // History after `last` is gone: relist and
+                            // print what is newer.
+                            eprintln!("watch: {}; listing again", st.message());
+                            last = relist(ctx, namespace, all, last, tabular, format, &mut layout)
+                                .await?;
+                            break;
+                        }
                         Err(_) => break,
                     }
                 }
@@ -196,6 +204,40 @@ pub(crate) async fn run(ctx: &mut Ctx, namespace: &str, all: bool, watch: bool) 
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// Lists again after a compacted watch, prints the events newer than
+/// `last` and returns the revision to watch from.
+async fn relist(
+    ctx: &mut Ctx,
+    namespace: &str,
+    all: bool,
+    last: u64,
+    tabular: bool,
+    format: OutputFormat,
+    layout: &mut table::Layout,
+) -> Result<u64> {
+    let list = ctx
+        .api
+        .list_events(ListEventsRequest {
+            namespace: namespace.to_string(),
+            all_namespaces: all,
+            kind: 0,
+            name: String::new(),
+        })
+        .await
+        .map_err(|s| ctx.status(&s))?
+        .into_inner();
+    for e in list.events.iter().filter(|e| e.resource_version > last) {
+        if tabular {
+            let r = row(e, output::now());
+            layout.widen(&r);
+            output::emit(&layout.line(&r))?;
+        } else {
+            output::emit(&render_doc(format, &doc(e), true)?)?;
+        }
+    }
+    Ok(list.resource_version.max(last))
 }
 
 #[cfg(test)]

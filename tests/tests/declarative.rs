@@ -393,6 +393,59 @@ fn edit_reopens_on_errors_and_writes_only_valid_edits() {
     refused(&out, 1, &["edit cancelled", "spec.ports[0].port"]);
     assert_eq!(json(&c, &["get", "svc", "web"]), svc);
 
+    // Someone else writes while the editor is open: the update conflicts,
+    // the editor reopens on the latest version with the error on top, and
+    // the edit made again there is written over the other change.
+    ok(&c.skyctl(&["apply", "-f", &v1]));
+    let other = write(
+        dir.path(),
+        "other.yaml",
+        &WEB_V1.replace(
+            "    app: web\n  annotations",
+            "    app: web\n    tier: front\n  annotations",
+        ),
+    );
+    let racing = write(
+        dir.path(),
+        "racing.sh",
+        &format!(
+            "#!/bin/sh\nn=$(ls \"$LOG\" | wc -l)\ncp \"$1\" \"$LOG/race-$n.yaml\"\n\
+             sed -i 's/^    port: 80$/    port: 8090/' \"$1\"\n\
+             if [ \"$n\" = 0 ]; then \"$SKYCTL_BIN\" apply -f {other} >/dev/null; fi\n"
+        ),
+    );
+    Command::new("chmod")
+        .args(["+x", &racing])
+        .status()
+        .unwrap();
+    let race_log = dir.path().join("race");
+    std::fs::create_dir(&race_log).unwrap();
+    let bin = bin_path("skyctl");
+    let out = skyctl_with(
+        &c,
+        &[
+            ("EDITOR", &racing),
+            ("LOG", race_log.to_str().unwrap()),
+            ("SKYCTL_BIN", bin.to_str().unwrap()),
+        ],
+        "",
+        &["edit", "svc", "web"],
+    );
+    assert_eq!(ok(&out), "service/web edited\n");
+    let reopened = std::fs::read_to_string(race_log.join("race-1.yaml")).unwrap();
+    assert!(
+        reopened.contains("# conflict: service \"web\" was modified")
+            && reopened.contains("tier: front")
+            && reopened.contains("# Your edit, not saved"),
+        "reopened on the latest version with the conflict on top:\n{reopened}"
+    );
+    let svc = json(&c, &["get", "svc", "web"]);
+    assert_eq!(
+        svc["metadata"]["labels"]["tier"], "front",
+        "the other writer's change stays"
+    );
+    assert_eq!(svc["spec"]["ports"][0]["port"], 8090, "the edit is written");
+
     // describe: the spec, the VIP, the selected jobs.
     let d = ok(&c.skyctl(&["describe", "svc", "web"]));
     assert!(
@@ -582,6 +635,43 @@ fn applied_port_changes_reach_the_mesh_within_a_second() {
         "a removed port stops answering within 1 s"
     );
     assert!(wait_until(Duration::from_secs(3), || name_at(
+        &mesh,
+        SocketAddr::from((vip, 80))
+    )
+    .is_ok()));
+
+    // A selector that picks nothing: the VIP refuses at once, within 1 s;
+    // back to app=web: it answers again.
+    let none = write(
+        &dir,
+        "web-none.yaml",
+        &WEB_V1
+            .replace("  selector:\n    app: web", "  selector:\n    app: none")
+            // A port name resolves only against selected jobs.
+            .replace("targetPort: http", "targetPort: 8080"),
+    );
+    assert_eq!(
+        mesh.sky(&["apply", "-f", &none]).unwrap(),
+        "service/web configured\n"
+    );
+    let applied = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(1), || name_at(
+            &mesh,
+            SocketAddr::from((vip, 80))
+        )
+        .is_err()),
+        "a selector change reaches the balancer within 1 s"
+    );
+    eprintln!(
+        "selector change took effect {:?} after the apply",
+        applied.elapsed()
+    );
+    assert_eq!(
+        mesh.sky(&["apply", "-f", &v1]).unwrap(),
+        "service/web configured\n"
+    );
+    assert!(wait_until(Duration::from_secs(1), || name_at(
         &mesh,
         SocketAddr::from((vip, 80))
     )
