@@ -26,7 +26,7 @@ use skymesh_store::{EventKind, Op, Store};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
-use crate::keyspace::{EVENTS, REGISTRY};
+use crate::keyspace::{EVENTS, EVENTS_CURSOR, REGISTRY};
 use crate::registry::{Registry, decode, unix_now};
 
 /// How long an event is kept (Kubernetes' default `--event-ttl`).
@@ -233,41 +233,119 @@ pub fn diff(old: Option<&Object>, new: Option<&Object>) -> Vec<Draft> {
     out
 }
 
-/// Store key of an event: time first, so keys list oldest first.
-fn key(now_ms: i64, seq: u64) -> String {
-    format!("{EVENTS}{now_ms:015}-{seq:020}")
+/// Store key of an event: the revision of the object write it comes from
+/// first, so keys list oldest first and recording a revision twice (after
+/// a restart or a failover) writes the same keys.
+fn key(revision: u64, n: usize) -> String {
+    format!("{EVENTS}{revision:020}-{n:04}")
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// Stores events (one write).
-async fn store_events(store: &dyn Store, seq: u64, drafts: Vec<Draft>) -> Result<()> {
+/// Stores the events of the object writes at `revision` and moves the
+/// recorder's cursor there (one write).
+async fn store_events(store: &dyn Store, revision: u64, drafts: Vec<Draft>) -> Result<()> {
     if drafts.is_empty() {
         return Ok(());
     }
-    let (now, ms) = (unix_now(), now_ms());
-    let ops = drafts
+    let now = unix_now();
+    let mut ops: Vec<Op> = drafts
         .into_iter()
         .enumerate()
         .map(|(i, d)| Op::Put {
-            key: key(ms, seq.saturating_mul(100).saturating_add(i as u64)),
+            key: key(revision, i),
             value: d.into_event(now).encode_to_vec(),
         })
         .collect();
+    ops.push(Op::Put {
+        key: EVENTS_CURSOR.to_string(),
+        value: revision.to_string().into_bytes(),
+    });
     store.txn(Vec::new(), ops).await?;
     Ok(())
 }
 
-/// Records an event that is no object write (a refused join). Failing to
-/// record it is logged, never the caller's failure.
+/// Makes sure the recorder has a cursor (the current revision on a fresh
+/// store), so writes made before it starts are recorded. Call at startup.
+pub async fn init_cursor(store: &dyn Store) -> Result<()> {
+    if store.get(EVENTS_CURSOR).await?.is_none() {
+        let rev = store.current_revision().await?;
+        store
+            .txn(
+                vec![skymesh_store::Compare::Absent(EVENTS_CURSOR.to_string())],
+                vec![Op::Put {
+                    key: EVENTS_CURSOR.to_string(),
+                    value: rev.to_string().into_bytes(),
+                }],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Where the recorder resumes: after its cursor, else now.
+async fn cursor(store: &dyn Store) -> Result<u64> {
+    match store.get(EVENTS_CURSOR).await? {
+        Some(kv) => Ok(String::from_utf8_lossy(&kv.value)
+            .trim()
+            .parse()
+            .unwrap_or(0)),
+        None => Ok(store.current_revision().await?),
+    }
+}
+
+/// Records an event that is no object write (a refused join), keyed after
+/// the current revision. Failing to record it is logged, never the
+/// caller's failure.
 pub async fn record(store: &dyn Store, draft: Draft) {
-    let seq = rand::random::<u32>().into();
-    if let Err(e) = store_events(store, seq, vec![draft]).await {
+    let result = async {
+        let rev = store.current_revision().await?;
+        let k = format!("{}-join-{:08x}", key(rev, 0), rand::random::<u32>());
+        store
+            .txn(
+                Vec::new(),
+                vec![Op::Put {
+                    key: k,
+                    value: draft.into_event(unix_now()).encode_to_vec(),
+                }],
+            )
+            .await?;
+        Ok::<(), Error>(())
+    }
+    .await;
+    if let Err(e) = result {
         tracing::warn!(error = %e, "failed to record an event");
+    }
+}
+
+/// Tuning: at most one JoinRefused event per cluster this often, so that
+/// unauthenticated callers cannot turn failed joins into store writes.
+const JOIN_REFUSED_EVERY_S: i64 = 10;
+/// Tuning: clusters remembered by [`JoinRefusals`] before it forgets all.
+const JOIN_REFUSALS_TRACKED: usize = 1024;
+
+/// Which refused joins are worth an event: one per cluster per
+/// [`JOIN_REFUSED_EVERY_S`].
+#[derive(Debug, Clone, Default)]
+pub struct JoinRefusals {
+    last: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
+}
+
+impl JoinRefusals {
+    /// Whether a refusal of `cluster` at `now` gets an event.
+    pub fn allow(&self, cluster: &str, now: i64) -> bool {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.len() >= JOIN_REFUSALS_TRACKED {
+            last.clear();
+        }
+        match last.get(cluster) {
+            Some(t) if now - t < JOIN_REFUSED_EVERY_S => false,
+            _ => {
+                last.insert(cluster.to_string(), now);
+                true
+            }
+        }
     }
 }
 
@@ -384,7 +462,7 @@ pub async fn run(reg: Registry, cancel: CancellationToken) {
     let store = reg.store().clone();
     let mut backoff = Duration::from_millis(100);
     loop {
-        let from = match store.current_revision().await {
+        let from = match cursor(store.as_ref()).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "event recorder: no revision; retrying");
@@ -401,10 +479,22 @@ pub async fn run(reg: Registry, cancel: CancellationToken) {
         loop {
             tokio::select! {
                 batch = changes.next() => {
-                    let Some(Ok(batch)) = batch else {
-                        // The watch ended (compacted, store closed): start
-                        // again from now.
-                        break;
+                    let batch = match batch {
+                        Some(Ok(b)) => b,
+                        Some(Err(skymesh_store::Error::Compacted { .. })) => {
+                            // The history after the cursor is gone: the
+                            // events of those writes are lost; go on from now.
+                            tracing::warn!(after = from, "event recorder fell behind the store's history; events skipped");
+                            if let Ok(rev) = store.current_revision().await {
+                                let _ = store.txn(Vec::new(), vec![Op::Put {
+                                    key: EVENTS_CURSOR.to_string(),
+                                    value: rev.to_string().into_bytes(),
+                                }]).await;
+                            }
+                            break;
+                        }
+                        // The watch ended (store closed): start again.
+                        Some(Err(_)) | None => break,
                     };
                     backoff = Duration::from_millis(100);
                     let mut drafts = Vec::new();
@@ -584,6 +674,15 @@ mod tests {
             object: Some((Kind::Service, "web".into())),
         };
         assert!(one.covers(&e, 100));
-        assert!(key(1, 2) < key(10, 1), "keys sort by time");
+        assert!(key(1, 2) < key(10, 1), "keys sort by revision");
+    }
+
+    #[test]
+    fn join_refusals_are_rate_limited_per_cluster() {
+        let r = JoinRefusals::default();
+        assert!(r.allow("c1", 100));
+        assert!(!r.allow("c1", 105));
+        assert!(r.allow("c2", 105));
+        assert!(r.allow("c1", 100 + JOIN_REFUSED_EVERY_S));
     }
 }

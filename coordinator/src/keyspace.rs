@@ -13,7 +13,8 @@
 //! | `/psk/<a>/<b>` | the pre-shared key of a pair of clusters (`a < b`) |
 //! | `/election/controllers` | the controller leader (etcd lease) |
 //! | `/tls/ca` | the mesh CA, certificate and key (shared stores only) |
-//! | `/events/<unix-ms>-<seq>` | a recorded event (protobuf `MeshEvent`), kept 1 h |
+//! | `/events/<revision>-<n>` | a recorded event (protobuf `MeshEvent`), kept 1 h; `<revision>` is the object write's |
+//! | `/events-cursor` | the last object-write revision the event recorder has recorded |
 
 use skymesh_proto::v1::Kind;
 
@@ -54,6 +55,8 @@ pub const MESH_CA: &str = "/tls/ca";
 
 /// Recorded events (outside [`REGISTRY`]: recording one is no object write).
 pub const EVENTS: &str = "/events/";
+/// The event recorder's progress (outside [`EVENTS`]).
+pub const EVENTS_CURSOR: &str = "/events-cursor";
 
 /// The kind's name in keys (`clusters`, `jobs`, ...).
 pub fn plural(kind: Kind) -> &'static str {

@@ -678,3 +678,60 @@ fn applied_port_changes_reach_the_mesh_within_a_second() {
     .is_ok()));
     drop(replicas);
 }
+
+/// Events of the coordinator alone: an object's life, and a refused join
+/// (recorded once per cluster per 10 s, and only for clusters that exist).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_record_object_changes_and_refused_joins() {
+    let c = coordinator_with_jobs();
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = write(dir.path(), "web.yaml", WEB_V1);
+    ok(&c.skyctl(&["apply", "-f", &v1]));
+    let mut gw = c.gateway("skyjoin_not-a-token").await.unwrap();
+    for cluster in ["c1", "c1", "nope"] {
+        let refused = gw
+            .join(skymesh_proto::v1::JoinRequest {
+                cluster: cluster.into(),
+                public_key: base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    [7u8; 32],
+                ),
+                endpoint: "127.0.0.1:51820".into(),
+            })
+            .await;
+        assert!(refused.is_err());
+    }
+    ok(&c.skyctl(&["delete", "-f", &v1]));
+    let mut seen = String::new();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            seen = ok(&c.skyctl(&["get", "events"]));
+            seen.contains("service deleted, VIP 100.65.")
+        }),
+        "{seen}"
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(&ok(&c.skyctl(&["get", "events", "-o", "json"]))).unwrap();
+    let items = doc["items"].as_array().unwrap();
+    let reasons: Vec<(&str, &str)> = items
+        .iter()
+        .map(|e| {
+            (
+                e["reason"].as_str().unwrap(),
+                e["object"]["name"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    for want in [
+        ("Created", "c1"),
+        ("Created", "web-1"),
+        ("Created", "web"),
+        ("VipAllocated", "web"),
+        ("Deleted", "web"),
+    ] {
+        assert!(reasons.contains(&want), "{want:?} in {reasons:?}");
+    }
+    let refusals: Vec<_> = reasons.iter().filter(|r| r.0 == "JoinRefused").collect();
+    assert_eq!(refusals, [&("JoinRefused", "c1")], "{reasons:?}");
+    assert!(seen.contains("Warning   JoinRefused"), "{seen}");
+}
