@@ -319,11 +319,10 @@ pub async fn record(store: &dyn Store, draft: Draft) {
 /// Tuning: at most one JoinRefused event per cluster this often, so that
 /// unauthenticated callers cannot turn failed joins into store writes.
 const JOIN_REFUSED_EVERY_S: i64 = 10;
-/// Tuning: clusters remembered by [`JoinRefusals`] before it forgets all.
+/// Tuning: clusters remembered by `JoinRefusals` before it forgets all.
 const JOIN_REFUSALS_TRACKED: usize = 1024;
 
-/// Which refused joins are worth an event: one per cluster per
-/// [`JOIN_REFUSED_EVERY_S`].
+/// Which refused joins are worth an event: one per cluster per 10 s.
 #[derive(Debug, Clone, Default)]
 pub struct JoinRefusals {
     last: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
