@@ -467,8 +467,13 @@ fn edit_reopens_on_errors_and_writes_only_valid_edits() {
 /// Connects to `dst` from cluster 1's first app host and reads the
 /// replica's name.
 fn name_at(mesh: &Mesh, dst: SocketAddr) -> std::io::Result<String> {
+    name_from(mesh, 1, dst)
+}
+
+/// [`name_at`] from cluster `c`'s first app host.
+fn name_from(mesh: &Mesh, c: usize, dst: SocketAddr) -> std::io::Result<String> {
     mesh.topo
-        .app(1, 1)
+        .app(c, 1)
         .run_in(move || {
             let s = TcpStream::connect_timeout(&dst, Duration::from_millis(500))?;
             s.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -477,6 +482,16 @@ fn name_at(mesh: &Mesh, dst: SocketAddr) -> std::io::Result<String> {
             Ok(line.trim().to_string())
         })
         .unwrap()
+}
+
+/// The SRV answer for `name` from cluster `c`'s gateway DNS (`dig +short`).
+fn srv(mesh: &Mesh, c: usize, name: &str) -> String {
+    let server = format!("@{}", mesh.topo.gateway_lan_ip(c));
+    let out = mesh
+        .topo
+        .app(c, 1)
+        .exec(&["dig", &server, "+time=1", "+tries=1", "+short", name, "SRV"]);
+    text(&out.stdout)
 }
 
 #[test]
@@ -580,6 +595,27 @@ fn applied_port_changes_reach_the_mesh_within_a_second() {
         "the new port answers within 1 s of the apply"
     );
     eprintln!("new port answered {:?} after the apply", applied.elapsed());
+    // Every gateway's balancer and DNS have it within that second.
+    for c in 1..=3 {
+        assert!(
+            name_from(&mesh, c, SocketAddr::from((vip, 8081))).is_ok(),
+            "cluster {c} reaches the new port"
+        );
+    }
+    assert!(
+        wait_until(
+            Duration::from_secs(1).saturating_sub(applied.elapsed()),
+            || { (1..=3).all(|c| srv(&mesh, c, "_alt._tcp.web.default.svc").contains(" 8081 ")) }
+        ),
+        "SRV of the new named port in every cluster's DNS within 1 s: {:?}",
+        (1..=3)
+            .map(|c| srv(&mesh, c, "_alt._tcp.web.default.svc"))
+            .collect::<Vec<_>>()
+    );
+    eprintln!(
+        "every cluster's DNS had the new port {:?} after the apply",
+        applied.elapsed()
+    );
     assert_eq!(mesh.service_vip("web").unwrap(), vip, "the VIP is kept");
     long.write_all(b"still there?\n").unwrap();
     let mut line = String::new();
