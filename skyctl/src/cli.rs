@@ -111,10 +111,10 @@ pub(crate) enum OutputFormat {
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Create an object from flags, or the objects of files with -f.
-    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    #[command(args_conflicts_with_subcommands = true)]
     Create {
         /// File, directory or - (stdin) of YAML/JSON documents to create.
-        #[arg(short = 'f', long = "filename", required = true, value_name = "FILE")]
+        #[arg(short = 'f', long = "filename", value_name = "FILE")]
         files: Vec<PathBuf>,
         #[command(subcommand)]
         what: Option<CreateCommand>,

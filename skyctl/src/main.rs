@@ -53,6 +53,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let obj = create::build(what, &namespace).map_err(Exit::from)?;
             create::run(&mut client::connect(&cli.global).await?, obj).await
         }
+        Command::Create { what: None, files } if files.is_empty() => Err(Exit::usage(
+            "create needs a kind (service, endpoints, cluster, job, namespace) and its flags, or -f FILE (see skyctl create --help)",
+        )
+        .into()),
         Command::Create { what: None, files } => {
             let manifests = apply::plan(&namespace, files)?;
             let ctx = &mut client::connect(&cli.global).await?;
