@@ -676,6 +676,100 @@ mod tests {
         assert!(key(1, 2) < key(10, 1), "keys sort by revision");
     }
 
+    fn web(name: &str) -> Object {
+        Service {
+            metadata: meta(name),
+            spec: Some(ServiceSpec {
+                ports: vec![skymesh_proto::v1::ServicePort {
+                    port: 80,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            status: None,
+        }
+        .into()
+    }
+
+    async fn reasons_of(store: &dyn Store, name: &str) -> Vec<String> {
+        let f = Filter {
+            namespace: None,
+            object: Some((Kind::Service, name.into())),
+        };
+        let (events, _) = list(store, &f).await.unwrap();
+        events.into_iter().map(|e| e.reason).collect()
+    }
+
+    /// The recorder against a real store: it records from its cursor, so
+    /// writes made while it is stopped are recorded once when it starts
+    /// again; expired events are deleted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_from_its_cursor_and_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(
+            skymesh_store::embedded::EmbeddedStore::open(&dir.path().join("s.redb")).unwrap(),
+        );
+        let reg = Registry::new(
+            store.clone(),
+            "100.64.0.0/16".parse().unwrap(),
+            "100.65.0.0/16".parse().unwrap(),
+            Duration::from_secs(3600),
+        );
+        reg.ensure_default_namespace().await.unwrap();
+        init_cursor(store.as_ref()).await.unwrap();
+        // Written before the recorder runs.
+        reg.create(web("early")).await.unwrap();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(reg.clone(), cancel.clone()));
+        let wait_for = |name: &'static str, n: usize| {
+            let store = store.clone();
+            async move {
+                for _ in 0..100 {
+                    if reasons_of(store.as_ref(), name).await.len() >= n {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                panic!("no events for {name}");
+            }
+        };
+        wait_for("early", 2).await;
+        cancel.cancel();
+        task.await.unwrap();
+        // Written while it is stopped.
+        reg.create(web("late")).await.unwrap();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(reg.clone(), cancel.clone()));
+        wait_for("late", 2).await;
+        assert_eq!(
+            reasons_of(store.as_ref(), "early").await,
+            ["Created", "VipAllocated"]
+        );
+        assert_eq!(
+            reasons_of(store.as_ref(), "late").await,
+            ["Created", "VipAllocated"]
+        );
+        cancel.cancel();
+        task.await.unwrap();
+
+        // An hour-old event is no longer listed, and reaped.
+        let old = Draft::of(&web("old"), "Created", "x".into(), false)
+            .into_event(unix_now() - EVENT_TTL_S - 1);
+        store
+            .txn(
+                Vec::new(),
+                vec![Op::Put {
+                    key: key(1, 0),
+                    value: old.encode_to_vec(),
+                }],
+            )
+            .await
+            .unwrap();
+        assert!(reasons_of(store.as_ref(), "old").await.is_empty());
+        assert_eq!(reap(store.as_ref()).await.unwrap(), 1);
+        assert!(store.get(&key(1, 0)).await.unwrap().is_none());
+    }
+
     #[test]
     fn join_refusals_are_rate_limited_per_cluster() {
         let r = JoinRefusals::default();
