@@ -168,13 +168,26 @@ fn fail(ctx: &Ctx, m: &Manifest, s: &Status) -> (Exit, bool) {
 }
 
 async fn create_one(ctx: &mut Ctx, m: &Manifest) -> OneResult {
-    ctx.api
+    let resp = ctx
+        .api
         .create(CreateRequest {
             object: Some(m.object.clone()),
         })
         .await
-        .map_err(|s| fail(ctx, m, &s))?;
-    Ok(format!("{} created", m.what()))
+        .map_err(|s| fail(ctx, m, &s))?
+        .into_inner();
+    let mut line = format!("{} created", m.what());
+    // A new cluster's join token is shown once, as `create cluster` does.
+    if !resp.join_token.is_empty() {
+        line.push('\n');
+        line.push_str(&crate::create::join_instructions(
+            &ctx.url,
+            m.object.name(),
+            &resp.join_token,
+            resp.join_token_expires,
+        ));
+    }
+    Ok(line)
 }
 
 async fn delete_one(ctx: &mut Ctx, m: &Manifest) -> OneResult {

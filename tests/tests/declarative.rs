@@ -240,6 +240,30 @@ fn apply_creates_updates_and_keeps_the_vip() {
         ok(&c.skyctl(&["create", "-f", &v1])),
         "service/web created\n"
     );
+
+    // A cluster made by apply gets its join token shown, as with create.
+    let cluster = write(
+        dir.path(),
+        "c2.yaml",
+        "kind: Cluster\nmetadata: {name: c2}\nspec: {workload_cidrs: [10.2.0.0/16]}\n",
+    );
+    let out = ok(&c.skyctl(&["apply", "-f", &cluster]));
+    assert!(out.starts_with("cluster/c2 created\njoin token"), "{out}");
+    assert!(out.contains("skyjoin_"), "{out}");
+    assert_eq!(
+        ok(&c.skyctl(&["apply", "-f", &cluster])),
+        "cluster/c2 unchanged\n"
+    );
+    let overlap = write(
+        dir.path(),
+        "c3.yaml",
+        "kind: Cluster\nmetadata: {name: c3}\nspec: {workload_cidrs: [10.2.1.0/24]}\n",
+    );
+    refused(
+        &c.skyctl(&["apply", "-f", &overlap]),
+        1,
+        &["c3.yaml#1 (cluster/c3)", "overlaps"],
+    );
 }
 
 #[test]
