@@ -5,8 +5,9 @@
 use futures::StreamExt as _;
 use skymesh_proto::v1::{
     CreateRequest, CreateResponse, DeleteRequest, GetRequest, IssueJoinTokenRequest,
-    IssueJoinTokenResponse, Kind, ListRequest, ListResponse, Object, UpdateRequest, WatchRequest,
-    WatchResponse, api_server::Api,
+    IssueJoinTokenResponse, Kind, ListEventsRequest, ListEventsResponse, ListRequest, ListResponse,
+    MeshEvent, Object, UpdateRequest, WatchEventsRequest, WatchRequest, WatchResponse,
+    api_server::Api,
 };
 use skymesh_proto::validate;
 use tokio_util::sync::CancellationToken;
@@ -135,6 +136,39 @@ impl Api for ApiService {
         )))
     }
 
+    async fn list_events(
+        &self,
+        req: Request<ListEventsRequest>,
+    ) -> Result<Response<ListEventsResponse>, Status> {
+        let r = req.into_inner();
+        let filter = event_filter(&r.namespace, r.all_namespaces, r.kind, &r.name)?;
+        let (events, resource_version) =
+            crate::events::list(self.reg.store().as_ref(), &filter).await?;
+        Ok(Response::new(ListEventsResponse {
+            events,
+            resource_version,
+        }))
+    }
+
+    type WatchEventsStream = ResponseStream<MeshEvent>;
+
+    async fn watch_events(
+        &self,
+        req: Request<WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let r = req.into_inner();
+        let filter = event_filter(&r.namespace, r.all_namespaces, 0, "")?;
+        let permit = self.watches.acquire("admin")?;
+        let s = crate::events::watch(self.reg.store().as_ref(), filter, r.resource_version);
+        Ok(Response::new(until_shutdown(
+            s.map(move |r| {
+                let _held = &permit;
+                r.map_err(Status::from)
+            }),
+            self.shutdown.clone(),
+        )))
+    }
+
     async fn issue_join_token(
         &self,
         req: Request<IssueJoinTokenRequest>,
@@ -145,6 +179,28 @@ impl Api for ApiService {
             expires,
         }))
     }
+}
+
+/// The events a request covers.
+fn event_filter(
+    ns: &str,
+    all: bool,
+    kind: i32,
+    name: &str,
+) -> Result<crate::events::Filter, Status> {
+    let namespace = match namespace(ns, all) {
+        Some(n) => Some(validate::name("namespace", n).map_err(Error::from)?),
+        None => None,
+    };
+    let object = if name.is_empty() {
+        None
+    } else {
+        Some((
+            self::kind(kind)?,
+            validate::name("name", name).map_err(Error::from)?,
+        ))
+    };
+    Ok(crate::events::Filter { namespace, object })
 }
 
 /// `None` (all namespaces) or the namespace asked for (default `default`).

@@ -33,6 +33,7 @@ pub struct GatewayService {
     shutdown: CancellationToken,
     netmaps: StreamLimit,
     cache: WorldCache,
+    refusals: crate::events::JoinRefusals,
 }
 
 impl GatewayService {
@@ -48,6 +49,7 @@ impl GatewayService {
             shutdown,
             netmaps: StreamLimit::new("netmap streams", MAX_NETMAP_STREAMS_PER_CLUSTER),
             cache,
+            refusals: crate::events::JoinRefusals::default(),
         }
     }
 
@@ -72,10 +74,31 @@ impl GatewayService {
                 "join needs a join token (authorization: Bearer <token>)".into(),
             ));
         };
-        let joined = self
+        let joined = match self
             .reg
             .join(&cluster, token, &req.public_key, &req.endpoint)
-            .await?;
+            .await
+        {
+            Ok(j) => j,
+            Err(e) => {
+                // Only for clusters that exist, and rate-limited: the
+                // caller is not authenticated.
+                if matches!(
+                    e,
+                    Error::Unauthenticated(_) | Error::PermissionDenied(_) | Error::Precondition(_)
+                ) && self.reg.get(Kind::Cluster, "", &cluster).await.is_ok()
+                    && self.refusals.allow(&cluster, unix_now())
+                {
+                    let why = e.to_string();
+                    crate::events::record(
+                        self.reg.store().as_ref(),
+                        crate::events::join_refused(&cluster, &why),
+                    )
+                    .await;
+                }
+                return Err(e);
+            }
+        };
         Ok(JoinResponse {
             credential: joined.credential,
             overlay_ip: joined.overlay_ip,

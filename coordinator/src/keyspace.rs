@@ -13,6 +13,8 @@
 //! | `/psk/<a>/<b>` | the pre-shared key of a pair of clusters (`a < b`) |
 //! | `/election/controllers` | the controller leader (etcd lease) |
 //! | `/tls/ca` | the mesh CA, certificate and key (shared stores only) |
+//! | `/events/<revision>-<n>` | a recorded event (protobuf `MeshEvent`), kept 1 h; `<revision>` is the object write's |
+//! | `/events-cursor` | the last object-write revision the event recorder has recorded |
 
 use skymesh_proto::v1::Kind;
 
@@ -50,6 +52,11 @@ pub const PSKS: &str = "/psk/";
 pub const CONTROLLER_LEADER: &str = "/election/controllers";
 /// The mesh CA, when the store is shared by several coordinators.
 pub const MESH_CA: &str = "/tls/ca";
+
+/// Recorded events (outside [`REGISTRY`]: recording one is no object write).
+pub const EVENTS: &str = "/events/";
+/// The event recorder's progress (outside [`EVENTS`]).
+pub const EVENTS_CURSOR: &str = "/events-cursor";
 
 /// The kind's name in keys (`clusters`, `jobs`, ...).
 pub fn plural(kind: Kind) -> &'static str {

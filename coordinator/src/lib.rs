@@ -8,6 +8,7 @@
 //! - [`auth`]: admin token, join tokens, cluster credentials (hashed).
 //! - [`tls`]: the mesh CA and the server certificate.
 //! - [`controller`]: endpoints, service status and cluster phase reconciliation.
+//! - [`events`]: state changes recorded from the object writes, kept 1 h.
 //! - [`election`]: which replica runs the controllers (an etcd lease when
 //!   several coordinators share one etcd).
 //! - [`netmap`]: what one gateway needs, as snapshot or changes.
@@ -25,6 +26,7 @@ pub mod auth;
 pub mod controller;
 pub mod election;
 pub mod error;
+pub mod events;
 pub mod gateway;
 pub mod health;
 pub mod ipam;

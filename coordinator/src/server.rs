@@ -145,6 +145,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     )
     .with_ca_fingerprint(identity.as_ref().map(|i| i.ca_fingerprint));
     reg.ensure_default_namespace().await?;
+    // Events are recorded from here on, whenever the recorder starts.
+    crate::events::init_cursor(reg.store().as_ref()).await?;
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -171,7 +173,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             let (reg, store) = (reg.clone(), store.clone());
             async move {
                 tokio::join!(
-                    crate::controller::run(reg, lost.clone()),
+                    crate::controller::run(reg.clone(), lost.clone()),
+                    crate::events::run(reg, lost.clone()),
                     store.leader_duties(lost)
                 );
             }

@@ -110,15 +110,28 @@ pub(crate) enum OutputFormat {
 /// The verbs.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Create an object.
+    /// Create an object from flags, or the objects of files with -f.
+    #[command(args_conflicts_with_subcommands = true)]
     Create {
+        /// File, directory or - (stdin) of YAML/JSON documents to create.
+        #[arg(short = 'f', long = "filename", value_name = "FILE")]
+        files: Vec<PathBuf>,
         #[command(subcommand)]
-        what: CreateCommand,
+        what: Option<CreateCommand>,
     },
+    /// Create or update the objects of files (YAML/JSON, skymesh documents
+    /// or Kubernetes v1 Service and Endpoints).
+    Apply(FileArgs),
     /// Show objects (or tunnels), optionally following changes with --watch.
     Get(GetArgs),
-    /// Delete objects.
+    /// Delete objects, by name or those of files with -f.
     Delete(DeleteArgs),
+    /// Edit an object's YAML in $EDITOR and update it; an invalid edit or
+    /// a conflict reopens the editor with the error on top.
+    Edit(EditArgs),
+    /// Show an object in detail: spec, VIP, endpoints per cluster, the
+    /// jobs it selects.
+    Describe(DescribeArgs),
     /// Issue a new join token for a cluster whose gateway has not joined yet.
     #[command(name = "join-token", alias = "join_token")]
     JoinToken(JoinTokenArgs),
@@ -137,6 +150,8 @@ pub(crate) enum Target {
     Kind(Kind),
     /// Every cluster's tunnels to its peers.
     Tunnels,
+    /// The state changes the coordinator recorded (kept 1 h).
+    Events,
 }
 
 impl Target {
@@ -144,6 +159,12 @@ impl Target {
     pub(crate) fn parse(s: &str) -> Option<Target> {
         if s.eq_ignore_ascii_case("tunnels") || s.eq_ignore_ascii_case("tunnel") {
             return Some(Target::Tunnels);
+        }
+        if ["events", "event", "ev"]
+            .iter()
+            .any(|e| s.eq_ignore_ascii_case(e))
+        {
+            return Some(Target::Events);
         }
         Kind::from_alias(s).map(Target::Kind)
     }
@@ -164,6 +185,7 @@ fn kind_values() -> Vec<PossibleValue> {
 fn target_parser() -> impl TypedValueParser<Value = Target> {
     let mut values = kind_values();
     values.push(PossibleValue::new("tunnels").alias("tunnel"));
+    values.push(PossibleValue::new("events").aliases(["event", "ev"]));
     PossibleValuesParser::new(values)
         .try_map(|s| Target::parse(&s).ok_or_else(|| format!("unknown kind {s:?}")))
 }
@@ -189,15 +211,58 @@ pub(crate) struct GetArgs {
     pub(crate) all_namespaces: bool,
 }
 
-/// `skyctl delete KIND NAME...`.
+/// `skyctl apply -f FILE...`.
+#[derive(Debug, Args)]
+pub(crate) struct FileArgs {
+    /// File, directory (its *.yaml, *.yml, *.json) or - (stdin) of
+    /// YAML/JSON documents, `---` separated (repeatable).
+    #[arg(short = 'f', long = "filename", required = true, value_name = "FILE")]
+    pub(crate) files: Vec<PathBuf>,
+}
+
+/// `skyctl edit KIND NAME`.
+#[derive(Debug, Args)]
+pub(crate) struct EditArgs {
+    /// Kind of the object.
+    #[arg(value_parser = kind_parser(), ignore_case = true, value_name = "KIND")]
+    pub(crate) kind: Kind,
+    /// Name of the object.
+    pub(crate) name: String,
+}
+
+/// `skyctl describe KIND NAME`.
+#[derive(Debug, Args)]
+pub(crate) struct DescribeArgs {
+    /// Kind of the object.
+    #[arg(value_parser = kind_parser(), ignore_case = true, value_name = "KIND")]
+    pub(crate) kind: Kind,
+    /// Name of the object.
+    pub(crate) name: String,
+}
+
+/// `skyctl delete KIND NAME...` or `skyctl delete -f FILE`.
 #[derive(Debug, Args)]
 pub(crate) struct DeleteArgs {
     /// Kind of the objects.
-    #[arg(value_parser = kind_parser(), ignore_case = true, value_name = "KIND")]
-    pub(crate) kind: Kind,
+    #[arg(
+        value_parser = kind_parser(),
+        ignore_case = true,
+        value_name = "KIND",
+        required_unless_present = "files"
+    )]
+    pub(crate) kind: Option<Kind>,
     /// Names of the objects to delete.
-    #[arg(required = true, num_args = 1.., value_name = "NAME")]
+    #[arg(num_args = 1.., value_name = "NAME", required_unless_present = "files")]
     pub(crate) names: Vec<String>,
+    /// Delete the objects of these files (or directories, or - for stdin)
+    /// instead.
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE",
+        conflicts_with_all = ["kind", "names"]
+    )]
+    pub(crate) files: Vec<PathBuf>,
     /// Clusters only: also take the cluster out of the services and
     /// Endpoints that name it (deleting a service it was the only cluster
     /// of, and Endpoints whose primary cluster it is) instead of refusing.
@@ -442,7 +507,8 @@ mod tests {
         let cli = parse(args);
         match cli.command {
             Command::Create {
-                what: CreateCommand::Service(s),
+                what: Some(CreateCommand::Service(s)),
+                ..
             } => (cli.global, s),
             other => panic!("not create service: {other:?}"),
         }
@@ -452,7 +518,8 @@ mod tests {
         let cli = parse(args);
         match cli.command {
             Command::Create {
-                what: CreateCommand::Endpoints(e),
+                what: Some(CreateCommand::Endpoints(e)),
+                ..
             } => (cli.global, e),
             other => panic!("not create endpoints: {other:?}"),
         }
@@ -575,7 +642,8 @@ mod tests {
                 "region=eu",
             ]);
             let Command::Create {
-                what: CreateCommand::Cluster(c),
+                what: Some(CreateCommand::Cluster(c)),
+                ..
             } = cli.command
             else {
                 panic!("not create cluster");
@@ -626,6 +694,8 @@ mod tests {
             ("namespaces", Target::Kind(Kind::Namespace)),
             ("ns", Target::Kind(Kind::Namespace)),
             ("tunnels", Target::Tunnels),
+            ("events", Target::Events),
+            ("ev", Target::Events),
         ] {
             let cli = parse(&["get", word, "-w"]);
             let Command::Get(g) = cli.command else {

@@ -226,7 +226,10 @@ mod tests {
         let mut v = vec!["skyctl", "create"];
         v.extend_from_slice(args);
         let cli = Cli::try_parse_from(v).unwrap();
-        let Command::Create { what } = cli.command else {
+        let Command::Create {
+            what: Some(what), ..
+        } = cli.command
+        else {
             panic!("not create");
         };
         build(&what, &cli.global.namespace)

@@ -17,20 +17,23 @@ use crate::output;
 
 /// The validated names and their scope.
 pub(crate) fn plan(namespace: &str, args: &DeleteArgs) -> Result<(Scope, Vec<String>), Exit> {
+    let Some(kind) = args.kind else {
+        return Err(Exit::usage("delete needs KIND NAME... or -f FILE"));
+    };
     let names = args
         .names
         .iter()
         .map(|n| validate::name("NAME", n))
         .collect::<Result<Vec<_>, _>>()?;
-    if args.cascade && args.kind != Kind::Cluster {
+    if args.cascade && kind != Kind::Cluster {
         return Err(Exit::usage(format!(
             "--cascade: only a cluster's delete cascades, not a {}'s",
-            args.kind.singular()
+            kind.singular()
         )));
     }
     let scope = Scope {
-        kind: args.kind,
-        namespace: if args.kind.namespaced() {
+        kind,
+        namespace: if kind.namespaced() {
             namespace.to_string()
         } else {
             String::new()

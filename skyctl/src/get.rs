@@ -79,6 +79,11 @@ pub(crate) fn scope_of(namespace: &str, args: &GetArgs) -> Result<(Scope, View),
     let (kind, view) = match args.target {
         Target::Kind(k) => (k, View::Objects(k)),
         Target::Tunnels => (Kind::Cluster, View::Tunnels),
+        Target::Events => {
+            return Err(Exit::usage(
+                "events are listed by crate::events, not as objects",
+            ));
+        }
     };
     let name = args
         .name

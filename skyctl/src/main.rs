@@ -1,27 +1,35 @@
-//! `skyctl`, the skymesh command line (SPEC §7): create, get (and watch)
-//! and delete services, endpoints, clusters, jobs and namespaces; show
-//! tunnels; print completions. Talks to the coordinator's gRPC object API.
+//! `skyctl`, the skymesh command line (SPEC §7): create, get (and watch),
+//! apply, edit, describe and delete services, endpoints, clusters, jobs and
+//! namespaces; show tunnels; print completions. Talks to the coordinator's
+//! gRPC object API.
 //!
 //! # Layout
 //! - [`cli`]: the grammar (clap): verbs, kinds and aliases, both flag spellings.
 //! - [`client`]: URL, admin token, connection; [`error`]: messages and exit codes.
-//! - [`create`], [`get`], [`delete`], [`watch`], [`join_token`], [`health`], [`completions`]:
+//! - [`create`], [`get`], [`delete`], [`watch`], [`apply`] (`apply`/`create`/`delete -f`),
+//!   [`edit`], [`describe`], [`events`] (`get events`), [`join_token`], [`health`], [`completions`]:
 //!   one module per subcommand.
+//! - [`manifest`]: YAML/JSON documents (skymesh's and Kubernetes v1) into objects.
 //! - [`output`]: tables, json/yaml documents, human units.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 // Flag help is written for --help (clap reads the doc comments), where
 // `[NAME:]PORT` is usage syntax, not a rustdoc link.
 #![allow(rustdoc::broken_intra_doc_links)]
 
+mod apply;
 mod cli;
 mod client;
 mod completions;
 mod create;
 mod delete;
+mod describe;
+mod edit;
 mod error;
+mod events;
 mod get;
 mod health;
 mod join_token;
+mod manifest;
 mod output;
 mod watch;
 
@@ -39,9 +47,55 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let namespace = validate::name("--namespace", &cli.global.namespace).map_err(Exit::from)?;
     match &cli.command {
         Command::Completions(args) => completions::run(args),
-        Command::Create { what } => {
+        Command::Create {
+            what: Some(what), ..
+        } => {
             let obj = create::build(what, &namespace).map_err(Exit::from)?;
             create::run(&mut client::connect(&cli.global).await?, obj).await
+        }
+        Command::Create { what: None, files } if files.is_empty() => Err(Exit::usage(
+            "create needs a kind (service, endpoints, cluster, job, namespace) and its flags, or -f FILE (see skyctl create --help)",
+        )
+        .into()),
+        Command::Create { what: None, files } => {
+            let manifests = apply::plan(&namespace, files)?;
+            let ctx = &mut client::connect(&cli.global).await?;
+            apply::run(ctx, apply::Verb::Create, manifests).await
+        }
+        Command::Apply(args) => {
+            let manifests = apply::plan(&namespace, &args.files)?;
+            let ctx = &mut client::connect(&cli.global).await?;
+            apply::run(ctx, apply::Verb::Apply, manifests).await
+        }
+        Command::Delete(args) if !args.files.is_empty() => {
+            if args.cascade {
+                return Err(
+                    Exit::usage("--cascade: not with -f (delete the cluster by name)").into(),
+                );
+            }
+            let manifests = apply::plan(&namespace, &args.files)?;
+            let ctx = &mut client::connect(&cli.global).await?;
+            apply::run(ctx, apply::Verb::Delete, manifests).await
+        }
+        Command::Edit(args) => {
+            let name = validate::name("NAME", &args.name).map_err(Exit::from)?;
+            let ctx = &mut client::connect(&cli.global).await?;
+            edit::run(ctx, args.kind, &namespace, &name).await
+        }
+        Command::Describe(args) => {
+            let name = validate::name("NAME", &args.name).map_err(Exit::from)?;
+            let ctx = &mut client::connect(&cli.global).await?;
+            describe::run(ctx, args.kind, &namespace, &name).await
+        }
+        Command::Get(args) if args.target == cli::Target::Events => {
+            if args.name.is_some() {
+                return Err(Exit::usage(
+                    "events have no names: skyctl get events [--watch] (an object's events: skyctl describe KIND NAME)",
+                )
+                .into());
+            }
+            let ctx = &mut client::connect(&cli.global).await?;
+            events::run(ctx, &namespace, args.all_namespaces, args.watch).await
         }
         Command::Get(args) => {
             let (scope, view) = get::scope_of(&namespace, args)?;

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use serde_json::{Map, Value, json};
 use skymesh_proto::v1::object::Obj;
 use skymesh_proto::v1::{
-    Cluster, Endpoints, Job, JobPort, Object, ObjectMeta, PeerHealth, Service,
+    Cluster, Endpoints, Job, JobPort, Object, ObjectMeta, PeerHealth, ProbeType, Service,
 };
 use skymesh_proto::validate;
 
@@ -198,14 +198,25 @@ fn cluster(c: &Cluster) -> Value {
 
 fn job(j: &Job) -> Value {
     let spec = j.spec.clone().unwrap_or_default();
+    let mut sp = Map::new();
+    sp.insert("cluster".into(), json!(spec.cluster));
+    sp.insert("ip".into(), json!(spec.ip));
+    sp.insert(
+        "ports".into(),
+        spec.ports.iter().map(job_port).collect::<Vec<_>>().into(),
+    );
+    // As `--probe` reads it, so the document is `apply -f` input.
+    if let Some(p) = spec
+        .probe
+        .as_ref()
+        .filter(|p| p.r#type() != ProbeType::Unspecified)
+    {
+        sp.insert("probe".into(), json!(validate::probe_text(Some(p))));
+    }
     json!({
         "kind": "Job",
         "metadata": metadata(j.metadata.as_ref()),
-        "spec": {
-            "cluster": spec.cluster,
-            "ip": spec.ip,
-            "ports": spec.ports.iter().map(job_port).collect::<Vec<_>>(),
-        },
+        "spec": sp,
         "status": {"ready": j.status.as_ref().is_some_and(|s| s.ready)},
     })
 }
