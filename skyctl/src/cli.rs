@@ -299,7 +299,7 @@ pub(crate) struct CompletionsArgs {
 pub(crate) enum CreateCommand {
     /// Create a service: a stable name and VIP in front of the jobs its selector picks.
     #[command(visible_aliases = ["services", "svc"])]
-    Service(CreateService),
+    Service(Box<CreateService>),
     /// Create user-managed endpoints: the jobs matching a selector, per cluster.
     #[command(visible_aliases = ["endpoint", "ep"])]
     Endpoints(CreateEndpoints),
@@ -370,6 +370,22 @@ pub(crate) struct CreateService {
         value_name = "POLICY"
     )]
     pub(crate) traffic_policy: Option<String>,
+    /// A service this one may call, as NAMESPACE/SERVICE with `*` for any
+    /// run of characters (repeatable; none = any; README "Service policy").
+    #[arg(
+        long = "upstream",
+        alias = "upstreams",
+        value_name = "NAMESPACE/SERVICE"
+    )]
+    pub(crate) upstreams: Vec<String>,
+    /// A service that may call this one, as a pattern (repeatable; none =
+    /// anyone).
+    #[arg(
+        long = "whitelist",
+        alias = "whitelists",
+        value_name = "NAMESPACE/SERVICE"
+    )]
+    pub(crate) whitelists: Vec<String>,
     /// DNS name an ExternalName service points to.
     #[arg(
         long = "external-name",
@@ -509,7 +525,7 @@ mod tests {
             Command::Create {
                 what: Some(CreateCommand::Service(s)),
                 ..
-            } => (cli.global, s),
+            } => (cli.global, *s),
             other => panic!("not create service: {other:?}"),
         }
     }

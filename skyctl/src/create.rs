@@ -46,6 +46,16 @@ fn service(a: &CreateService, namespace: &str) -> Result<Object, ValidationError
             .collect::<Result<_, _>>()?,
         affinity_timeout_s: a.affinity_timeout.unwrap_or(0),
         external_name: a.external_name.clone().unwrap_or_default(),
+        upstreams: a
+            .upstreams
+            .iter()
+            .map(|p| validate::policy_pattern("--upstream", p))
+            .collect::<Result<_, _>>()?,
+        whitelists: a
+            .whitelists
+            .iter()
+            .map(|p| validate::policy_pattern("--whitelist", p))
+            .collect::<Result<_, _>>()?,
         ..Default::default()
     };
     if let Some(t) = &a.service_type {

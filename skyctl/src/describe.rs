@@ -154,6 +154,20 @@ async fn service(ctx: &mut Ctx, obj: &Object, s: &Service, now: i64) -> Result<S
     if !spec.external_name.is_empty() {
         let _ = writeln!(out, "External name:     {}", spec.external_name);
     }
+    for (what, l, none) in [
+        ("Upstreams:         ", &spec.upstreams, "<any>"),
+        ("Whitelists:        ", &spec.whitelists, "<anyone>"),
+    ] {
+        let _ = writeln!(
+            out,
+            "{what}{}",
+            if l.is_empty() {
+                none.to_string()
+            } else {
+                format!("{} (stored; meshd does not enforce it yet)", l.join(", "))
+            }
+        );
+    }
     let _ = writeln!(
         out,
         "Clusters:          {}",

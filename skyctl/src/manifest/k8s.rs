@@ -3,7 +3,8 @@
 //! number or by name, `protocol`, `sessionAffinity` with
 //! `sessionAffinityConfig.clientIP.timeoutSeconds`, `externalName`,
 //! `clusterIP: None` for headless) and `kind: Endpoints`. skymesh-only
-//! settings come from annotations ([`CLUSTERS`], [`TRAFFIC_POLICY`], and
+//! settings come from annotations ([`CLUSTERS`], [`TRAFFIC_POLICY`],
+//! [`UPSTREAMS`], [`WHITELISTS`], and
 //! for Endpoints [`SELECTOR`], [`PRIMARY_CLUSTER`], [`NUM_ENDPOINTS`],
 //! [`EXPOSED`]); they are taken out of the stored annotations.
 //!
@@ -31,6 +32,11 @@ use super::fields::{Fields, Result, invalid, number};
 pub(crate) const CLUSTERS: &str = "skymesh.io/clusters";
 /// Annotation: Spread, PreferLocal or Local.
 pub(crate) const TRAFFIC_POLICY: &str = "skymesh.io/traffic-policy";
+/// Annotation: the services this one may call, comma-separated
+/// `namespace/service` patterns (README "Service policy").
+pub(crate) const UPSTREAMS: &str = "skymesh.io/upstreams";
+/// Annotation: the services that may call this one, as patterns.
+pub(crate) const WHITELISTS: &str = "skymesh.io/whitelists";
 /// Annotation (Endpoints): the label selector, `k=v,k2=v2`.
 pub(crate) const SELECTOR: &str = "skymesh.io/selector";
 /// Annotation (Endpoints): the cluster whose jobs back them.
@@ -94,6 +100,8 @@ fn skymesh_annotations(
         let Some(known) = [
             CLUSTERS,
             TRAFFIC_POLICY,
+            UPSTREAMS,
+            WHITELISTS,
             SELECTOR,
             PRIMARY_CLUSTER,
             NUM_ENDPOINTS,
@@ -185,7 +193,10 @@ const REFUSED_SERVICE_FIELDS: &[(&str, &str)] = &[
 
 fn service(doc: &mut Fields<'_>) -> Result<Parsed> {
     let mut meta = metadata(doc)?;
-    let ann = skymesh_annotations(&mut meta, &[CLUSTERS, TRAFFIC_POLICY])?;
+    let ann = skymesh_annotations(
+        &mut meta,
+        &[CLUSTERS, TRAFFIC_POLICY, UPSTREAMS, WHITELISTS],
+    )?;
     let mut spec = ServiceSpec::default();
     let mut named_targets = Vec::new();
     if let Some(clusters) = ann.get(CLUSTERS) {
@@ -195,6 +206,24 @@ fn service(doc: &mut Fields<'_>) -> Result<Parsed> {
             .filter(|c| !c.is_empty())
             .map(str::to_string)
             .collect();
+    }
+    let list = |a: &str| -> Vec<String> {
+        ann.get(a)
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    spec.upstreams = list(UPSTREAMS);
+    spec.whitelists = list(WHITELISTS);
+    for (a, l) in [(UPSTREAMS, &spec.upstreams), (WHITELISTS, &spec.whitelists)] {
+        for p in l {
+            validate::policy_pattern(&format!("metadata.annotations.{a}"), p)?;
+        }
     }
     if let Some(p) = ann.get(TRAFFIC_POLICY) {
         spec.traffic_policy =

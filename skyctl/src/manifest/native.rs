@@ -113,9 +113,11 @@ fn service_spec(spec: Option<Fields<'_>>) -> Result<ServiceSpec> {
         traffic_policy: enum_of(&mut f, "traffic_policy", validate::parse_traffic_policy)?
             .unwrap_or_default() as i32,
         external_name: f.str("external_name")?.unwrap_or_default().to_string(),
+        upstreams: f.strings("upstreams")?,
+        whitelists: f.strings("whitelists")?,
     };
     f.finish(
-        "type, selector, ports, clusters, session_affinity, affinity_timeout_s, traffic_policy, external_name",
+        "type, selector, ports, clusters, session_affinity, affinity_timeout_s, traffic_policy, external_name, upstreams, whitelists",
     )?;
     Ok(spec)
 }

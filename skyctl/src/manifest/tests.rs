@@ -293,7 +293,16 @@ fn get_output_round_trips() {
         status: None,
     }
     .into();
-    for obj in [Object::from(web_service()), endpoints_obj().into(), job] {
+    let mut policed = web_service();
+    let spec = policed.spec.as_mut().unwrap();
+    spec.upstreams = vec!["shop/db".into()];
+    spec.whitelists = vec!["ops/*".into(), "shop/frontend".into()];
+    for obj in [
+        Object::from(web_service()),
+        policed.into(),
+        endpoints_obj().into(),
+        job,
+    ] {
         let mut want = obj.clone();
         validate::object(&mut want).unwrap();
         for text in [yaml_of(&obj), json_of(&obj)] {
@@ -307,4 +316,29 @@ fn get_output_round_trips() {
             assert_eq!(m.object.resource_version(), obj.resource_version());
         }
     }
+}
+
+/// Service policy from a Kubernetes manifest's annotations.
+#[test]
+fn kubernetes_policy_annotations() {
+    let text = K8S_SERVICE.replace(
+        "    team: storefront\n",
+        "    team: storefront\n    skymesh.io/upstreams: shop/db, shop/cache-*\n    skymesh.io/whitelists: shop/frontend\n",
+    );
+    let m = one(&text).unwrap();
+    let s = service(&m);
+    let spec = s.spec.as_ref().unwrap();
+    assert_eq!(spec.upstreams, ["shop/cache-*", "shop/db"]);
+    assert_eq!(spec.whitelists, ["shop/frontend"]);
+    let ann = &s.metadata.as_ref().unwrap().annotations;
+    assert!(!ann.contains_key("skymesh.io/upstreams"), "{ann:?}");
+    let bad = K8S_SERVICE.replace(
+        "    team: storefront\n",
+        "    team: storefront\n    skymesh.io/whitelists: frontend\n",
+    );
+    let e = one(&bad).unwrap_err().to_string();
+    assert!(
+        e.contains("metadata.annotations.skymesh.io/whitelists"),
+        "{e}"
+    );
 }

@@ -39,7 +39,7 @@ pub(crate) fn headers(view: View, wide: bool) -> Vec<&'static str> {
                 "NAMESPACE",
                 "AGE",
             ],
-            &["SELECTOR"],
+            &["SELECTOR", "UPSTREAMS", "WHITELISTS"],
         ),
         View::Objects(Kind::Endpoints) => {
             (vec!["NAME", "NAMESPACE", "ENDPOINTS", "AGE"], &["SELECTOR"])
@@ -160,6 +160,8 @@ fn service(s: &Service, wide: bool, now: i64) -> Vec<String> {
     ];
     if wide {
         row.push(or_none(labels(&spec.selector)));
+        row.push(or_none(spec.upstreams.join(",")));
+        row.push(or_none(spec.whitelists.join(",")));
     }
     row
 }
@@ -490,7 +492,13 @@ pub(crate) mod tests {
             ]]
         );
         let wide = super::rows(View::Objects(Kind::Service), &obj, true, NOW);
-        assert_eq!(wide[0].last().map(String::as_str), Some("app=myApp"));
+        assert_eq!(wide[0][8..], ["app=myApp", "<none>", "<none>"]);
+        let mut policed = web_service();
+        let spec = policed.spec.as_mut().unwrap();
+        spec.upstreams = vec!["shop/db".into()];
+        spec.whitelists = vec!["shop/frontend".into(), "ops/*".into()];
+        let wide = super::rows(View::Objects(Kind::Service), &policed.into(), true, NOW);
+        assert_eq!(wide[0][9..], ["shop/db", "shop/frontend,ops/*"]);
         assert_eq!(
             headers(View::Objects(Kind::Service), true).len(),
             wide[0].len()

@@ -110,6 +110,12 @@ fn service(s: &Service) -> Value {
         json!(validate::traffic_policy_name(spec.traffic_policy())),
     );
     put_str(&mut sp, "external_name", &spec.external_name);
+    if !spec.upstreams.is_empty() {
+        sp.insert("upstreams".into(), json!(spec.upstreams));
+    }
+    if !spec.whitelists.is_empty() {
+        sp.insert("whitelists".into(), json!(spec.whitelists));
+    }
     let mut st = Map::new();
     put_str(&mut st, "cluster_ip", &status.cluster_ip);
     st.insert("external_ips".into(), json!(status.external_ips));
