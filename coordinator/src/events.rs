@@ -316,6 +316,56 @@ pub async fn record(store: &dyn Store, draft: Draft) {
     }
 }
 
+/// Tuning: events one object may make in a burst (Kubernetes' event spam
+/// filter: 25).
+const SPAM_BURST: f64 = 25.0;
+/// Tuning: and then one per this many seconds (Kubernetes: 5 minutes).
+const SPAM_REFILL_S: f64 = 300.0;
+/// Tuning: objects the spam filter tracks before it forgets the ones whose
+/// bucket is full again.
+const SPAM_TRACKED: usize = 65_536;
+
+/// Bounds the events one object can make, as Kubernetes' client-side
+/// `EventSourceObjectSpamFilter` does: a gateway whose job flaps (its
+/// readiness probe passing and failing every other second) would
+/// otherwise turn each flip into a stored event kept an hour. Per object a
+/// token bucket of [`SPAM_BURST`], refilled one per [`SPAM_REFILL_S`]; at
+/// most [`SPAM_TRACKED`] objects, so the filter is bounded too.
+#[derive(Debug, Default)]
+pub struct SpamFilter {
+    /// `(kind, namespace, name)` → (tokens, at).
+    buckets: std::collections::HashMap<(i32, String, String), (f64, i64)>,
+}
+
+impl SpamFilter {
+    fn refill(tokens: f64, at: i64, now: i64) -> f64 {
+        (tokens + (now - at).max(0) as f64 / SPAM_REFILL_S).min(SPAM_BURST)
+    }
+
+    /// Whether `d`, made at `now` (Unix seconds), may be stored.
+    pub fn allow(&mut self, d: &Draft, now: i64) -> bool {
+        if self.buckets.len() >= SPAM_TRACKED {
+            self.buckets
+                .retain(|_, (t, at)| Self::refill(*t, *at, now) < SPAM_BURST);
+            if self.buckets.len() >= SPAM_TRACKED {
+                self.buckets.clear();
+            }
+        }
+        let (tokens, at) = self
+            .buckets
+            .entry((d.kind as i32, d.namespace.clone(), d.name.clone()))
+            .or_insert((SPAM_BURST, now));
+        *tokens = Self::refill(*tokens, *at, now);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Tuning: at most one JoinRefused event per cluster this often, so that
 /// unauthenticated callers cannot turn failed joins into store writes.
 const JOIN_REFUSED_EVERY_S: i64 = 10;
@@ -460,6 +510,7 @@ async fn reap(store: &dyn Store) -> Result<usize> {
 pub async fn run(reg: Registry, cancel: CancellationToken) {
     let store = reg.store().clone();
     let mut backoff = Duration::from_millis(100);
+    let mut spam = SpamFilter::default();
     loop {
         let from = match cursor(store.as_ref()).await {
             Ok(r) => r,
@@ -504,6 +555,12 @@ pub async fn run(reg: Registry, cancel: CancellationToken) {
                             EventKind::Delete => None,
                         };
                         drafts.extend(diff(old.as_ref(), new.as_ref()));
+                    }
+                    let now = unix_now();
+                    let before = drafts.len();
+                    drafts.retain(|d| spam.allow(d, now));
+                    if drafts.len() < before {
+                        tracing::debug!(dropped = before - drafts.len(), "events of too busy objects dropped");
                     }
                     if let Err(e) = store_events(store.as_ref(), batch.revision, drafts).await {
                         tracing::warn!(error = %e, revision = batch.revision, "failed to record events");
@@ -768,6 +825,36 @@ mod tests {
         assert!(reasons_of(store.as_ref(), "old").await.is_empty());
         assert_eq!(reap(store.as_ref()).await.unwrap(), 1);
         assert!(store.get(&key(1, 0)).await.unwrap().is_none());
+    }
+
+    #[test]
+    fn busy_objects_make_a_bounded_number_of_events() {
+        let mut f = SpamFilter::default();
+        let flap = |name: &str| Draft {
+            kind: Kind::Job,
+            namespace: "default".into(),
+            name: name.into(),
+            reason: "NotReady",
+            message: String::new(),
+            warning: true,
+        };
+        // A job flipping every second for an hour: 25 at once, then one
+        // per 5 minutes.
+        let stored = (0..3600).filter(|t| f.allow(&flap("web-1"), *t)).count();
+        assert_eq!(stored, 25 + 3600 / 300 - 1, "{stored}");
+        // Another object is not held back by it.
+        assert!(f.allow(&flap("web-2"), 3600));
+        // After a quiet while the burst is back.
+        let later = 3600 + 25 * 300;
+        assert_eq!(
+            (0..30).filter(|_| f.allow(&flap("web-1"), later)).count(),
+            25
+        );
+        // The filter itself stays bounded.
+        for i in 0..SPAM_TRACKED + 10 {
+            f.allow(&flap(&format!("j{i}")), later);
+        }
+        assert!(f.buckets.len() <= SPAM_TRACKED);
     }
 
     #[test]
