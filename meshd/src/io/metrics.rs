@@ -43,6 +43,12 @@ struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    service: String,
+    from: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabels {
     service: String,
     backend: String,
@@ -67,6 +73,7 @@ pub struct Metrics {
     evicted_flows: Counter,
     lb_drops: Family<DropLabels, Counter>,
     lb_replies: Family<DropLabels, Counter>,
+    policy_denied: Family<PolicyLabels, Counter>,
 }
 
 impl Metrics {
@@ -145,6 +152,11 @@ impl Metrics {
             "lb_replies",
             "Answers generated for VIPs (echo replies, resets, unreachables)",
             m.lb_replies.clone(),
+        );
+        r.register(
+            "policy_denied",
+            "New flows the service policy refused, by destination service and caller",
+            m.policy_denied.clone(),
         );
         Arc::new(m)
     }
@@ -268,6 +280,21 @@ impl Metrics {
             Self::advance(
                 &self.lb_replies.get_or_create(&l),
                 prev.lb.replies.get(kind).copied().unwrap_or(0),
+                *n,
+            );
+        }
+        for ((service, from), n) in &now.lb.policy_denied {
+            let l = PolicyLabels {
+                service: service.to_string(),
+                from: from.to_string(),
+            };
+            Self::advance(
+                &self.policy_denied.get_or_create(&l),
+                prev.lb
+                    .policy_denied
+                    .get(&(service.clone(), from.clone()))
+                    .copied()
+                    .unwrap_or(0),
                 *n,
             );
         }

@@ -73,6 +73,10 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// over 3000 random keys, 120 flows on 6 replicas gave each replica at
 /// least 12 (plain hashing: as few as 4).
 const LOAD_BOUND: (u64, u64) = (11, 10);
+/// Tuning: (destination, caller) pairs the policy-denied counters keep;
+/// later pairs are counted under `other`. The names come from the netmap
+/// (bounded by its objects), but a long-running gateway sees many.
+const MAX_DENIED_LABELS: usize = 4096;
 /// Tuning: TCP resets and ICMP unreachables generated per second (RFC
 /// 1812 §4.3.2.8: ICMP error generation should be rate limited).
 const REPLIES_PER_SECOND: u32 = 1000;
@@ -120,6 +124,7 @@ pub struct Lb {
     counters: BTreeMap<Arc<str>, Counters>,
     drops: BTreeMap<LbDrop, u64>,
     replies: BTreeMap<LbReply, u64>,
+    policy_denied: BTreeMap<(Arc<str>, Arc<str>), u64>,
     /// Start of the current one-second reply window and replies in it.
     reply_window: Option<(Instant, u32)>,
     next_sweep: Option<Instant>,
@@ -154,6 +159,7 @@ impl Lb {
             counters: BTreeMap::new(),
             drops: BTreeMap::new(),
             replies: BTreeMap::new(),
+            policy_denied: BTreeMap::new(),
             reply_window: None,
             next_sweep: None,
         }
@@ -358,6 +364,21 @@ impl Lb {
             Err(None) => return self.reject(packet, reply, h, l4, LbReply::NoBackend, now),
             Err(Some(why)) => return Verdict::Drop(why),
         };
+        // The service policy, once per new flow, after the replica is
+        // chosen (so the gateway that owns it would judge the same job)
+        // and before anything is allocated: the VIP's service and the
+        // replica's job as destinations.
+        let policy = table.policy();
+        if !policy.is_empty() {
+            let src = *tuple.src.ip();
+            if let Err(d) = policy
+                .check(src, svc.vip)
+                .and_then(|()| policy.check(src, backend.ip))
+            {
+                self.count_denied(d);
+                return self.reject(packet, reply, h, l4, LbReply::Policy, now);
+            }
+        }
         let path = if backend.local {
             Path::Local
         } else {
@@ -481,6 +502,14 @@ impl Lb {
         fallback.ok_or(Some(why))
     }
 
+    fn count_denied(&mut self, d: crate::core::policy::Denied) {
+        let mut key = (d.service, d.from);
+        if !self.policy_denied.contains_key(&key) && self.policy_denied.len() >= MAX_DENIED_LABELS {
+            key = (Arc::from("other"), Arc::from("other"));
+        }
+        *self.policy_denied.entry(key).or_default() += 1;
+    }
+
     fn touch_affinity(&mut self, vip: Ipv4Addr, client: Ipv4Addr, now: Instant) {
         if let Some(a) = self.affinity.get_mut(&(vip, client))
             && let Some(t) = self.table.vip(vip).and_then(|s| s.affinity)
@@ -490,7 +519,8 @@ impl Lb {
     }
 
     /// Answers a packet to a VIP port that cannot be served: TCP RST or
-    /// ICMP port unreachable, from the VIP.
+    /// ICMP port unreachable (administratively prohibited for a call the
+    /// policy refuses), from the VIP.
     fn reject(
         &mut self,
         packet: &[u8],
@@ -524,7 +554,11 @@ impl Lb {
                 packet,
                 h,
                 h.dst,
-                packet::ICMP_CODE_PORT_UNREACHABLE,
+                if why == LbReply::Policy {
+                    packet::ICMP_CODE_ADMIN_PROHIBITED
+                } else {
+                    packet::ICMP_CODE_PORT_UNREACHABLE
+                },
                 reply,
             ),
         }
@@ -704,6 +738,7 @@ impl Lb {
             affinities: self.affinity.len() as u64,
             drops: self.drops.clone(),
             replies: self.replies.clone(),
+            policy_denied: self.policy_denied.clone(),
         }
     }
 }

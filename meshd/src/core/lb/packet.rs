@@ -22,6 +22,9 @@ pub const ICMP_ECHO_REQUEST: u8 = 8;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
 pub const ICMP_CODE_PORT_UNREACHABLE: u8 = 3;
+/// ICMP destination unreachable code: communication administratively
+/// prohibited (RFC 1812 §5.2.7.1).
+pub const ICMP_CODE_ADMIN_PROHIBITED: u8 = 13;
 
 /// TCP header flags (RFC 793 §3.1).
 pub const TCP_FIN: u8 = 0x01;

@@ -67,6 +67,9 @@ pub enum LbReply {
     NoPort,
     /// RST / port unreachable: no ready backend for the port.
     NoBackend,
+    /// RST / administratively prohibited: the service policy refuses the
+    /// call (README "Service policy").
+    Policy,
 }
 
 impl LbReply {
@@ -76,6 +79,7 @@ impl LbReply {
             LbReply::EchoReply => "echo_reply",
             LbReply::NoPort => "no_port",
             LbReply::NoBackend => "no_backend",
+            LbReply::Policy => "policy",
         }
     }
 }
@@ -103,4 +107,7 @@ pub struct LbStats {
     pub affinities: u64,
     pub drops: BTreeMap<LbDrop, u64>,
     pub replies: BTreeMap<LbReply, u64>,
+    /// New flows the service policy refused, by (destination, caller) as
+    /// [`crate::core::policy::Denied`] names them.
+    pub policy_denied: BTreeMap<(Arc<str>, Arc<str>), u64>,
 }

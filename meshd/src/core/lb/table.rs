@@ -6,6 +6,7 @@
 //!
 //! Must not: hold flows or counters, read the clock, or do I/O.
 
+use crate::core::policy::PolicyTable;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -153,6 +154,8 @@ impl VipService {
 #[derive(Debug, Clone, Default)]
 pub struct LbTable {
     vips: BTreeMap<Ipv4Addr, VipService>,
+    /// The service policy, judged at flow setup (empty without lists).
+    policy: Arc<PolicyTable>,
 }
 
 impl LbTable {
@@ -187,7 +190,15 @@ impl LbTable {
             v.maglev = reused.unwrap_or_else(|| Arc::new(maglev::build(&names, size)));
             vips.insert(v.vip, v);
         }
-        LbTable { vips }
+        LbTable {
+            vips,
+            policy: Arc::new(PolicyTable::from_state(state)),
+        }
+    }
+
+    /// The service policy of the netmap this table was built from.
+    pub fn policy(&self) -> &PolicyTable {
+        &self.policy
     }
 
     /// Whether `ip` is a VIP served here.

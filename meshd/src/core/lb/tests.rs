@@ -1028,3 +1028,76 @@ fn affinity_pins_are_bounded_least_recently_used_first() {
     }
     assert_eq!(lb.stats().affinities, 100);
 }
+
+/// Issue #18 at the client's gateway: `web` whitelists
+/// `default/frontend`; frontend's job gets a replica, batch's job gets a
+/// reset (TCP) or administratively prohibited (UDP) at once, counted, with
+/// no flow, SNAT port or affinity taken.
+#[test]
+fn the_service_policy_refuses_new_flows_before_anything_is_allocated() {
+    let mut s = web_state(TrafficPolicy::Spread);
+    let key = ("default".to_string(), "web".to_string());
+    let mut web = (**s.services.get(&key).unwrap()).clone();
+    web.spec.as_mut().unwrap().whitelists = vec!["default/frontend".into()];
+    s.services.insert(key, web);
+    let frontend = Ipv4Addr::new(10, 1, 0, 50);
+    let batch = Ipv4Addr::new(10, 1, 0, 60);
+    for (name, vip, ip) in [
+        ("frontend", Ipv4Addr::new(100, 65, 0, 20), "10.1.0.50"),
+        ("batch", Ipv4Addr::new(100, 65, 0, 30), "10.1.0.60"),
+    ] {
+        add(
+            &mut s,
+            service(name, vip, &[(80, 80, TCP)]),
+            Some(endpoints(name, &[("c1", true, &[(ip, name, true)])])),
+        );
+    }
+    let mut lb = lb(&s, &Health::default());
+    assert!(!lb.table().policy().is_empty());
+    let now = Instant::now();
+    for port in 0..20 {
+        let (v, _) = out(&mut lb, syn(sa(frontend, 30_000 + port), sa(VIP, 80)), now);
+        assert!(matches!(v, Verdict::ToTun | Verdict::ToTunnel), "{v:?}");
+    }
+    let flows = lb.stats().active_flows;
+    assert_eq!(flows, 20);
+    let (v, p) = out(&mut lb, syn(sa(batch, 40_000), sa(VIP, 80)), now);
+    assert_eq!(v, Verdict::Reply);
+    let r = checked(&p);
+    assert_eq!((*r.src.ip(), *r.dst.ip()), (VIP, batch));
+    let TransportHeader::Tcp(t) = r.transport else {
+        panic!()
+    };
+    assert!(t.rst);
+    let orig = udp(sa(batch, 5353), sa(VIP, 53), b"query");
+    let (v, p) = out(&mut lb, orig, now);
+    assert_eq!(v, Verdict::Reply);
+    let TransportHeader::Icmpv4(i) = checked(&p).transport else {
+        panic!()
+    };
+    assert!(
+        matches!(
+            i.icmp_type,
+            Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FilterProhibited
+            )
+        ),
+        "{:?}",
+        i.icmp_type
+    );
+    let st = lb.stats();
+    assert_eq!(st.active_flows, flows, "a refused call takes no flow");
+    assert_eq!(st.replies[&LbReply::Policy], 2);
+    let key = (
+        Arc::<str>::from("default/web"),
+        Arc::<str>::from("default/batch"),
+    );
+    assert_eq!(st.policy_denied[&key], 2);
+    // Other services stay open to batch.
+    let (v, _) = out(
+        &mut lb,
+        syn(sa(batch, 40_001), sa(Ipv4Addr::new(100, 65, 0, 20), 80)),
+        now,
+    );
+    assert!(matches!(v, Verdict::ToTun | Verdict::ToTunnel), "{v:?}");
+}
