@@ -184,8 +184,11 @@ impl RecordSet {
     pub fn build_with_serial(view: &MeshView, config: &DnsConfig, serial: u32) -> Self {
         let forward: Vec<Name> = valid_zones(&config.zones);
         let reverse: Vec<Name> = config.service_cidr.map(reverse_zones).unwrap_or_default();
+        // A ClusterIP service has four names (its own, `_<port>`,
+        // `_<proto>`, its PTR): room for them from the start rather than a
+        // table that doubles (and is copied) as they come.
         let mut b = Builder {
-            nodes: HashMap::new(),
+            nodes: HashMap::with_capacity(4 * view.services.len() + view.endpoints.len() + 16),
         };
         // Names below the forward zones are built once, relative to them.
         let rel = Name::new();
@@ -714,7 +717,10 @@ fn new_set(name: &Name, ttl: u32, rdata: RData) -> Arc<RrSet> {
 }
 
 struct Builder {
-    nodes: HashMap<NameKey, Vec<Rd>>,
+    /// The table the records end up in: each name's data is an exact-size
+    /// slice from the start (most names have one), so that finishing
+    /// copies nothing.
+    nodes: HashMap<NameKey, Box<[Rd]>>,
 }
 
 impl Builder {
@@ -723,7 +729,9 @@ impl Builder {
         let key = key_of(name);
         let rds = self.nodes.entry(key).or_default();
         if !rds.contains(&rd) {
-            rds.push(rd);
+            let mut v = std::mem::take(rds).into_vec();
+            v.push(rd);
+            *rds = v.into_boxed_slice();
         }
     }
 
@@ -898,18 +906,14 @@ impl Builder {
                 }
             }
         }
+        self.nodes.reserve(missing.len());
         for name in missing {
-            self.nodes.insert(name, Vec::new());
+            self.nodes.insert(name, Box::default());
         }
-        let nodes: HashMap<NameKey, Box<[Rd]>> = self
-            .nodes
-            .into_iter()
-            .map(|(k, v)| (k, v.into_boxed_slice()))
-            .collect();
         RecordSet {
             zones,
             primary,
-            nodes,
+            nodes: self.nodes,
             ttl,
             serial,
         }
