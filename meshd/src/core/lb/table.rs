@@ -117,8 +117,10 @@ pub struct VipService {
     /// `namespace/name`.
     pub service: Arc<str>,
     pub vip: Ipv4Addr,
-    /// `(protocol, port)` → target port.
-    pub ports: BTreeMap<(Proto, u16), u16>,
+    /// `(protocol, port)` → target port, sorted by `(protocol, port)`: a
+    /// service has a port or two, and a map node would take 96 bytes for
+    /// them.
+    pub ports: Box<[((Proto, u16), u16)]>,
     /// Candidates for new flows: ready, healthy, visible from here, after
     /// the traffic policy; sorted by name. Maglev indices point here.
     pub backends: Vec<Arc<Backend>>,
@@ -135,7 +137,11 @@ pub struct VipService {
 impl VipService {
     /// The target port for a packet to `port`, if the service defines it.
     pub fn target_port(&self, proto: Proto, port: u16) -> Option<u16> {
-        self.ports.get(&(proto, port)).copied()
+        let i = self
+            .ports
+            .binary_search_by_key(&(proto, port), |(k, _)| *k)
+            .ok()?;
+        Some(self.ports[i].1)
     }
 
     /// The candidate backend with this IP.
@@ -184,7 +190,11 @@ impl LbTable {
                 .and_then(|p| p.vips.get(&v.vip))
                 .filter(|p| p.maglev.size() == size && p.maglev.names() == names.as_slice())
                 .map(|p| p.maglev.clone());
-            v.maglev = reused.unwrap_or_else(|| Arc::new(maglev::build(&names, size)));
+            v.maglev = match reused {
+                Some(m) => m,
+                None if size == 0 => no_backends(),
+                None => Arc::new(maglev::build(&names, size)),
+            };
             vips.insert(v.vip, v);
         }
         LbTable { vips }
@@ -308,7 +318,7 @@ fn vip_service(
     let v = VipService {
         service: format!("{ns}/{name}").into(),
         vip,
-        ports,
+        ports: ports.into_iter().collect(),
         candidates: backends
             .iter()
             .enumerate()
@@ -318,9 +328,17 @@ fn vip_service(
         backends,
         affinity,
         policy,
-        maglev: Arc::new(maglev::build::<&str>(&[], 0)),
+        maglev: no_backends(),
     };
     Some((v, size))
+}
+
+/// The empty Maglev table, one for every service without backends (most
+/// of them, at 10,000 services without endpoints).
+fn no_backends() -> Arc<Maglev> {
+    static EMPTY: std::sync::LazyLock<Arc<Maglev>> =
+        std::sync::LazyLock::new(|| Arc::new(maglev::build::<&str>(&[], 0)));
+    EMPTY.clone()
 }
 
 /// Whether this gateway can deliver to `ip`, an address of a replica in
