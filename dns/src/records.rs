@@ -510,11 +510,12 @@ fn labels_key<'a, 'b>(
 }
 
 /// The key of a name the builder made: relative ones (not fully
-/// qualified) are below the forward zones.
+/// qualified) are below the forward zones. Its labels are lower case
+/// already ([`label`], [`parse_zone`]), so it needs no [`LowerName`] copy.
 fn key_of(name: &Name) -> NameKey {
-    let lower = LowerName::new(name);
+    debug_assert!(name.iter().flatten().all(|c| !c.is_ascii_uppercase()));
     let space = if name.is_fqdn() { ABSOLUTE } else { RELATIVE };
-    labels_key(space, lower.iter(), &mut [0; MAX_KEY]).into()
+    labels_key(space, name.iter(), &mut [0; MAX_KEY]).into()
 }
 
 /// The labels of a key (after its space byte).

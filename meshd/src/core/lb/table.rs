@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
-use skymesh_proto::v1::{Protocol, Service, SessionAffinity, TrafficPolicy};
+use skymesh_proto::v1::{Protocol, Service, ServiceSpec, SessionAffinity, TrafficPolicy};
 use skymesh_proto::validate::service_type_has_vip;
 
 use super::maglev::{self, Maglev};
@@ -226,7 +226,8 @@ fn vip_service(
     name: &str,
     svc: &Service,
 ) -> Option<(VipService, usize)> {
-    let spec = svc.spec.clone().unwrap_or_default();
+    let no_spec = ServiceSpec::default();
+    let spec = svc.spec.as_ref().unwrap_or(&no_spec);
     if !service_type_has_vip(spec.r#type()) {
         return None;
     }
