@@ -229,7 +229,9 @@ pub fn run(cfg: &Cfg) -> Result<Vec<Table>> {
         );
     }
     let caught_up = t0.elapsed().as_secs_f64();
-    let meshd_rss = rss_of(mesh.topo.gateway(1), "meshd").map(|r| r.0);
+    // (RSS, peak RSS): the peak is what the host must have room for while
+    // the services stream in.
+    let meshd_rss = rss_of(mesh.topo.gateway(1), "meshd");
 
     // The same names for dnsmasq, from a hosts file.
     let dir = mesh.topo.dir().to_path_buf();
@@ -358,7 +360,7 @@ fn scale(
     rss_empty: (f64, f64),
     create_rate: f64,
     caught_up: f64,
-    meshd_rss: Result<f64>,
+    meshd_rss: Result<(f64, f64)>,
 ) -> Table {
     let mut t = Table::new(
         "7. Scale",
@@ -394,7 +396,18 @@ fn scale(
         &format!("meshd RSS holding {} services", cfg.services),
         Unit::Bytes,
         Better::Lower,
-        Cell::from_result(meshd_rss.map(|r| vec![r])),
+        Cell::from_result(
+            meshd_rss
+                .as_ref()
+                .map(|r| vec![r.0])
+                .map_err(|e| anyhow::anyhow!("{e:#}")),
+        ),
+    ));
+    t.rows.push(Row::solo(
+        "meshd peak RSS (VmHWM)",
+        Unit::Bytes,
+        Better::Lower,
+        Cell::from_result(meshd_rss.map(|r| vec![r.1])),
     ));
     t.rows.push(Row::solo(
         "coordinator RSS, 1 cluster, no services",

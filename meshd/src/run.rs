@@ -664,6 +664,10 @@ async fn run_lb_tables(
     out: watch::Sender<Arc<LbTable>>,
     cancel: CancellationToken,
 ) {
+    // What the current table was built from. Peer health changes with
+    // every probe (its RTT), the balancer's input only when a gateway goes
+    // down, turns suspect or comes back: the same input, no new table.
+    let mut built: Option<(Arc<NetState>, Health)> = None;
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
@@ -673,8 +677,15 @@ async fn run_lb_tables(
         }
         let state = nm.borrow_and_update().clone();
         let h = lb_health(&peers.borrow_and_update(), &jobs.borrow_and_update());
+        if built
+            .as_ref()
+            .is_some_and(|(s, bh)| Arc::ptr_eq(s, &state) && *bh == h)
+        {
+            continue;
+        }
         let prev = out.borrow().clone();
         let t = LbTable::rebuild(Some(&prev), &state, &cfg, &h);
         out.send_replace(Arc::new(t));
+        built = Some((state, h));
     }
 }

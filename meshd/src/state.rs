@@ -199,12 +199,63 @@ impl NetState {
     }
 
     /// Cache encoding: a `NetmapUpdate` holding the snapshot.
+    ///
+    /// Written straight from the shared services and endpoints: the
+    /// snapshot message would hold a copy of each (4 MiB for 10,000
+    /// services, made every [`crate::io::control::CACHE_INTERVAL`] while
+    /// the netmap changes). The bytes decode as [`NetState::to_snapshot`]'s
+    /// would; its repeated fields come after the rest.
     pub fn encode(&self) -> Vec<u8> {
-        NetmapUpdate {
-            resource_version: self.revision,
-            update: Some(Update::Snapshot(self.to_snapshot())),
+        /// Field keys (number << 3 | wire type 2) of `Netmap.services`,
+        /// `Netmap.endpoints` and `NetmapUpdate.snapshot`.
+        const SERVICES: u8 = 7 << 3 | 2;
+        const ENDPOINTS: u8 = 8 << 3 | 2;
+        const SNAPSHOT: u8 = 2 << 3 | 2;
+        fn delimited_len(len: usize) -> usize {
+            1 + prost::length_delimiter_len(len) + len
         }
-        .encode_to_vec()
+        let head = Netmap {
+            cluster: self.cluster.clone(),
+            overlay_ip: self.overlay_ip.clone(),
+            overlay_cidr: self.overlay_cidr.clone(),
+            service_cidr: self.service_cidr.clone(),
+            workload_cidrs: self.workload_cidrs.clone(),
+            peers: self.peers.values().cloned().collect(),
+            services: Vec::new(),
+            endpoints: Vec::new(),
+            jobs: self.jobs.values().cloned().collect(),
+        };
+        let services = self.services.values().map(|s| &**s);
+        let endpoints = self.endpoints.values().map(|e| &**e);
+        let len = head.encoded_len()
+            + services
+                .clone()
+                .map(|s| delimited_len(s.encoded_len()))
+                .sum::<usize>()
+            + endpoints
+                .clone()
+                .map(|e| delimited_len(e.encoded_len()))
+                .sum::<usize>();
+        let version = NetmapUpdate {
+            resource_version: self.revision,
+            update: None,
+        };
+        let mut out = Vec::with_capacity(version.encoded_len() + delimited_len(len));
+        // Encoding into a Vec cannot fail: it grows.
+        let grows = "a Vec grows to take any message";
+        version.encode(&mut out).expect(grows);
+        out.push(SNAPSHOT);
+        prost::encode_length_delimiter(len, &mut out).expect(grows);
+        head.encode(&mut out).expect(grows);
+        for s in services {
+            out.push(SERVICES);
+            s.encode_length_delimited(&mut out).expect(grows);
+        }
+        for e in endpoints {
+            out.push(ENDPOINTS);
+            e.encode_length_delimited(&mut out).expect(grows);
+        }
+        out
     }
 
     /// Decodes [`NetState::encode`]'s output.
@@ -259,5 +310,66 @@ mod tests {
         assert_eq!(s.revision, 7);
         assert_eq!(s.peers.keys().collect::<Vec<_>>(), ["c"]);
         assert_eq!(NetState::decode(&s.encode()), Some(s));
+    }
+
+    #[test]
+    fn cache_encoding_decodes_as_the_snapshot() {
+        use skymesh_proto::v1::ObjectMeta;
+        let meta = |name: &str| {
+            Some(ObjectMeta {
+                name: name.into(),
+                namespace: "default".into(),
+                ..Default::default()
+            })
+        };
+        let mut s = NetState {
+            revision: 300,
+            cluster: "a".into(),
+            overlay_ip: "100.64.0.1".into(),
+            workload_cidrs: vec!["10.1.0.0/16".into()],
+            ..Default::default()
+        };
+        s.peers.insert(
+            "b".into(),
+            Peer {
+                cluster: "b".into(),
+                ..Default::default()
+            },
+        );
+        for i in 0..200 {
+            let name = format!("svc-{i}");
+            let key = ("default".to_string(), name.clone());
+            s.services.insert(
+                key.clone(),
+                Service {
+                    metadata: meta(&name),
+                    ..Default::default()
+                },
+            );
+            if i % 2 == 0 {
+                s.endpoints.insert(
+                    key,
+                    Endpoints {
+                        metadata: meta(&name),
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        s.jobs.insert(
+            ("default".into(), "j".into()),
+            Job {
+                metadata: meta("j"),
+                ..Default::default()
+            },
+        );
+        let bytes = s.encode();
+        let snapshot = NetmapUpdate {
+            resource_version: s.revision,
+            update: Some(Update::Snapshot(s.to_snapshot())),
+        };
+        assert_eq!(bytes.len(), snapshot.encoded_len());
+        assert_eq!(NetmapUpdate::decode(bytes.as_slice()).unwrap(), snapshot);
+        assert_eq!(NetState::decode(&bytes), Some(s));
     }
 }

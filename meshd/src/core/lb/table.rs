@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
-use skymesh_proto::v1::{Protocol, Service, SessionAffinity, TrafficPolicy};
+use skymesh_proto::v1::{Protocol, Service, ServiceSpec, SessionAffinity, TrafficPolicy};
 use skymesh_proto::validate::service_type_has_vip;
 
 use super::maglev::{self, Maglev};
@@ -118,8 +118,10 @@ pub struct VipService {
     /// `namespace/name`.
     pub service: Arc<str>,
     pub vip: Ipv4Addr,
-    /// `(protocol, port)` → target port.
-    pub ports: BTreeMap<(Proto, u16), u16>,
+    /// `(protocol, port)` → target port, sorted by `(protocol, port)`: a
+    /// service has a port or two, and a map node would take 96 bytes for
+    /// them.
+    pub ports: Box<[((Proto, u16), u16)]>,
     /// Candidates for new flows: ready, healthy, visible from here, after
     /// the traffic policy; sorted by name. Maglev indices point here.
     pub backends: Vec<Arc<Backend>>,
@@ -136,7 +138,11 @@ pub struct VipService {
 impl VipService {
     /// The target port for a packet to `port`, if the service defines it.
     pub fn target_port(&self, proto: Proto, port: u16) -> Option<u16> {
-        self.ports.get(&(proto, port)).copied()
+        let i = self
+            .ports
+            .binary_search_by_key(&(proto, port), |(k, _)| *k)
+            .ok()?;
+        Some(self.ports[i].1)
     }
 
     /// The candidate backend with this IP.
@@ -187,7 +193,11 @@ impl LbTable {
                 .and_then(|p| p.vips.get(&v.vip))
                 .filter(|p| p.maglev.size() == size && p.maglev.names() == names.as_slice())
                 .map(|p| p.maglev.clone());
-            v.maglev = reused.unwrap_or_else(|| Arc::new(maglev::build(&names, size)));
+            v.maglev = match reused {
+                Some(m) => m,
+                None if size == 0 => no_backends(),
+                None => Arc::new(maglev::build(&names, size)),
+            };
             vips.insert(v.vip, v);
         }
         LbTable {
@@ -227,7 +237,8 @@ fn vip_service(
     name: &str,
     svc: &Service,
 ) -> Option<(VipService, usize)> {
-    let spec = svc.spec.clone().unwrap_or_default();
+    let no_spec = ServiceSpec::default();
+    let spec = svc.spec.as_ref().unwrap_or(&no_spec);
     if !service_type_has_vip(spec.r#type()) {
         return None;
     }
@@ -319,7 +330,7 @@ fn vip_service(
     let v = VipService {
         service: format!("{ns}/{name}").into(),
         vip,
-        ports,
+        ports: ports.into_iter().collect(),
         candidates: backends
             .iter()
             .enumerate()
@@ -329,9 +340,17 @@ fn vip_service(
         backends,
         affinity,
         policy,
-        maglev: Arc::new(maglev::build::<&str>(&[], 0)),
+        maglev: no_backends(),
     };
     Some((v, size))
+}
+
+/// The empty Maglev table, one for every service without backends (most
+/// of them, at 10,000 services without endpoints).
+fn no_backends() -> Arc<Maglev> {
+    static EMPTY: std::sync::LazyLock<Arc<Maglev>> =
+        std::sync::LazyLock::new(|| Arc::new(maglev::build::<&str>(&[], 0)));
+    EMPTY.clone()
 }
 
 /// Whether this gateway can deliver to `ip`, an address of a replica in
