@@ -164,7 +164,7 @@ async fn service(ctx: &mut Ctx, obj: &Object, s: &Service, now: i64) -> Result<S
             if l.is_empty() {
                 none.to_string()
             } else {
-                format!("{} (stored; meshd does not enforce it yet)", l.join(", "))
+                format!("{} (enforced on VIP calls only, so far)", l.join(", "))
             }
         );
     }

@@ -1,0 +1,193 @@
+//! End-to-end service policy (README "Service policy", issue #18), as far
+//! as meshd enforces it today: calls to a VIP, judged by the real meshd of
+//! the caller's cluster. Three clusters: `web` (whitelisting
+//! `default/frontend`) has a replica in c2 and one in c3; `frontend` and
+//! `batch` run in c1.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use skymesh_tests::mesh::Mesh;
+use skymesh_tests::netns::{Netns, wait_until};
+use skymesh_tests::replica::{Replica, TCP_PORT};
+
+/// A jobs-file entry labelled `app = "<app>"`.
+fn job(name: &str, ip: Ipv4Addr, app: &str, ports: &str, probe: &str) -> String {
+    format!(
+        "[[job]]\nname = \"{name}\"\nip = \"{ip}\"\nlabels = {{ app = \"{app}\" }}\nports = [{ports}]\nprobe = \"{probe}\"\n\n"
+    )
+}
+
+/// `n` connections from `ns` to `dst`: the names that answered, and the
+/// errors by kind; and the slowest attempt.
+fn calls(ns: &Netns, dst: SocketAddr, n: usize) -> (BTreeMap<String, usize>, Duration) {
+    ns.run_in(move || {
+        let mut seen = BTreeMap::new();
+        let mut slowest = Duration::ZERO;
+        for _ in 0..n {
+            let t0 = Instant::now();
+            let name = (|| -> std::io::Result<String> {
+                let s = TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut line = String::new();
+                BufReader::new(s).read_line(&mut line)?;
+                Ok(line.trim().to_string())
+            })()
+            .unwrap_or_else(|e| format!("<{:?}>", e.kind()));
+            slowest = slowest.max(t0.elapsed());
+            *seen.entry(name).or_insert(0) += 1;
+        }
+        (seen, slowest)
+    })
+    .unwrap()
+}
+
+/// Applies the skymesh document `yaml` with `skyctl apply -f`.
+fn apply(mesh: &Mesh, name: &str, yaml: &str) {
+    let path = mesh.topo.dir().join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    let out = mesh.sky(&["apply", "-f", path.to_str().unwrap()]).unwrap();
+    assert!(out.contains("configured"), "{out}");
+}
+
+fn service_doc(name: &str, app: &str, lists: &str) -> String {
+    format!(
+        "kind: Service\nmetadata:\n  name: {name}\nspec:\n  selector:\n    app: {app}\n  ports:\n    - name: http\n      port: 80\n      target_port: {TCP_PORT}\n{lists}"
+    )
+}
+
+#[test]
+fn vip_calls_follow_the_whitelists_and_upstreams() {
+    let mesh = Mesh::start(3, 2).unwrap();
+    let mut replicas = Vec::new();
+    for c in [2, 3] {
+        let ip = mesh.topo.app_ip(c, 1);
+        let name = format!("web-{c}");
+        replicas.push(Replica::start(mesh.topo.app(c, 1), ip, &name));
+        let entry = job(&name, ip, "web", &format!("\"http:{TCP_PORT}\""), "tcp");
+        std::fs::write(mesh.jobs_file(c), entry).unwrap();
+    }
+    let (frontend, batch) = (mesh.topo.app_ip(1, 1), mesh.topo.app_ip(1, 2));
+    std::fs::write(
+        mesh.jobs_file(1),
+        job("frontend-1", frontend, "frontend", "", "none")
+            + &job("batch-1", batch, "batch", "", "none"),
+    )
+    .unwrap();
+    assert!(mesh.wait_for_tunnels(Duration::from_secs(20)));
+    for (name, app) in [("frontend", "frontend"), ("batch", "batch")] {
+        mesh.sky(&[
+            "create",
+            "service",
+            name,
+            "-s",
+            &format!("app={app}"),
+            "-p",
+            "80",
+        ])
+        .unwrap();
+    }
+    mesh.sky(&[
+        "create",
+        "service",
+        "web",
+        "-s",
+        "app=web",
+        "-p",
+        &format!("http:80:{TCP_PORT}"),
+        "--whitelist",
+        "default/frontend",
+    ])
+    .unwrap();
+    assert!(
+        mesh.wait_for_ready("web", 2, Duration::from_secs(15)),
+        "{}",
+        mesh.sky(&["get", "endpoints", "-o", "wide"]).unwrap()
+    );
+    assert!(mesh.wait_for_ready("batch", 1, Duration::from_secs(15)));
+    let vip = SocketAddr::from((mesh.service_vip("web").unwrap(), 80));
+    let (fe_ns, batch_ns) = (mesh.topo.app(1, 1), mesh.topo.app(1, 2));
+
+    // frontend → web succeeds, balanced over both clusters.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            calls(fe_ns, vip, 1).0.keys().all(|k| k.starts_with("web-"))
+        }),
+        "frontend never reached web: {}",
+        mesh.meshd_log(1)
+    );
+    let (seen, _) = calls(fe_ns, vip, 40);
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        ["web-2", "web-3"],
+        "{seen:?}"
+    );
+
+    // batch → web is refused at once (a reset), and counted.
+    let (seen, slowest) = calls(batch_ns, vip, 5);
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        ["<ConnectionRefused>"],
+        "{seen:?}"
+    );
+    assert!(
+        slowest < Duration::from_millis(500),
+        "refused after {slowest:?}"
+    );
+    let denied = r#"skymesh_policy_denied_total{service="default/web",from="default/batch"}"#;
+    assert!(
+        wait_until(Duration::from_secs(5), || mesh.metric(1, denied) >= 5.0),
+        "{}",
+        mesh.metrics(1).unwrap_or_default()
+    );
+
+    // Adding default/batch to the whitelist lets batch in within 1 s.
+    apply(
+        &mesh,
+        "web",
+        &service_doc(
+            "web",
+            "web",
+            "  whitelists: [default/frontend, default/batch]\n",
+        ),
+    );
+    let t0 = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            calls(batch_ns, vip, 1)
+                .0
+                .keys()
+                .all(|k| k.starts_with("web-"))
+        }),
+        "batch still refused"
+    );
+    let took = t0.elapsed();
+    eprintln!("batch let in after {took:?}");
+    assert!(took < Duration::from_secs(1), "batch let in after {took:?}");
+
+    // frontend with upstreams [default/db] may no longer call web.
+    apply(
+        &mesh,
+        "frontend",
+        &service_doc("frontend", "frontend", "  upstreams: [default/db]\n")
+            .replace(&format!("target_port: {TCP_PORT}"), "target_port: 80"),
+    );
+    let t0 = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            calls(fe_ns, vip, 1).0.contains_key("<ConnectionRefused>")
+        }),
+        "frontend still calls web despite its upstreams"
+    );
+    eprintln!("frontend refused after {:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    let up = r#"skymesh_policy_denied_total{service="default/web",from="default/frontend"}"#;
+    assert!(wait_until(Duration::from_secs(5), || mesh.metric(1, up) >= 1.0));
+    // batch is unaffected.
+    let (seen, _) = calls(batch_ns, vip, 10);
+    assert!(seen.keys().all(|k| k.starts_with("web-")), "{seen:?}");
+    drop(replicas);
+}
