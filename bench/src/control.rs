@@ -53,6 +53,11 @@ pub fn run(cfg: &Cfg, want_vip: bool, want_ctl: bool, want_fo: bool) -> Result<V
         tables.push(crate::guarded_one("3. Service VIP overhead", || {
             vip::run(cfg, &mesh, &vip_setup)
         }));
+        if vip_works {
+            tables.push(crate::guarded_one("3b. Service policy", || {
+                vip::policy(cfg, &mesh)
+            }));
+        }
     }
     if want_ctl {
         tables.push(crate::guarded_one("5. Control plane", || {
