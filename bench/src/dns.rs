@@ -482,6 +482,29 @@ fn simulate(cfg: &Cfg, mesh: &Mesh) -> Result<Simulated> {
         let (name, cred) = creds.last().context("no simulated cluster")?.clone();
         let mut gw = GatewayClient::with_interceptor(ch, Bearer::new(Some(&cred))?)
             .max_decoding_message_size(256 << 20);
+        // The netmap is served from the coordinator's watch cache, which
+        // follows the store (10,000 service writes, their events, then the
+        // joins) a little behind: measure once it holds every peer.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut s = gw
+                .netmap(NetmapRequest {
+                    cluster: name.clone(),
+                    resource_version: 0,
+                })
+                .await?
+                .into_inner();
+            let first = s.message().await?.context("netmap stream ended")?;
+            if let Some(Update::Snapshot(nm)) = &first.update
+                && nm.peers.len() + 1 >= n
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let (mut sizes, mut times) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             let t0 = Instant::now();

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use serde_json::{Value, json};
-use skymesh_proto::v1::{Kind, ListEventsRequest, MeshEvent, WatchEventsRequest};
+use skymesh_proto::v1::{
+    Kind, ListEventsRequest, ListEventsResponse, MeshEvent, WatchEventsRequest,
+};
 use tonic::Code;
 
 use crate::cli::OutputFormat;
@@ -110,9 +112,9 @@ pub(crate) fn describe_lines(events: &[MeshEvent], now: i64) -> String {
     out
 }
 
-/// Runs `skyctl get events [--watch]`.
-pub(crate) async fn run(ctx: &mut Ctx, namespace: &str, all: bool, watch: bool) -> Result<()> {
-    let list = ctx
+/// The events of `namespace` (or of every namespace).
+async fn list_events(ctx: &mut Ctx, namespace: &str, all: bool) -> Result<ListEventsResponse> {
+    Ok(ctx
         .api
         .list_events(ListEventsRequest {
             namespace: namespace.to_string(),
@@ -122,7 +124,12 @@ pub(crate) async fn run(ctx: &mut Ctx, namespace: &str, all: bool, watch: bool) 
         })
         .await
         .map_err(|s| ctx.status(&s))?
-        .into_inner();
+        .into_inner())
+}
+
+/// Runs `skyctl get events [--watch]`.
+pub(crate) async fn run(ctx: &mut Ctx, namespace: &str, all: bool, watch: bool) -> Result<()> {
+    let list = list_events(ctx, namespace, all).await?;
     let now = output::now();
     let format = ctx.output;
     let tabular = matches!(format, OutputFormat::Table | OutputFormat::Wide);
@@ -217,17 +224,7 @@ async fn relist(
     format: OutputFormat,
     layout: &mut table::Layout,
 ) -> Result<u64> {
-    let list = ctx
-        .api
-        .list_events(ListEventsRequest {
-            namespace: namespace.to_string(),
-            all_namespaces: all,
-            kind: 0,
-            name: String::new(),
-        })
-        .await
-        .map_err(|s| ctx.status(&s))?
-        .into_inner();
+    let list = list_events(ctx, namespace, all).await?;
     for e in list.events.iter().filter(|e| e.resource_version > last) {
         if tabular {
             let r = row(e, output::now());

@@ -15,6 +15,16 @@ pub const TCP_PORT: u16 = 8080;
 /// The UDP port replicas answer on.
 pub const UDP_PORT: u16 = 9090;
 
+/// Connects to the replica (or the VIP) at `dst` and reads the name it
+/// answers with; `timeout` for the connect and for the read.
+pub fn ask_name(dst: std::net::SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let s = std::net::TcpStream::connect_timeout(&dst, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok(line.trim().to_string())
+}
+
 /// The `[[job]]` entry of a meshd jobs file (`--jobs`) for the replica
 /// `name` at `ip`, labelled `app = "web"`, with these ports (e.g.
 /// `http:8080`, `dns:9090/UDP`).

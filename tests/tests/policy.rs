@@ -6,13 +6,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use skymesh_tests::mesh::Mesh;
 use skymesh_tests::netns::{Netns, wait_until};
-use skymesh_tests::replica::{Replica, TCP_PORT};
+use skymesh_tests::replica::{Replica, TCP_PORT, ask_name};
 
 /// A jobs-file entry labelled `app = "<app>"`.
 fn job(name: &str, ip: Ipv4Addr, app: &str, ports: &str, probe: &str) -> String {
@@ -29,14 +28,8 @@ fn calls(ns: &Netns, dst: SocketAddr, n: usize) -> (BTreeMap<String, usize>, Dur
         let mut slowest = Duration::ZERO;
         for _ in 0..n {
             let t0 = Instant::now();
-            let name = (|| -> std::io::Result<String> {
-                let s = TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
-                s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                let mut line = String::new();
-                BufReader::new(s).read_line(&mut line)?;
-                Ok(line.trim().to_string())
-            })()
-            .unwrap_or_else(|e| format!("<{:?}>", e.kind()));
+            let name = ask_name(dst, Duration::from_secs(2))
+                .unwrap_or_else(|e| format!("<{:?}>", e.kind()));
             slowest = slowest.max(t0.elapsed());
             *seen.entry(name).or_insert(0) += 1;
         }

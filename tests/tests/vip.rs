@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use skymesh_tests::mesh::Mesh;
 use skymesh_tests::netns::{Netns, wait_until};
-use skymesh_tests::replica::{Replica, TCP_PORT, UDP_PORT, job_entry};
+use skymesh_tests::replica::{Replica, TCP_PORT, UDP_PORT, ask_name, job_entry};
 
 /// Three clusters, two replicas each (`web-<c>-<k>` on app host k of
 /// cluster c), registered through each gateway's `--jobs` file.
@@ -44,14 +44,8 @@ fn tcp_names(ns: &Netns, dst: SocketAddr, n: usize) -> BTreeMap<String, usize> {
     ns.run_in(move || {
         let mut seen = BTreeMap::new();
         for _ in 0..n {
-            let name = (|| -> std::io::Result<String> {
-                let s = TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
-                s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                let mut line = String::new();
-                BufReader::new(s).read_line(&mut line)?;
-                Ok(line.trim().to_string())
-            })()
-            .unwrap_or_else(|e| format!("<error: {}>", e.kind()));
+            let name = ask_name(dst, Duration::from_secs(2))
+                .unwrap_or_else(|e| format!("<error: {}>", e.kind()));
             *seen.entry(name).or_insert(0) += 1;
         }
         seen
