@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod engine;
+pub mod gro;
 pub mod health;
 pub mod lb;
 pub mod node;

@@ -15,7 +15,9 @@
 //!   threads in parallel even for one peer, and sends the batches in the
 //!   order they were read (one GSO `sendmsg` per group; [`stage`]).
 //! - `meshd-tun-tx` writes each full [`Packets`] batch to the TUN,
-//!   coalesced per flow (GRO), and hands it back. A TUN write runs the
+//!   coalesced per flow (GRO: a flow's packets appended to its first, in
+//!   one of a few 64 KiB buffers lent for the write, [`Coalesce`]), and
+//!   hands it back. A TUN write runs the
 //!   receiving TCP stack inline, so on this thread that kernel work no
 //!   longer holds up decryption.
 //!
@@ -46,6 +48,7 @@ use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR
 
 use crate::core::batch::{Datagrams, Packets};
 use crate::core::engine::{DATAGRAM_RESERVE, Engine, SLOT, TUN_SLOTS};
+use crate::core::gro::Coalesce;
 use crate::core::lb::{LbStats, LbTable};
 use crate::core::node::{DATA_HEADER, DropReason, MAX_DATAGRAM, PeerInfo};
 use crate::state::NetState;
@@ -241,10 +244,10 @@ fn spawn_tun_writer(
 ) -> Result<Vec<std::thread::JoinHandle<()>>> {
     stage::spawn("meshd-tun-tx", vec![end], |_| {
         let tun = tun.clone();
-        let mut gro = GROTable::new();
+        let mut w = TunWrite::new(COALESCE_BUFFERS);
         Ok(Steps {
             work: |_: &mut Packets| {},
-            emit: move |p: &mut Packets| write_tun(&tun, &mut gro, p),
+            emit: move |p: &mut Packets| w.write(&tun, p),
         })
     })
 }
@@ -362,6 +365,8 @@ async fn run(
 /// an idle writer has nothing older in flight.
 const INLINE_DATAGRAM_BYTES: usize = 8 * 1500;
 const INLINE_PACKETS: usize = 8;
+/// Room to coalesce those few packets.
+const INLINE_COALESCE_BUFFERS: usize = 2;
 
 /// Sends or hands over whatever is pending, datagrams first.
 async fn flush(
@@ -384,7 +389,7 @@ async fn flush(
         // Idle: no batch in either stage, so nothing older is in flight.
         if tun.tun.idle() && tun.tun.current.len() <= INLINE_PACKETS {
             engine.finish_opened(&mut tun.tun.current, Instant::now());
-            write_tun(&io.tun, &mut io.gro, &mut tun.tun.current);
+            io.tun_write.write(&io.tun, &mut tun.tun.current);
         } else {
             tun.hand_over(engine, Instant::now()).await?;
         }
@@ -469,14 +474,36 @@ impl TunPath {
     }
 }
 
-/// Writes a batch to the TUN with the device's own batch write (TUN writes
-/// do not block), and empties it.
-fn write_tun(tun: &tun_rs::DeviceImpl, gro: &mut GROTable, p: &mut Packets) {
-    let headroom = p.headroom();
-    if let Err(e) = tun.send_multiple(gro, p.bufs_mut(), headroom) {
-        tracing::debug!(error = %e, "TUN write failed");
+/// Big buffers the TUN writer lends to the heads of coalesced writes
+/// ([`Coalesce`]): a full batch of one bulk flow needs three, so a few
+/// flows at a time coalesce fully (about 64 KiB each).
+const COALESCE_BUFFERS: usize = 8;
+
+/// What a TUN write needs besides the device: the GRO table and the room
+/// to coalesce into.
+struct TunWrite {
+    gro: GROTable,
+    room: Coalesce,
+}
+
+impl TunWrite {
+    fn new(buffers: usize) -> TunWrite {
+        TunWrite {
+            gro: GROTable::new(),
+            room: Coalesce::new(TUN_OFFSET.max(DATA_HEADER), buffers),
+        }
     }
-    p.clear();
+
+    /// Writes a batch to the TUN with the device's own batch write (TUN
+    /// writes do not block), coalesced per flow, and empties it.
+    fn write(&mut self, tun: &tun_rs::DeviceImpl, p: &mut Packets) {
+        let headroom = p.headroom();
+        self.room.lend(p);
+        if let Err(e) = tun.send_multiple(&mut self.gro, p.bufs_mut(), headroom) {
+            tracing::debug!(error = %e, "TUN write failed");
+        }
+        self.room.reclaim(p);
+    }
 }
 
 /// TUN or UDP reads handled per readiness event before the loop looks at
@@ -509,7 +536,7 @@ struct BatchIo {
     udp_bufs: Vec<Vec<u8>>,
     udp_meta: Vec<RecvMeta>,
     /// For the small batches this thread writes itself.
-    gro: GROTable,
+    tun_write: TunWrite,
 }
 
 impl BatchIo {
@@ -522,7 +549,7 @@ impl BatchIo {
             tun_sizes: [0; TUN_SLOTS],
             udp_bufs: vec![vec![0u8; UDP_BUFFER]; UDP_BATCH],
             udp_meta: vec![RecvMeta::default(); UDP_BATCH],
-            gro: GROTable::new(),
+            tun_write: TunWrite::new(INLINE_COALESCE_BUFFERS),
         }
     }
 
