@@ -6,7 +6,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use skymesh_tests::mesh::Mesh;
@@ -137,6 +138,22 @@ fn vip_calls_follow_the_whitelists_and_upstreams() {
         mesh.metrics(1).unwrap_or_default()
     );
 
+    // By job IP too: batch's gateway resets the connection, frontend's
+    // goes through.
+    let web2 = SocketAddr::from((mesh.topo.app_ip(2, 1), TCP_PORT));
+    let (seen, slowest) = calls(batch_ns, web2, 3);
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        ["<ConnectionRefused>"],
+        "{seen:?}"
+    );
+    assert!(slowest < Duration::from_millis(500));
+    let (seen, _) = calls(fe_ns, web2, 3);
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["web-2"], "{seen:?}");
+    assert!(wait_until(Duration::from_secs(5), || mesh
+        .metric(1, denied)
+        >= 8.0));
+
     // Adding default/batch to the whitelist lets batch in within 1 s.
     apply(
         &mesh,
@@ -160,6 +177,17 @@ fn vip_calls_follow_the_whitelists_and_upstreams() {
     let took = t0.elapsed();
     eprintln!("batch let in after {took:?}");
     assert!(took < Duration::from_secs(1), "batch let in after {took:?}");
+    // batch keeps a connection open (the replica echoes lines).
+    let mut open = batch_ns
+        .run_in(move || TcpStream::connect_timeout(&vip, Duration::from_secs(2)))
+        .unwrap()
+        .unwrap();
+    open.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut reader = BufReader::new(open.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("web-"), "{line}");
 
     // frontend with upstreams [default/db] may no longer call web.
     apply(
@@ -179,8 +207,39 @@ fn vip_calls_follow_the_whitelists_and_upstreams() {
     assert!(t0.elapsed() < Duration::from_secs(1));
     let up = r#"skymesh_policy_denied_total{service="default/web",from="default/frontend"}"#;
     assert!(wait_until(Duration::from_secs(5), || mesh.metric(1, up) >= 1.0));
-    // batch is unaffected.
+    // batch is unaffected, and its connection still echoes.
     let (seen, _) = calls(batch_ns, vip, 10);
     assert!(seen.keys().all(|k| k.starts_with("web-")), "{seen:?}");
+    let mut echo = |open: &mut TcpStream| -> std::io::Result<()> {
+        open.write_all(b"ping\n")?;
+        line.clear();
+        match reader.read_line(&mut line)? {
+            0 => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            _ => Ok(()),
+        }
+    };
+    echo(&mut open).unwrap();
+
+    // Taking default/batch off the whitelist cuts that connection within
+    // 1 s: its next packet is answered with a reset.
+    apply(
+        &mesh,
+        "web",
+        &service_doc("web", "web", "  whitelists: [default/frontend]\n"),
+    );
+    let t0 = Instant::now();
+    let mut cut = None;
+    while t0.elapsed() < Duration::from_secs(5) {
+        if let Err(e) = echo(&mut open) {
+            cut = Some(e);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = t0.elapsed();
+    let e = cut.expect("batch's open connection survived the whitelist change");
+    eprintln!("batch's connection cut after {took:?}: {e}");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    assert!(took < Duration::from_secs(1), "cut after {took:?}");
     drop(replicas);
 }

@@ -183,10 +183,23 @@ impl Lb {
     /// a candidate for new flows (its gateway is suspect, say): a client's
     /// retransmitted SYN then reaches a live replica instead of the one
     /// that just died.
+    ///
+    /// A flow the new table's service policy refuses is removed too: the
+    /// client's next packet then gets the refusal a new flow would (a TCP
+    /// RST, ICMP administratively prohibited), and the replica's packets
+    /// to it are dropped.
     pub fn set_table(&mut self, t: Arc<LbTable>) {
+        let policy = t.policy();
+        let before = self.nat.len();
         self.nat.retain(|f| {
             let i = f.inside.0;
             let o = f.outside.0;
+            if !policy.is_empty()
+                && (policy.check(*i.src.ip(), *i.dst.ip()).is_err()
+                    || policy.check(*i.src.ip(), *o.dst.ip()).is_err())
+            {
+                return false;
+            }
             t.vip(*i.dst.ip()).is_some_and(|s| {
                 s.target_port(i.proto, i.dst.port()) == Some(o.dst.port())
                     && s.eligible
@@ -203,6 +216,10 @@ impl Lb {
             .collect();
         for k in &stale {
             self.affinity.pop(k);
+        }
+        let removed = before - self.nat.len();
+        if removed > 0 {
+            tracing::debug!(removed, "flows no longer eligible removed");
         }
         self.table = t;
     }
@@ -253,6 +270,9 @@ impl Lb {
             };
         }
         if !ours {
+            if let Some(v) = self.direct_call(packet, reply, &h, now) {
+                return v;
+            }
             // Traffic straight to a backend from a client port that an
             // earlier VIP flow to that backend used: that flow's mapping is
             // stale (the VIP flow's own packets never leave the TUN with
@@ -302,6 +322,12 @@ impl Lb {
         let Ok(h) = packet::parse_ipv4(packet) else {
             return Verdict::Pass;
         };
+        if let Some(d) = self.refused_connection(packet, &h) {
+            // The gateway that owns the job checks again: the caller's
+            // gateway may not be honest, so no answer is owed.
+            self.count_denied(d);
+            return Verdict::Drop(LbDrop::Policy);
+        }
         if h.is_later_fragment() {
             return self
                 .later_fragment(packet, &h, now)
@@ -500,6 +526,43 @@ impl Lb {
             }
         }
         fallback.ok_or(Some(why))
+    }
+
+    /// A new TCP connection (a SYN) straight to a job's IP that the
+    /// service policy refuses, when there is a policy. Judged by the
+    /// caller's gateway (which answers with a RST) and by the job's own
+    /// gateway (which drops), on the SYN alone: what follows it needs no
+    /// check, and no state is kept. UDP to job IPs is not judged yet (it
+    /// needs a flow table to tell calls from replies).
+    fn refused_connection(
+        &self,
+        packet: &[u8],
+        h: &Ipv4Hdr,
+    ) -> Option<crate::core::policy::Denied> {
+        let policy = self.table.policy();
+        if policy.is_empty() || h.proto != packet::IPPROTO_TCP || h.is_later_fragment() {
+            return None;
+        }
+        let l4 = packet::parse_l4(packet, h, Proto::Tcp)?;
+        if l4.flags & (packet::TCP_SYN | packet::TCP_ACK) != packet::TCP_SYN {
+            return None;
+        }
+        policy.check(h.src, h.dst).err()
+    }
+
+    /// A packet from the TUN to an address that is no VIP: a refused
+    /// direct connection gets its RST here ([`Lb::refused_connection`]).
+    fn direct_call(
+        &mut self,
+        packet: &[u8],
+        reply: &mut Vec<u8>,
+        h: &Ipv4Hdr,
+        now: Instant,
+    ) -> Option<Verdict> {
+        let d = self.refused_connection(packet, h)?;
+        self.count_denied(d);
+        let l4 = packet::parse_l4(packet, h, Proto::Tcp)?;
+        Some(self.reject(packet, reply, h, &l4, LbReply::Policy, now))
     }
 
     fn count_denied(&mut self, d: crate::core::policy::Denied) {

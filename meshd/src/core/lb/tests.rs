@@ -1033,15 +1033,18 @@ fn affinity_pins_are_bounded_least_recently_used_first() {
 /// `default/frontend`; frontend's job gets a replica, batch's job gets a
 /// reset (TCP) or administratively prohibited (UDP) at once, counted, with
 /// no flow, SNAT port or affinity taken.
-#[test]
-fn the_service_policy_refuses_new_flows_before_anything_is_allocated() {
+const FRONTEND: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 50);
+const BATCH: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 60);
+
+/// `web` (replicas in three clusters, VIP [`VIP`]) whitelisting
+/// `whitelists`, and the services `frontend` and `batch` with one local
+/// job each ([`FRONTEND`], [`BATCH`]).
+fn policy_state(whitelists: &[&str]) -> crate::state::NetState {
     let mut s = web_state(TrafficPolicy::Spread);
     let key = ("default".to_string(), "web".to_string());
     let mut web = (**s.services.get(&key).unwrap()).clone();
-    web.spec.as_mut().unwrap().whitelists = vec!["default/frontend".into()];
+    web.spec.as_mut().unwrap().whitelists = whitelists.iter().map(|w| w.to_string()).collect();
     s.services.insert(key, web);
-    let frontend = Ipv4Addr::new(10, 1, 0, 50);
-    let batch = Ipv4Addr::new(10, 1, 0, 60);
     for (name, vip, ip) in [
         ("frontend", Ipv4Addr::new(100, 65, 0, 20), "10.1.0.50"),
         ("batch", Ipv4Addr::new(100, 65, 0, 30), "10.1.0.60"),
@@ -1052,6 +1055,103 @@ fn the_service_policy_refuses_new_flows_before_anything_is_allocated() {
             Some(endpoints(name, &[("c1", true, &[(ip, name, true)])])),
         );
     }
+    s
+}
+
+/// Issue #18: a whitelist change cuts the VIP flows it forbids at once
+/// (the client's next packet gets a RST), and keeps the others.
+#[test]
+fn a_policy_change_cuts_the_flows_it_forbids() {
+    let both = policy_state(&["default/frontend", "default/batch"]);
+    let mut lb = lb(&both, &Health::default());
+    let now = Instant::now();
+    for c in [sa(FRONTEND, 30_000), sa(BATCH, 40_000)] {
+        let (v, _) = out(&mut lb, syn(c, sa(VIP, 80)), now);
+        assert!(matches!(v, Verdict::ToTun | Verdict::ToTunnel), "{v:?}");
+    }
+    assert_eq!(lb.stats().active_flows, 2);
+    let only_frontend = policy_state(&["default/frontend"]);
+    lb.set_table(Arc::new(LbTable::build(
+        &only_frontend,
+        &cfg(),
+        &Health::default(),
+    )));
+    assert_eq!(lb.stats().active_flows, 1, "batch's flow is cut");
+    let (v, _) = out(
+        &mut lb,
+        tcp(sa(FRONTEND, 30_000), sa(VIP, 80), TCP_ACK, 2, 2, b"x"),
+        now,
+    );
+    assert!(matches!(v, Verdict::ToTun | Verdict::ToTunnel), "{v:?}");
+    let (v, p) = out(
+        &mut lb,
+        tcp(sa(BATCH, 40_000), sa(VIP, 80), TCP_ACK, 2, 2, b"x"),
+        now,
+    );
+    assert_eq!(v, Verdict::Reply);
+    let TransportHeader::Tcp(t) = checked(&p).transport else {
+        panic!()
+    };
+    assert!(t.rst);
+}
+
+/// Issue #18 for calls to a job's IP: the caller's gateway answers a
+/// refused SYN with a RST; the job's gateway drops one that comes through
+/// a tunnel anyway; what follows a SYN, and replies, are not judged.
+#[test]
+fn direct_connections_to_a_job_are_judged_on_the_syn() {
+    let s = policy_state(&["default/frontend"]);
+    let mut lb = lb(&s, &Health::default());
+    let now = Instant::now();
+    // web-3a, a replica in c3, from batch here.
+    let web = Ipv4Addr::new(10, 3, 0, 11);
+    let (v, p) = out(&mut lb, syn(sa(BATCH, 40_000), sa(web, 8080)), now);
+    assert_eq!(v, Verdict::Reply);
+    let r = checked(&p);
+    assert_eq!((*r.src.ip(), *r.dst.ip()), (web, BATCH));
+    let TransportHeader::Tcp(t) = r.transport else {
+        panic!()
+    };
+    assert!(t.rst);
+    let (v, _) = out(&mut lb, syn(sa(FRONTEND, 40_000), sa(web, 8080)), now);
+    assert_eq!(v, Verdict::Pass);
+    let (v, _) = out(
+        &mut lb,
+        tcp(sa(BATCH, 40_001), sa(web, 8080), TCP_ACK, 2, 2, b"x"),
+        now,
+    );
+    assert_eq!(v, Verdict::Pass, "not a new connection");
+    // At web's own gateway (a tunnel brings batch's SYN to web-1a here).
+    let web_here = Ipv4Addr::new(10, 1, 0, 11);
+    let (v, _) = inb(&mut lb, syn(sa(BATCH, 40_002), sa(web_here, 8080)), now);
+    assert_eq!(v, Verdict::Drop(LbDrop::Policy));
+    let (v, _) = inb(&mut lb, syn(sa(FRONTEND, 40_002), sa(web_here, 8080)), now);
+    assert_eq!(v, Verdict::Pass);
+    // A reply of web's to batch (SYN+ACK) passes.
+    let (v, _) = inb(
+        &mut lb,
+        tcp(
+            sa(web_here, 8080),
+            sa(BATCH, 40_003),
+            TCP_SYN | TCP_ACK,
+            1,
+            1,
+            &[],
+        ),
+        now,
+    );
+    assert_eq!(v, Verdict::Pass);
+    let key = (
+        Arc::<str>::from("default/web"),
+        Arc::<str>::from("default/batch"),
+    );
+    assert_eq!(lb.stats().policy_denied[&key], 2);
+}
+
+#[test]
+fn the_service_policy_refuses_new_flows_before_anything_is_allocated() {
+    let s = policy_state(&["default/frontend"]);
+    let (frontend, batch) = (FRONTEND, BATCH);
     let mut lb = lb(&s, &Health::default());
     assert!(!lb.table().policy().is_empty());
     let now = Instant::now();
