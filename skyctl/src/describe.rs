@@ -164,10 +164,7 @@ async fn service(ctx: &mut Ctx, obj: &Object, s: &Service, now: i64) -> Result<S
             if l.is_empty() {
                 none.to_string()
             } else {
-                format!(
-                    "{} (enforced on VIP calls and TCP to job IPs)",
-                    l.join(", ")
-                )
+                format!("{} (enforced on VIP and job-IP calls)", l.join(", "))
             }
         );
     }

@@ -7,12 +7,12 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use skymesh_tests::mesh::Mesh;
 use skymesh_tests::netns::{Netns, wait_until};
-use skymesh_tests::replica::{Replica, TCP_PORT, ask_name};
+use skymesh_tests::replica::{Replica, TCP_PORT, UDP_PORT, ask_name};
 
 /// A jobs-file entry labelled `app = "<app>"`.
 fn job(name: &str, ip: Ipv4Addr, app: &str, ports: &str, probe: &str) -> String {
@@ -150,9 +150,33 @@ fn vip_calls_follow_the_whitelists_and_upstreams() {
     assert!(slowest < Duration::from_millis(500));
     let (seen, _) = calls(fe_ns, web2, 3);
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["web-2"], "{seen:?}");
+    // UDP to the job's IP: batch gets ICMP administratively prohibited at
+    // once, frontend the replica's answer (its reply passes both gateways
+    // as a reply, tracked, not judged as a call).
+    let web2_udp = SocketAddr::from((mesh.topo.app_ip(2, 1), UDP_PORT));
+    let ask_udp = |ns: &Netns| {
+        let t0 = Instant::now();
+        let r = ns
+            .run_in(move || -> std::io::Result<String> {
+                let s = UdpSocket::bind("0.0.0.0:0")?;
+                s.connect(web2_udp)?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                s.send(b"hello")?;
+                let mut b = [0u8; 256];
+                let n = s.recv(&mut b)?;
+                Ok(String::from_utf8_lossy(&b[..n]).to_string())
+            })
+            .unwrap();
+        (r, t0.elapsed())
+    };
+    let (r, took) = ask_udp(batch_ns);
+    let e = r.expect_err("batch reached web-2 over UDP");
+    assert_ne!(e.kind(), std::io::ErrorKind::WouldBlock, "no ICMP: {e}");
+    assert!(took < Duration::from_millis(500), "refused after {took:?}");
+    assert_eq!(ask_udp(fe_ns).0.unwrap(), "web-2");
     assert!(wait_until(Duration::from_secs(5), || mesh
         .metric(1, denied)
-        >= 8.0));
+        >= 9.0));
 
     // Adding default/batch to the whitelist lets batch in within 1 s.
     apply(

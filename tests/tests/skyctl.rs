@@ -781,8 +781,5 @@ fn service_policy_lists_are_stored_and_shown() {
     assert_eq!(json["spec"]["upstreams"], serde_json::json!(["shop/db"]));
     let d = ok(&c, &["describe", "service", "web"]);
     assert!(d.contains("Whitelists:        ops/*, shop/frontend"), "{d}");
-    assert!(
-        d.contains("enforced on VIP calls and TCP to job IPs"),
-        "{d}"
-    );
+    assert!(d.contains("enforced on VIP and job-IP calls"), "{d}");
 }

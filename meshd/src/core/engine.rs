@@ -147,8 +147,10 @@ impl Engine {
         }
     }
 
-    /// Ends a staged TUN read: what could not be sealed in place (a
-    /// handshake started for a peer without a session) joins `net`.
+    /// Ends a staged TUN read, and is called before datagrams are sent:
+    /// what could not be sealed in place (a handshake started for a peer
+    /// without a session, a policy refusal answered while judging opened
+    /// packets) joins `net`.
     pub fn finish_staged(&mut self, net: &mut Datagrams) {
         if !self.aside.is_empty() {
             net.append(&mut self.aside);
@@ -180,11 +182,11 @@ impl Engine {
         let Some(n) = self.node.handle_network(src, datagram, net, room) else {
             return;
         };
-        if matches!(
-            self.lb.inbound(&mut room[..n], now),
-            Verdict::Pass | Verdict::ToTun
-        ) {
-            tun.commit(n);
+        match self.lb.inbound(&mut room[..n], &mut self.reply, now) {
+            Verdict::Pass | Verdict::ToTun => tun.commit(n),
+            // A refusal, back through the tunnel it came from.
+            Verdict::Reply => self.node.handle_tun(&self.reply, net),
+            _ => {}
         }
     }
 
@@ -214,11 +216,16 @@ impl Engine {
                 if n == 0 {
                     return None;
                 }
-                matches!(
-                    self.lb.inbound(&mut packet[..n], now),
-                    Verdict::Pass | Verdict::ToTun
-                )
-                .then_some(n)
+                match self.lb.inbound(&mut packet[..n], &mut self.reply, now) {
+                    Verdict::Pass | Verdict::ToTun => Some(n),
+                    // A refusal goes back with the next datagrams sent
+                    // (`aside`: there is no datagram batch here).
+                    Verdict::Reply => {
+                        self.node.handle_tun(&self.reply, &mut self.aside);
+                        None
+                    }
+                    _ => None,
+                }
             });
             if o.result.is_none() {
                 self.node.count_drop(DropReason::AuthFailed);

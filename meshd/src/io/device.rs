@@ -375,6 +375,7 @@ async fn flush(
     net: &mut Writer<Datagrams>,
     tun: &mut TunPath,
 ) -> Result<()> {
+    engine.finish_staged(&mut net.current);
     if !net.current.is_empty() {
         if net.idle() && net.current.bytes() <= INLINE_DATAGRAM_BYTES {
             // Blocks only if the socket buffer is full, where waiting is

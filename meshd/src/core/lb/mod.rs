@@ -34,6 +34,7 @@
 //! - `packet`: parsing, checksums, RST / ICMP builders.
 //! - `hash`: keyed SipHash-1-3.
 
+mod direct;
 mod hash;
 pub mod maglev;
 pub mod nat;
@@ -125,6 +126,9 @@ pub struct Lb {
     drops: BTreeMap<LbDrop, u64>,
     replies: BTreeMap<LbReply, u64>,
     policy_denied: BTreeMap<(Arc<str>, Arc<str>), u64>,
+    /// Calls straight to job IPs the policy let through (only while there
+    /// is a policy).
+    direct: direct::DirectCalls,
     /// Start of the current one-second reply window and replies in it.
     reply_window: Option<(Instant, u32)>,
     next_sweep: Option<Instant>,
@@ -160,6 +164,7 @@ impl Lb {
             drops: BTreeMap::new(),
             replies: BTreeMap::new(),
             policy_denied: BTreeMap::new(),
+            direct: direct::DirectCalls::new(direct::MAX_DIRECT_CALLS),
             reply_window: None,
             next_sweep: None,
         }
@@ -221,6 +226,16 @@ impl Lb {
         if removed > 0 {
             tracing::debug!(removed, "flows no longer eligible removed");
         }
+        if policy.is_empty() {
+            self.direct.clear();
+        } else if !self.direct.is_empty() {
+            let cut = self
+                .direct
+                .rejudge(|c| policy.check(*c.src.ip(), *c.dst.ip()).is_ok());
+            if cut > 0 {
+                tracing::debug!(cut, "direct calls cut by the service policy");
+            }
+        }
         self.table = t;
     }
 
@@ -238,10 +253,13 @@ impl Lb {
     }
 
     /// A packet decrypted from a tunnel: reverse translation of remote
-    /// backends' replies (and ICMP errors about our flows); everything else
-    /// passes untouched.
-    pub fn inbound(&mut self, packet: &mut [u8], now: Instant) -> Verdict {
-        let v = self.inbound_inner(packet, now);
+    /// backends' replies (and ICMP errors about our flows); a call to a job
+    /// here that the service policy refuses gets its refusal written into
+    /// `reply` (cleared first), to go back through the tunnel; everything
+    /// else passes untouched.
+    pub fn inbound(&mut self, packet: &mut [u8], reply: &mut Vec<u8>, now: Instant) -> Verdict {
+        reply.clear();
+        let v = self.inbound_inner(packet, reply, now);
         self.count_drop(v);
         v
     }
@@ -318,16 +336,10 @@ impl Lb {
         self.client_packet(packet, reply, &h, &l4, tuple, now)
     }
 
-    fn inbound_inner(&mut self, packet: &mut [u8], now: Instant) -> Verdict {
+    fn inbound_inner(&mut self, packet: &mut [u8], reply: &mut Vec<u8>, now: Instant) -> Verdict {
         let Ok(h) = packet::parse_ipv4(packet) else {
             return Verdict::Pass;
         };
-        if let Some(d) = self.refused_connection(packet, &h) {
-            // The gateway that owns the job checks again: the caller's
-            // gateway may not be honest, so no answer is owed.
-            self.count_denied(d);
-            return Verdict::Drop(LbDrop::Policy);
-        }
         if h.is_later_fragment() {
             return self
                 .later_fragment(packet, &h, now)
@@ -349,7 +361,20 @@ impl Lb {
             dst: SocketAddrV4::new(h.dst, l4.dst_port),
         };
         let Some(f) = self.nat.reply(tuple, Path::Remote, l4.flags, now) else {
-            return Verdict::Pass;
+            // Not a reply of a VIP flow: the gateway that owns the job
+            // judges the call again (the caller's gateway may not be
+            // honest, or may not have the same policy yet). A refusal is
+            // answered, as the caller's gateway would: a client whose
+            // gateway let a call through a moment before this one learned
+            // of a change retries at once instead of after its SYN
+            // timeout.
+            return match self.judge_direct(packet, &h, now) {
+                Ok(()) => Verdict::Pass,
+                Err(d) => {
+                    self.count_denied(d);
+                    self.reject(packet, reply, &h, &l4, LbReply::Policy, now)
+                }
+            };
         };
         let src = f.inside.0.dst;
         packet::rewrite(packet, &h, Some(src), None);
@@ -528,30 +553,65 @@ impl Lb {
         fallback.ok_or(Some(why))
     }
 
-    /// A new TCP connection (a SYN) straight to a job's IP that the
-    /// service policy refuses, when there is a policy. Judged by the
-    /// caller's gateway (which answers with a RST) and by the job's own
-    /// gateway (which drops), on the SYN alone: what follows it needs no
-    /// check, and no state is kept. UDP to job IPs is not judged yet (it
-    /// needs a flow table to tell calls from replies).
-    fn refused_connection(
-        &self,
+    /// Judges a packet straight to an address that is no VIP, when there
+    /// is a policy: `Err` if the service policy refuses it.
+    ///
+    /// A packet of a call allowed earlier, or a reply to one, passes
+    /// ([`direct::DirectCalls`]); one of a call a policy change cut is
+    /// refused. Anything else is judged as a call from its source to its
+    /// destination (and tracked if allowed), except a TCP segment that
+    /// opens nothing (no SYN) of a connection not tracked (it began before
+    /// there was a policy, or was evicted): its direction is unknown, so it
+    /// passes if either direction is allowed. A RST always passes.
+    fn judge_direct(
+        &mut self,
         packet: &[u8],
         h: &Ipv4Hdr,
-    ) -> Option<crate::core::policy::Denied> {
-        let policy = self.table.policy();
-        if policy.is_empty() || h.proto != packet::IPPROTO_TCP || h.is_later_fragment() {
-            return None;
+        now: Instant,
+    ) -> Result<(), crate::core::policy::Denied> {
+        let table = self.table.clone();
+        let policy = table.policy();
+        if policy.is_empty() || h.is_later_fragment() {
+            return Ok(());
         }
-        let l4 = packet::parse_l4(packet, h, Proto::Tcp)?;
-        if l4.flags & (packet::TCP_SYN | packet::TCP_ACK) != packet::TCP_SYN {
-            return None;
+        let Some(l4) = Proto::from_number(h.proto).and_then(|p| packet::parse_l4(packet, h, p))
+        else {
+            return Ok(());
+        };
+        let t = FiveTuple {
+            proto: l4.proto,
+            src: SocketAddrV4::new(h.src, l4.src_port),
+            dst: SocketAddrV4::new(h.dst, l4.dst_port),
+        };
+        let opens = l4.proto == Proto::Udp
+            || l4.flags & (packet::TCP_SYN | packet::TCP_ACK) == packet::TCP_SYN;
+        if l4.proto == Proto::Tcp && l4.flags & packet::TCP_RST != 0 {
+            return Ok(());
         }
-        policy.check(h.src, h.dst).err()
+        match self.direct.seen(t, now) {
+            direct::Known::Allowed => return Ok(()),
+            // A new connection on a tuple whose call was cut is judged
+            // anew; anything else of it is refused, either way.
+            direct::Known::Cut(call) if !(opens && l4.proto == Proto::Tcp) => {
+                return policy.check(*call.src.ip(), *call.dst.ip());
+            }
+            _ => {}
+        }
+        let verdict = policy.check(h.src, h.dst);
+        if verdict.is_ok() {
+            self.direct.allow(t, now);
+            return Ok(());
+        }
+        if !opens && policy.check(h.dst, h.src).is_ok() {
+            self.direct.allow(t.reversed(), now);
+            return Ok(());
+        }
+        verdict
     }
 
-    /// A packet from the TUN to an address that is no VIP: a refused
-    /// direct connection gets its RST here ([`Lb::refused_connection`]).
+    /// A packet from the TUN to an address that is no VIP: refused by the
+    /// service policy ([`Lb::judge_direct`]), a TCP segment gets a RST and
+    /// a UDP datagram ICMP administratively prohibited.
     fn direct_call(
         &mut self,
         packet: &[u8],
@@ -559,9 +619,9 @@ impl Lb {
         h: &Ipv4Hdr,
         now: Instant,
     ) -> Option<Verdict> {
-        let d = self.refused_connection(packet, h)?;
+        let d = self.judge_direct(packet, h, now).err()?;
         self.count_denied(d);
-        let l4 = packet::parse_l4(packet, h, Proto::Tcp)?;
+        let l4 = Proto::from_number(h.proto).and_then(|p| packet::parse_l4(packet, h, p))?;
         Some(self.reject(packet, reply, h, &l4, LbReply::Policy, now))
     }
 

@@ -187,6 +187,6 @@ proptest! {
         let mut reply = Vec::new();
         let mut a = bytes.clone();
         let _ = lb.outbound(&mut a, &mut reply, now);
-        let _ = lb.inbound(&mut bytes, now);
+        let _ = lb.inbound(&mut bytes, &mut reply, now);
     }
 }

@@ -36,9 +36,6 @@ pub enum LbDrop {
     /// An answer was due to a source that must not get one (broadcast,
     /// multicast, unspecified; RFC 1122 §3.2.2).
     BadSource,
-    /// A new TCP connection from a tunnel to a job here that the service
-    /// policy refuses (the caller's gateway should have refused it).
-    Policy,
 }
 
 impl LbDrop {
@@ -57,7 +54,6 @@ impl LbDrop {
             LbDrop::SourceLimit => "source_limit",
             LbDrop::RateLimited => "rate_limited",
             LbDrop::BadSource => "bad_source",
-            LbDrop::Policy => "policy",
         }
     }
 }

@@ -1041,10 +1041,7 @@ const BATCH: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 60);
 /// job each ([`FRONTEND`], [`BATCH`]).
 fn policy_state(whitelists: &[&str]) -> crate::state::NetState {
     let mut s = web_state(TrafficPolicy::Spread);
-    let key = ("default".to_string(), "web".to_string());
-    let mut web = (**s.services.get(&key).unwrap()).clone();
-    web.spec.as_mut().unwrap().whitelists = whitelists.iter().map(|w| w.to_string()).collect();
-    s.services.insert(key, web);
+    set_whitelists(&mut s, "web", whitelists);
     for (name, vip, ip) in [
         ("frontend", Ipv4Addr::new(100, 65, 0, 20), "10.1.0.50"),
         ("batch", Ipv4Addr::new(100, 65, 0, 30), "10.1.0.60"),
@@ -1056,6 +1053,103 @@ fn policy_state(whitelists: &[&str]) -> crate::state::NetState {
         );
     }
     s
+}
+
+/// Sets service `name`'s whitelists.
+fn set_whitelists(s: &mut crate::state::NetState, name: &str, whitelists: &[&str]) {
+    let key = ("default".to_string(), name.to_string());
+    let mut svc = (**s.services.get(&key).unwrap()).clone();
+    svc.spec.as_mut().unwrap().whitelists = whitelists.iter().map(|w| w.to_string()).collect();
+    s.services.insert(key, Arc::new(svc));
+}
+
+fn is_admin_prohibited(p: &[u8]) -> bool {
+    let TransportHeader::Icmpv4(i) = checked(p).transport else {
+        return false;
+    };
+    matches!(
+        i.icmp_type,
+        Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FilterProhibited
+        )
+    )
+}
+
+/// Issue #18 for UDP to a job's IP: a call the policy allows is tracked,
+/// so its replies pass although the other way is no allowed call; a
+/// refused one gets ICMP administratively prohibited; a change cuts a
+/// tracked call both ways and lets in what it now allows.
+#[test]
+fn direct_udp_calls_are_tracked_and_cut_by_a_change() {
+    let mut s = policy_state(&["default/frontend"]);
+    // Only db may call frontend: web's replies are no allowed call.
+    set_whitelists(&mut s, "frontend", &["default/db"]);
+    let mut lb = lb(&s, &Health::default());
+    let now = Instant::now();
+    let web = Ipv4Addr::new(10, 3, 0, 11);
+    let (v, _) = out(&mut lb, udp(sa(FRONTEND, 5000), sa(web, 9090), b"q"), now);
+    assert_eq!(v, Verdict::Pass);
+    let (v, _) = inb(&mut lb, udp(sa(web, 9090), sa(FRONTEND, 5000), b"a"), now);
+    assert_eq!(v, Verdict::Pass, "a reply to an allowed call");
+    let (v, _) = inb(&mut lb, udp(sa(web, 9091), sa(FRONTEND, 5000), b"x"), now);
+    assert_eq!(v, Verdict::Reply, "web calling frontend");
+    let (v, p) = out(&mut lb, udp(sa(BATCH, 5000), sa(web, 9090), b"q"), now);
+    assert_eq!(v, Verdict::Reply);
+    assert!(is_admin_prohibited(&p));
+    assert_eq!(lb.direct.len(), 1);
+
+    let mut s = policy_state(&["default/batch"]);
+    set_whitelists(&mut s, "frontend", &["default/db"]);
+    lb.set_table(Arc::new(LbTable::build(&s, &cfg(), &Health::default())));
+    let (v, p) = out(&mut lb, udp(sa(FRONTEND, 5000), sa(web, 9090), b"q"), now);
+    assert_eq!(v, Verdict::Reply, "the cut call");
+    assert!(is_admin_prohibited(&p));
+    let (v, _) = inb(&mut lb, udp(sa(web, 9090), sa(FRONTEND, 5000), b"a"), now);
+    assert_eq!(v, Verdict::Reply, "its replies too");
+    let (v, _) = out(&mut lb, udp(sa(BATCH, 5000), sa(web, 9090), b"q"), now);
+    assert_eq!(v, Verdict::Pass, "batch is let in");
+    // Without any policy nothing is tracked.
+    lb.set_table(Arc::new(LbTable::build(
+        &web_state(TrafficPolicy::Spread),
+        &cfg(),
+        &Health::default(),
+    )));
+    assert_eq!(lb.direct.len(), 0);
+    let (v, _) = out(&mut lb, udp(sa(FRONTEND, 5000), sa(web, 9090), b"q"), now);
+    assert_eq!(v, Verdict::Pass);
+    assert_eq!(lb.direct.len(), 0);
+}
+
+/// Issue #18: a change cuts an open TCP connection straight to a job
+/// (the client's next segment gets a RST, the job's are dropped); a new
+/// connection on the same ports is judged anew.
+#[test]
+fn a_policy_change_cuts_direct_tcp_connections() {
+    let s = policy_state(&["default/frontend", "default/batch"]);
+    let mut lb = lb(&s, &Health::default());
+    let now = Instant::now();
+    let web = Ipv4Addr::new(10, 3, 0, 11);
+    let (c, w) = (sa(BATCH, 40_000), sa(web, 8080));
+    assert_eq!(out(&mut lb, syn(c, w), now).0, Verdict::Pass);
+    let synack = tcp(w, c, TCP_SYN | TCP_ACK, 1, 1, &[]);
+    assert_eq!(inb(&mut lb, synack, now).0, Verdict::Pass);
+    let s = policy_state(&["default/frontend"]);
+    lb.set_table(Arc::new(LbTable::build(&s, &cfg(), &Health::default())));
+    let (v, p) = out(&mut lb, tcp(c, w, TCP_ACK, 2, 2, b"x"), now);
+    assert_eq!(v, Verdict::Reply);
+    let TransportHeader::Tcp(t) = checked(&p).transport else {
+        panic!()
+    };
+    assert!(t.rst);
+    let (v, _) = inb(&mut lb, tcp(w, c, TCP_ACK, 2, 3, b"y"), now);
+    assert_eq!(v, Verdict::Reply);
+    // Let in again: the same connection goes on.
+    let s = policy_state(&["default/frontend", "default/batch"]);
+    lb.set_table(Arc::new(LbTable::build(&s, &cfg(), &Health::default())));
+    assert_eq!(
+        out(&mut lb, tcp(c, w, TCP_ACK, 3, 3, b"x"), now).0,
+        Verdict::Pass
+    );
 }
 
 /// Issue #18: a whitelist change cuts the VIP flows it forbids at once
@@ -1124,7 +1218,7 @@ fn direct_connections_to_a_job_are_judged_on_the_syn() {
     // At web's own gateway (a tunnel brings batch's SYN to web-1a here).
     let web_here = Ipv4Addr::new(10, 1, 0, 11);
     let (v, _) = inb(&mut lb, syn(sa(BATCH, 40_002), sa(web_here, 8080)), now);
-    assert_eq!(v, Verdict::Drop(LbDrop::Policy));
+    assert_eq!(v, Verdict::Reply);
     let (v, _) = inb(&mut lb, syn(sa(FRONTEND, 40_002), sa(web_here, 8080)), now);
     assert_eq!(v, Verdict::Pass);
     // A reply of web's to batch (SYN+ACK) passes.

@@ -291,8 +291,13 @@ pub fn out(lb: &mut Lb, mut p: Vec<u8>, now: Instant) -> (Verdict, Vec<u8>) {
 
 /// Sends `p` in from a tunnel.
 pub fn inb(lb: &mut Lb, mut p: Vec<u8>, now: Instant) -> (Verdict, Vec<u8>) {
-    let v = lb.inbound(&mut p, now);
-    (v, p)
+    let mut reply = Vec::new();
+    let v = lb.inbound(&mut p, &mut reply, now);
+    if v == Verdict::Reply {
+        (v, reply)
+    } else {
+        (v, p)
+    }
 }
 
 /// The destination IP of a packet.
