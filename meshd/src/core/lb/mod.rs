@@ -569,11 +569,12 @@ impl Lb {
         h: &Ipv4Hdr,
         now: Instant,
     ) -> Result<(), crate::core::policy::Denied> {
-        let table = self.table.clone();
-        let policy = table.policy();
-        if policy.is_empty() || h.is_later_fragment() {
+        // No policy (the common case): not even the table's refcount.
+        if self.table.policy().is_empty() || h.is_later_fragment() {
             return Ok(());
         }
+        let table = self.table.clone();
+        let policy = table.policy();
         let Some(l4) = Proto::from_number(h.proto).and_then(|p| packet::parse_l4(packet, h, p))
         else {
             return Ok(());
