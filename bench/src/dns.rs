@@ -19,9 +19,9 @@ use prost::Message as _;
 use rand::seq::SliceRandom as _;
 use skymesh_proto::Bearer;
 use skymesh_proto::v1::{
-    Cluster, ClusterSpec, CreateRequest, JoinRequest, NetmapRequest, ObjectMeta, Protocol, Service,
-    ServicePort, ServiceSpec, api_client::ApiClient, gateway_client::GatewayClient,
-    netmap_update::Update,
+    Cluster, ClusterSpec, CreateRequest, JoinRequest, NetmapRequest, NetmapUpdate, ObjectMeta,
+    Protocol, Service, ServicePort, ServiceSpec, api_client::ApiClient,
+    gateway_client::GatewayClient, netmap_update::Update,
 };
 use skymesh_tests::mesh::{DNS_PORT, Mesh};
 use skymesh_tests::netns::{Netns, NsProcess, wait_until};
@@ -485,8 +485,7 @@ fn simulate(cfg: &Cfg, mesh: &Mesh) -> Result<Simulated> {
         // The netmap is served from the coordinator's watch cache, which
         // follows the store (10,000 service writes, their events, then the
         // joins) a little behind: measure once it holds every peer.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
+        let mut snapshot = async || -> Result<NetmapUpdate> {
             let mut s = gw
                 .netmap(NetmapRequest {
                     cluster: name.clone(),
@@ -494,7 +493,11 @@ fn simulate(cfg: &Cfg, mesh: &Mesh) -> Result<Simulated> {
                 })
                 .await?
                 .into_inner();
-            let first = s.message().await?.context("netmap stream ended")?;
+            s.message().await?.context("netmap stream ended")
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let first = snapshot().await?;
             if let Some(Update::Snapshot(nm)) = &first.update
                 && nm.peers.len() + 1 >= n
             {
@@ -508,14 +511,7 @@ fn simulate(cfg: &Cfg, mesh: &Mesh) -> Result<Simulated> {
         let (mut sizes, mut times) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             let t0 = Instant::now();
-            let mut s = gw
-                .netmap(NetmapRequest {
-                    cluster: name.clone(),
-                    resource_version: 0,
-                })
-                .await?
-                .into_inner();
-            let first = s.message().await?.context("netmap stream ended")?;
+            let first = snapshot().await?;
             times.push(t0.elapsed().as_secs_f64() * 1000.0);
             let Some(Update::Snapshot(nm)) = &first.update else {
                 bail!("the netmap stream did not start with a snapshot");
