@@ -329,8 +329,8 @@ const SPAM_TRACKED: usize = 65_536;
 /// `EventSourceObjectSpamFilter` does: a gateway whose job flaps (its
 /// readiness probe passing and failing every other second) would
 /// otherwise turn each flip into a stored event kept an hour. Per object a
-/// token bucket of [`SPAM_BURST`], refilled one per [`SPAM_REFILL_S`]; at
-/// most [`SPAM_TRACKED`] objects, so the filter is bounded too.
+/// token bucket of 25 (`SPAM_BURST`), refilled one per 5 minutes
+/// (`SPAM_REFILL_S`); at most `SPAM_TRACKED` objects, so the filter is bounded too.
 #[derive(Debug, Default)]
 pub struct SpamFilter {
     /// `(kind, namespace, name)` → (tokens, at).

@@ -60,7 +60,7 @@ const DEFAULT_NAMESPACE: &str = "default";
 
 /// Every record served, indexed by owner name. Immutable once built.
 ///
-/// Compact: a name holds [`Rd`]s (an address, a port and a target, ...),
+/// Compact: a name holds `Rd`s (an address, a port and a target, ...),
 /// not hickory records; [`RecordSet::lookup`] makes the records of the one
 /// name it answers. Names below a forward zone are kept relative to it,
 /// once for every forward zone (their records are the same in each). With

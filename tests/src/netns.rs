@@ -338,7 +338,7 @@ impl Netns {
 
     /// Makes `/etc/<file>` read `contents` for the programs started in this
     /// namespace from now on (e.g. `hosts`, `resolv.conf`; see
-    /// [`Netns::etc_dir`]). Written in place afterwards, so that programs
+    /// `Netns::etc_dir`). Written in place afterwards, so that programs
     /// already running see the new contents too. Removed with the
     /// namespace.
     pub fn set_etc_file(&self, file: &str, contents: &str) -> Result<()> {
