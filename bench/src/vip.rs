@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use skymesh_tests::mesh::Mesh;
-use skymesh_tests::netns::{NsProcess, wait_until};
+use skymesh_tests::netns::{Netns, NsProcess, wait_until};
 
 use crate::Cfg;
 use crate::report::{Better, Cell, Row, Table, Unit};
@@ -253,20 +253,29 @@ pub fn policy(cfg: &Cfg, mesh: &Mesh) -> Result<Table> {
     let mut entries: Vec<String> = (0..80).map(|i| format!("team-{i}/svc-{i}")).collect();
     entries.extend((0..19).map(|i| format!("team-{i}-*/api-*")));
     entries.push("default/vclient".into());
-    let path = mesh.topo.dir().join("vb-policy.yaml");
+    ensure!(
+        entries.len() == POLICY_ENTRIES,
+        "the whitelist has {} entries",
+        entries.len()
+    );
     let set = |lists: &[String]| -> Result<()> {
-        std::fs::write(&path, vb_doc(lists))?;
-        mesh.sky(&["apply", "-f", path.to_str().context("temp path is UTF-8")?])?;
+        mesh.apply("vb-policy", &vb_doc(lists))?;
         Ok(())
     };
     let vip = vip_of(mesh, "vb")?;
     let dst = SocketAddr::from((vip, ECHO_PORT));
     let client = mesh.topo.app(1, 1);
-    let reaches = || {
+    let reaches_from = |ns: &Netns| {
+        ns.run_in(|| tools::tcp_fetch(dst, Duration::from_millis(500)))
+            .is_ok_and(|r| r.is_ok_and(|s| s == "vb-c2"))
+    };
+    // The client reaches the VIP either way; the other app host, which is
+    // no job of vclient, is refused once the whitelist is in force at the
+    // client's gateway (and let in again once it is gone): measure then.
+    let marker = mesh.topo.app(1, 2);
+    let in_force = |policed: bool| {
         wait_until(Duration::from_secs(5), || {
-            client
-                .run_in(|| tools::tcp_fetch(dst, Duration::from_millis(500)))
-                .is_ok_and(|r| r.is_ok_and(|s| s == "vb-c2"))
+            reaches_from(client) && reaches_from(marker) != policed
         })
     };
     let mut with: Result<Vec<f64>> = Ok(Vec::new());
@@ -275,8 +284,9 @@ pub fn policy(cfg: &Cfg, mesh: &Mesh) -> Result<Table> {
         for (policed, out) in [(true, &mut with), (false, &mut without)] {
             set(if policed { &entries } else { &[] })?;
             ensure!(
-                reaches(),
-                "the client does not reach vb's VIP (policy {policed})"
+                in_force(policed),
+                "the client does not reach vb's VIP, or the whitelist is not (or still) in \
+                 force (policy {policed})"
             );
             if let Ok(v) = out {
                 match tools::conn_rate(client, dst, cfg.conn_secs, WORKERS) {

@@ -439,6 +439,14 @@ impl Mesh {
         Ok(String::from_utf8_lossy(&out.stdout).to_string())
     }
 
+    /// Writes `yaml` to `<stem>.yaml` in the topology's directory and runs
+    /// `skyctl apply -f` on it; returns what skyctl printed.
+    pub fn apply(&self, stem: &str, yaml: &str) -> Result<String> {
+        let path = self.topo.dir().join(format!("{stem}.yaml"));
+        std::fs::write(&path, yaml)?;
+        self.sky(&["apply", "-f", path.to_str().context("temp path is UTF-8")?])
+    }
+
     /// `wg show <iface> DUMP_ARGS...` of cluster `i`'s meshd.
     pub fn wg(&self, i: usize, args: &[&str]) -> Result<String> {
         let iface = self.topo.iface(i);

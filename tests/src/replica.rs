@@ -29,9 +29,14 @@ pub fn ask_name(dst: std::net::SocketAddr, timeout: Duration) -> std::io::Result
 /// `name` at `ip`, labelled `app = "web"`, with these ports (e.g.
 /// `http:8080`, `dns:9090/UDP`).
 pub fn job_entry(name: &str, ip: Ipv4Addr, ports: &[&str]) -> String {
+    labelled_job_entry(name, ip, "web", ports)
+}
+
+/// [`job_entry`] labelled `app = "<app>"`.
+pub fn labelled_job_entry(name: &str, ip: Ipv4Addr, app: &str, ports: &[&str]) -> String {
     let ports: Vec<String> = ports.iter().map(|p| format!("\"{p}\"")).collect();
     format!(
-        "[[job]]\nname = \"{name}\"\nip = \"{ip}\"\nlabels = {{ app = \"web\" }}\nports = [{}]\n\n",
+        "[[job]]\nname = \"{name}\"\nip = \"{ip}\"\nlabels = {{ app = \"{app}\" }}\nports = [{}]\n\n",
         ports.join(", ")
     )
 }

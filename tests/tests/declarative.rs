@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use skymesh_tests::mesh::Mesh;
 use skymesh_tests::netns::wait_until;
-use skymesh_tests::replica::{Replica, TCP_PORT, UDP_PORT, job_entry};
+use skymesh_tests::replica::{Replica, TCP_PORT, UDP_PORT, ask_name, job_entry};
 use skymesh_tests::{Coordinator, bin_path};
 
 /// A Service as kubectl users write it: named ports, targetPort by name
@@ -502,17 +502,11 @@ fn refused_at(mesh: &Mesh, dst: SocketAddr) -> bool {
 
 /// [`name_at`] from cluster `c`'s first app host.
 fn name_from(mesh: &Mesh, c: usize, dst: SocketAddr) -> std::io::Result<String> {
+    // Short: a replica answers at once, and a hung attempt must not eat a
+    // 1 s budget.
     mesh.topo
         .app(c, 1)
-        .run_in(move || {
-            // Short: a replica answers at once, and a hung attempt must not
-            // eat a 1 s budget.
-            let s = TcpStream::connect_timeout(&dst, Duration::from_millis(300))?;
-            s.set_read_timeout(Some(Duration::from_millis(300)))?;
-            let mut line = String::new();
-            BufReader::new(s).read_line(&mut line)?;
-            Ok(line.trim().to_string())
-        })
+        .run_in(move || ask_name(dst, Duration::from_millis(300)))
         .unwrap()
 }
 

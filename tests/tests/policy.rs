@@ -7,19 +7,12 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use skymesh_tests::mesh::Mesh;
 use skymesh_tests::netns::{Netns, wait_until};
-use skymesh_tests::replica::{Replica, TCP_PORT, UDP_PORT, ask_name};
-
-/// A jobs-file entry labelled `app = "<app>"`.
-fn job(name: &str, ip: Ipv4Addr, app: &str, ports: &str, probe: &str) -> String {
-    format!(
-        "[[job]]\nname = \"{name}\"\nip = \"{ip}\"\nlabels = {{ app = \"{app}\" }}\nports = [{ports}]\nprobe = \"{probe}\"\n\n"
-    )
-}
+use skymesh_tests::replica::{Replica, TCP_PORT, UDP_PORT, ask_name, labelled_job_entry};
 
 /// `n` connections from `ns` to `dst`: the names that answered, and the
 /// errors by kind; and the slowest attempt.
@@ -41,9 +34,7 @@ fn calls(ns: &Netns, dst: SocketAddr, n: usize) -> (BTreeMap<String, usize>, Dur
 
 /// Applies the skymesh document `yaml` with `skyctl apply -f`.
 fn apply(mesh: &Mesh, name: &str, yaml: &str) {
-    let path = mesh.topo.dir().join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml).unwrap();
-    let out = mesh.sky(&["apply", "-f", path.to_str().unwrap()]).unwrap();
+    let out = mesh.apply(name, yaml).unwrap();
     assert!(out.contains("configured"), "{out}");
 }
 
@@ -61,14 +52,14 @@ fn vip_calls_follow_the_whitelists_and_upstreams() {
         let ip = mesh.topo.app_ip(c, 1);
         let name = format!("web-{c}");
         replicas.push(Replica::start(mesh.topo.app(c, 1), ip, &name));
-        let entry = job(&name, ip, "web", &format!("\"http:{TCP_PORT}\""), "tcp");
+        let entry = labelled_job_entry(&name, ip, "web", &[&format!("http:{TCP_PORT}")]);
         std::fs::write(mesh.jobs_file(c), entry).unwrap();
     }
     let (frontend, batch) = (mesh.topo.app_ip(1, 1), mesh.topo.app_ip(1, 2));
     std::fs::write(
         mesh.jobs_file(1),
-        job("frontend-1", frontend, "frontend", "", "none")
-            + &job("batch-1", batch, "batch", "", "none"),
+        labelled_job_entry("frontend-1", frontend, "frontend", &[])
+            + &labelled_job_entry("batch-1", batch, "batch", &[]),
     )
     .unwrap();
     assert!(mesh.wait_for_tunnels(Duration::from_secs(20)));
