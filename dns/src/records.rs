@@ -421,7 +421,6 @@ impl RecordSet {
             RecordType::NS if node.contains(&Rd::Ns) => return Some(zone.ns.clone()),
             _ => {}
         }
-        let owner = Name::from(name);
         let mut set: Option<RrSet> = None;
         for rd in node.iter().filter(|rd| rd.record_type() == rtype) {
             let rdata = match rd {
@@ -441,7 +440,7 @@ impl RecordSet {
                 }
                 None => {
                     set = Some(RrSet::from(Record::from_rdata(
-                        owner.clone(),
+                        Name::from(name),
                         self.ttl,
                         rdata,
                     )))

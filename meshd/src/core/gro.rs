@@ -12,6 +12,7 @@
 //! 64 KiB per slot.
 
 use super::batch::Packets;
+use super::lb::packet;
 
 /// The largest packet a coalesced write may build (an IP length field).
 const COALESCED_MAX: usize = u16::MAX as usize;
@@ -142,14 +143,14 @@ fn flow_of(pkt: &[u8]) -> Option<(FlowKey, usize)> {
     let mut addrs = [0u8; 32];
     let (proto, ip_len) = match pkt.first()? >> 4 {
         4 => {
-            let ihl = usize::from(pkt.first()? & 0x0f) * 4;
+            let h = packet::parse_ipv4(pkt).ok()?;
             // Fragments are not coalesced.
-            let frag = u16::from_be_bytes([*pkt.get(6)?, *pkt.get(7)?]);
-            if ihl < 20 || frag & 0x3fff != 0 {
+            if h.more_fragments || h.is_later_fragment() {
                 return None;
             }
-            addrs[..8].copy_from_slice(pkt.get(12..20)?);
-            (*pkt.get(9)?, ihl)
+            addrs[..4].copy_from_slice(&h.src.octets());
+            addrs[4..8].copy_from_slice(&h.dst.octets());
+            (h.proto, h.ihl)
         }
         6 => {
             addrs.copy_from_slice(pkt.get(8..40)?);
@@ -159,14 +160,14 @@ fn flow_of(pkt: &[u8]) -> Option<(FlowKey, usize)> {
     };
     let headers = match proto {
         // TCP: only plain ACK or ACK+PSH segments coalesce.
-        6 => {
+        packet::IPPROTO_TCP => {
             let flags = *pkt.get(ip_len + 13)?;
-            if flags != 0x10 && flags != 0x18 {
+            if flags != packet::TCP_ACK && flags != packet::TCP_ACK | packet::TCP_PSH {
                 return None;
             }
             ip_len + usize::from(pkt.get(ip_len + 12)? >> 4) * 4
         }
-        17 => ip_len + 8,
+        packet::IPPROTO_UDP => ip_len + 8,
         _ => return None,
     };
     if pkt.len() <= headers {

@@ -60,7 +60,7 @@ pub struct Denied {
 }
 
 /// One side's identity, compiled.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 struct Identity {
     /// Namespace id; `None` for an address that is no known job.
     ns: Option<u32>,
@@ -89,8 +89,10 @@ struct Rule {
     globs: Vec<(Box<str>, Box<str>)>,
 }
 
-/// The policy of one gateway's netmap.
-#[derive(Debug, Default)]
+/// The policy of one gateway's netmap (comparable: a rebuild that
+/// compiles the same policy keeps the old one, and no flow is judged
+/// again).
+#[derive(Debug, Default, PartialEq)]
 pub struct PolicyTable {
     namespaces: Vec<Box<str>>,
     /// `(namespace id, name)` per service id.
@@ -387,7 +389,10 @@ pub fn inputs(s: &NetState) -> (Vec<ServicePolicy>, Vec<Member>) {
         .services
         .iter()
         .map(|((ns, name), svc)| {
-            let spec = svc.spec.clone().unwrap_or_default();
+            let spec = svc.spec.as_ref();
+            let list = |l: fn(&skymesh_proto::v1::ServiceSpec) -> &Vec<String>| {
+                spec.map(l).cloned().unwrap_or_default()
+            };
             ServicePolicy {
                 namespace: ns.clone(),
                 name: name.clone(),
@@ -395,8 +400,8 @@ pub fn inputs(s: &NetState) -> (Vec<ServicePolicy>, Vec<Member>) {
                     .status
                     .as_ref()
                     .and_then(|st| st.cluster_ip.parse().ok()),
-                upstreams: spec.upstreams,
-                whitelists: spec.whitelists,
+                upstreams: list(|s| &s.upstreams),
+                whitelists: list(|s| &s.whitelists),
             }
         })
         .collect();
@@ -421,11 +426,8 @@ pub fn inputs(s: &NetState) -> (Vec<ServicePolicy>, Vec<Member>) {
         else {
             continue;
         };
-        let labels = job
-            .metadata
-            .as_ref()
-            .map(|m| m.labels.clone())
-            .unwrap_or_default();
+        let no_labels = Default::default();
+        let labels = job.metadata.as_ref().map_or(&no_labels, |m| &m.labels);
         let e = who.entry(ip).or_insert_with(|| (ns.clone(), Vec::new()));
         if e.0 != *ns {
             continue;
@@ -435,7 +437,7 @@ pub fn inputs(s: &NetState) -> (Vec<ServicePolicy>, Vec<Member>) {
                 && svc
                     .spec
                     .as_ref()
-                    .is_some_and(|sp| selects(&sp.selector, &labels))
+                    .is_some_and(|sp| selects(&sp.selector, labels))
             {
                 e.1.push(sname.clone());
             }

@@ -64,10 +64,6 @@ impl DirectCalls {
         self.calls.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.calls.is_empty()
-    }
-
     /// A packet with tuple `t` (either way), seen at `now`.
     pub fn seen(&mut self, t: FiveTuple, now: Instant) -> Known {
         for key in [t, t.reversed()] {

@@ -57,7 +57,9 @@ use std::time::{Duration, Instant};
 
 use lru::LruCache;
 pub use nat::FlowLimits;
-use nat::{FiveTuple, Flow, FragKey, FragTable, InsertError, Inside, NatTable, Outside, Path};
+use nat::{
+    FiveTuple, Flow, FragKey, FragTable, InsertError, Inside, NatTable, Outside, Path, is_syn,
+};
 pub use packet::Proto;
 use packet::{IcmpError, Ipv4Hdr, L4, ParseError};
 pub use stats::{LbDrop, LbReply, LbStats, ServiceStats};
@@ -195,11 +197,13 @@ impl Lb {
     /// to it are dropped.
     pub fn set_table(&mut self, t: Arc<LbTable>) {
         let policy = t.policy();
+        // Flows were judged by this very policy (a health change, say).
+        let rejudge = !policy.is_empty() && !self.table.same_policy(&t);
         let before = self.nat.len();
         self.nat.retain(|f| {
             let i = f.inside.0;
             let o = f.outside.0;
-            if !policy.is_empty()
+            if rejudge
                 && (policy.check(*i.src.ip(), *i.dst.ip()).is_err()
                     || policy.check(*i.src.ip(), *o.dst.ip()).is_err())
             {
@@ -228,7 +232,7 @@ impl Lb {
         }
         if policy.is_empty() {
             self.direct.clear();
-        } else if !self.direct.is_empty() {
+        } else if rejudge {
             let cut = self
                 .direct
                 .rejudge(|c| policy.check(*c.src.ip(), *c.dst.ip()).is_ok());
@@ -288,8 +292,24 @@ impl Lb {
             };
         }
         if !ours {
-            if let Some(v) = self.direct_call(packet, reply, &h, now) {
-                return v;
+            // Nothing to judge or to clean up (the bulk of tunnel traffic).
+            if self.nat.is_empty() && self.table.policy().is_empty() {
+                return Verdict::Pass;
+            }
+            let Some(l4) =
+                Proto::from_number(h.proto).and_then(|p| packet::parse_l4(packet, &h, p))
+            else {
+                return Verdict::Pass;
+            };
+            let tuple = FiveTuple {
+                proto: l4.proto,
+                src: SocketAddrV4::new(h.src, l4.src_port),
+                dst: SocketAddrV4::new(h.dst, l4.dst_port),
+            };
+            let opens = l4.proto == Proto::Udp || is_syn(l4.flags);
+            if let Err(d) = self.judge_direct(tuple, l4.flags, opens, now) {
+                self.count_denied(d);
+                return self.reject(packet, reply, &h, &l4, LbReply::Policy, now);
             }
             // Traffic straight to a backend from a client port that an
             // earlier VIP flow to that backend used: that flow's mapping is
@@ -297,18 +317,8 @@ impl Lb {
             // the backend as destination), and keeping it would rewrite
             // this flow's replies to come from the VIP. For TCP a new
             // connection (SYN) says so; for UDP any datagram does.
-            if !self.nat.is_empty()
-                && let Some(proto) = Proto::from_number(h.proto)
-                && let Some(l4) = packet::parse_l4(packet, &h, proto)
-                && (proto == Proto::Udp
-                    || l4.flags & (packet::TCP_SYN | packet::TCP_ACK) == packet::TCP_SYN)
-            {
-                let outside = Outside(FiveTuple {
-                    proto,
-                    src: SocketAddrV4::new(h.src, l4.src_port),
-                    dst: SocketAddrV4::new(h.dst, l4.dst_port),
-                });
-                self.nat.remove_outside(&outside);
+            if opens && !self.nat.is_empty() {
+                self.nat.remove_outside(&Outside(tuple));
             }
             return Verdict::Pass;
         }
@@ -368,7 +378,8 @@ impl Lb {
             // gateway let a call through a moment before this one learned
             // of a change retries at once instead of after its SYN
             // timeout.
-            return match self.judge_direct(packet, &h, now) {
+            let opens = l4.proto == Proto::Udp || is_syn(l4.flags);
+            return match self.judge_direct(tuple, l4.flags, opens, now) {
                 Ok(()) => Verdict::Pass,
                 Err(d) => {
                     self.count_denied(d);
@@ -553,77 +564,48 @@ impl Lb {
         fallback.ok_or(Some(why))
     }
 
-    /// Judges a packet straight to an address that is no VIP, when there
-    /// is a policy: `Err` if the service policy refuses it.
+    /// Judges a packet straight to an address that is no VIP (its
+    /// `tuple`, TCP `flags`, whether it `opens` a call: UDP, or a SYN),
+    /// when there is a policy: `Err` if the service policy refuses it.
     ///
     /// A packet of a call allowed earlier, or a reply to one, passes
     /// ([`direct::DirectCalls`]); one of a call a policy change cut is
     /// refused. Anything else is judged as a call from its source to its
     /// destination (and tracked if allowed), except a TCP segment that
-    /// opens nothing (no SYN) of a connection not tracked (it began before
-    /// there was a policy, or was evicted): its direction is unknown, so it
+    /// opens nothing of a connection not tracked (it began before there
+    /// was a policy, or was evicted): its direction is unknown, so it
     /// passes if either direction is allowed. A RST always passes.
     fn judge_direct(
         &mut self,
-        packet: &[u8],
-        h: &Ipv4Hdr,
+        t: FiveTuple,
+        flags: u8,
+        opens: bool,
         now: Instant,
     ) -> Result<(), crate::core::policy::Denied> {
-        // No policy (the common case): not even the table's refcount.
-        if self.table.policy().is_empty() || h.is_later_fragment() {
+        let policy = self.table.policy();
+        if policy.is_empty() || (t.proto == Proto::Tcp && flags & packet::TCP_RST != 0) {
             return Ok(());
         }
-        let table = self.table.clone();
-        let policy = table.policy();
-        let Some(l4) = Proto::from_number(h.proto).and_then(|p| packet::parse_l4(packet, h, p))
-        else {
-            return Ok(());
-        };
-        let t = FiveTuple {
-            proto: l4.proto,
-            src: SocketAddrV4::new(h.src, l4.src_port),
-            dst: SocketAddrV4::new(h.dst, l4.dst_port),
-        };
-        let opens = l4.proto == Proto::Udp
-            || l4.flags & (packet::TCP_SYN | packet::TCP_ACK) == packet::TCP_SYN;
-        if l4.proto == Proto::Tcp && l4.flags & packet::TCP_RST != 0 {
-            return Ok(());
-        }
+        let (src, dst) = (*t.src.ip(), *t.dst.ip());
         match self.direct.seen(t, now) {
             direct::Known::Allowed => return Ok(()),
             // A new connection on a tuple whose call was cut is judged
             // anew; anything else of it is refused, either way.
-            direct::Known::Cut(call) if !(opens && l4.proto == Proto::Tcp) => {
+            direct::Known::Cut(call) if !(opens && t.proto == Proto::Tcp) => {
                 return policy.check(*call.src.ip(), *call.dst.ip());
             }
             _ => {}
         }
-        let verdict = policy.check(h.src, h.dst);
+        let verdict = policy.check(src, dst);
         if verdict.is_ok() {
             self.direct.allow(t, now);
             return Ok(());
         }
-        if !opens && policy.check(h.dst, h.src).is_ok() {
+        if !opens && policy.check(dst, src).is_ok() {
             self.direct.allow(t.reversed(), now);
             return Ok(());
         }
         verdict
-    }
-
-    /// A packet from the TUN to an address that is no VIP: refused by the
-    /// service policy ([`Lb::judge_direct`]), a TCP segment gets a RST and
-    /// a UDP datagram ICMP administratively prohibited.
-    fn direct_call(
-        &mut self,
-        packet: &[u8],
-        reply: &mut Vec<u8>,
-        h: &Ipv4Hdr,
-        now: Instant,
-    ) -> Option<Verdict> {
-        let d = self.judge_direct(packet, h, now).err()?;
-        self.count_denied(d);
-        let l4 = Proto::from_number(h.proto).and_then(|p| packet::parse_l4(packet, h, p))?;
-        Some(self.reject(packet, reply, h, &l4, LbReply::Policy, now))
     }
 
     fn count_denied(&mut self, d: crate::core::policy::Denied) {

@@ -200,15 +200,23 @@ impl LbTable {
             };
             vips.insert(v.vip, v);
         }
-        LbTable {
-            vips,
-            policy: Arc::new(PolicyTable::from_state(state)),
-        }
+        let policy = PolicyTable::from_state(state);
+        let policy = match prev {
+            Some(p) if *p.policy == policy => p.policy.clone(),
+            _ => Arc::new(policy),
+        };
+        LbTable { vips, policy }
     }
 
     /// The service policy of the netmap this table was built from.
     pub fn policy(&self) -> &PolicyTable {
         &self.policy
+    }
+
+    /// Whether `other` holds the very same policy (a rebuild keeps it when
+    /// it compiles to the same): then no flow needs judging again.
+    pub fn same_policy(&self, other: &LbTable) -> bool {
+        Arc::ptr_eq(&self.policy, &other.policy)
     }
 
     /// Whether `ip` is a VIP served here.
