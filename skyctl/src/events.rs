@@ -24,7 +24,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const HEADERS: [&str; 5] = ["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"];
 
 fn object(e: &MeshEvent) -> String {
-    let kind = Kind::try_from(e.kind).unwrap_or(Kind::Unspecified);
+    let kind = e.kind();
     format!("{}/{}", kind.singular(), e.name)
 }
 
@@ -39,7 +39,7 @@ fn row(e: &MeshEvent, now: i64) -> Vec<String> {
 }
 
 fn doc(e: &MeshEvent) -> Value {
-    let kind = Kind::try_from(e.kind).unwrap_or(Kind::Unspecified);
+    let kind = e.kind();
     let mut v = json!({
         "kind": "Event",
         "resource_version": e.resource_version,

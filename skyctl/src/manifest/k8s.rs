@@ -199,14 +199,6 @@ fn service(doc: &mut Fields<'_>) -> Result<Parsed> {
     )?;
     let mut spec = ServiceSpec::default();
     let mut named_targets = Vec::new();
-    if let Some(clusters) = ann.get(CLUSTERS) {
-        spec.clusters = clusters
-            .split(',')
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .map(str::to_string)
-            .collect();
-    }
     let list = |a: &str| -> Vec<String> {
         ann.get(a)
             .map(|v| {
@@ -218,6 +210,7 @@ fn service(doc: &mut Fields<'_>) -> Result<Parsed> {
             })
             .unwrap_or_default()
     };
+    spec.clusters = list(CLUSTERS);
     spec.upstreams = list(UPSTREAMS);
     spec.whitelists = list(WHITELISTS);
     for (a, l) in [(UPSTREAMS, &spec.upstreams), (WHITELISTS, &spec.whitelists)] {
