@@ -15,7 +15,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use skymesh_tests::mesh::Mesh;
-use skymesh_tests::netns::wait_until;
+use skymesh_tests::netns::{WAN_CIDR, wait_until};
 
 /// Cluster `name`'s endpoint as the coordinator records it.
 fn recorded_endpoint(mesh: &Mesh, name: &str) -> Option<String> {
@@ -84,6 +84,10 @@ fn endpoint_host_name_is_resolved_at_start_and_on_each_report() {
         "c1",
         "--endpoint",
         "gw_1.mesh.test:51820",
+        // Never the host's default state directory, should the check
+        // ever come too late.
+        "--state-dir",
+        mesh.topo.dir().join("malformed-endpoint").to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -129,7 +133,7 @@ fn endpoint_host_name_is_resolved_at_start_and_on_each_report() {
         .ip(&[
             "route",
             "replace",
-            "198.51.100.0/24",
+            WAN_CIDR,
             "dev",
             "wan0",
             "proto",
