@@ -113,6 +113,14 @@ impl Engine {
             // hairpin's, not the tunnel's.
             Verdict::ToTun => tun.push(packet),
             Verdict::Reply => tun.push(&self.reply),
+            // A local replica's segment on a cut flow: both resets go to
+            // the TUN.
+            Verdict::Reset => {
+                tun.push(packet);
+                if !self.reply.is_empty() {
+                    tun.push(&self.reply);
+                }
+            }
             Verdict::Drop(_) => {}
         }
     }
@@ -143,6 +151,12 @@ impl Engine {
             }
             Verdict::ToTun => tun.push(packet),
             Verdict::Reply => tun.push(&self.reply),
+            Verdict::Reset => {
+                tun.push(packet);
+                if !self.reply.is_empty() {
+                    tun.push(&self.reply);
+                }
+            }
             Verdict::Drop(_) => {}
         }
     }
@@ -186,6 +200,14 @@ impl Engine {
             Verdict::Pass | Verdict::ToTun => tun.commit(n),
             // A refusal, back through the tunnel it came from.
             Verdict::Reply => self.node.handle_tun(&self.reply, net),
+            // A remote replica's segment on a cut flow: the client's reset
+            // to the TUN, the replica's back through the tunnel.
+            Verdict::Reset => {
+                tun.commit(n);
+                if !self.reply.is_empty() {
+                    self.node.handle_tun(&self.reply, net);
+                }
+            }
             _ => {}
         }
     }
@@ -223,6 +245,12 @@ impl Engine {
                     Verdict::Reply => {
                         self.node.handle_tun(&self.reply, &mut self.aside);
                         None
+                    }
+                    Verdict::Reset => {
+                        if !self.reply.is_empty() {
+                            self.node.handle_tun(&self.reply, &mut self.aside);
+                        }
+                        Some(n)
                     }
                     _ => None,
                 }

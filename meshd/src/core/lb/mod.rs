@@ -83,6 +83,11 @@ const MAX_DENIED_LABELS: usize = 4096;
 /// Tuning: TCP resets and ICMP unreachables generated per second (RFC
 /// 1812 §4.3.2.8: ICMP error generation should be rate limited).
 const REPLIES_PER_SECOND: u32 = 1000;
+/// Tuning: flows a policy change cut that are remembered until their
+/// replica's next packet (about 60 bytes each), least recently cut first
+/// out. A forgotten one's replies pass untranslated, and its client learns
+/// at its own next packet.
+const MAX_CUT_FLOWS: usize = 16_384;
 
 /// What to do with a packet after [`Lb::outbound`] / [`Lb::inbound`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -99,6 +104,11 @@ pub enum Verdict {
     Reply,
     /// Drop the packet (counted under the reason).
     Drop(LbDrop),
+    /// A replica's TCP segment on a flow a service policy change cut:
+    /// rewritten in place into a reset for the client (write it to the
+    /// TUN); `reply`, unless empty, resets the replica (send it back the
+    /// way the segment came).
+    Reset,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -114,6 +124,18 @@ struct Counters {
 }
 
 type AffinityKey = (Ipv4Addr, Ipv4Addr);
+
+/// A flow a policy change cut, kept (by its outside tuple) so that the
+/// replica's next packet resets both ends at once: without it, a client
+/// whose SYN got through a moment before the change waits for its SYN
+/// retry (1 s) to be refused, and an open connection learns only when it
+/// next sends.
+#[derive(Debug, Clone, Copy)]
+struct CutFlow {
+    inside: Inside,
+    path: Path,
+    expires: Instant,
+}
 
 /// The load balancer of one gateway.
 #[derive(Debug)]
@@ -131,6 +153,8 @@ pub struct Lb {
     /// Calls straight to job IPs the policy let through (only while there
     /// is a policy).
     direct: direct::DirectCalls,
+    /// VIP flows a policy change cut, by outside tuple.
+    cut: LruCache<Outside, CutFlow>,
     /// Start of the current one-second reply window and replies in it.
     reply_window: Option<(Instant, u32)>,
     next_sweep: Option<Instant>,
@@ -167,6 +191,7 @@ impl Lb {
             replies: BTreeMap::new(),
             policy_denied: BTreeMap::new(),
             direct: direct::DirectCalls::new(direct::MAX_DIRECT_CALLS),
+            cut: LruCache::new(NonZeroUsize::new(MAX_CUT_FLOWS).unwrap_or(NonZeroUsize::MIN)),
             reply_window: None,
             next_sweep: None,
         }
@@ -191,22 +216,33 @@ impl Lb {
     /// retransmitted SYN then reaches a live replica instead of the one
     /// that just died.
     ///
-    /// A flow the new table's service policy refuses is removed too: the
-    /// client's next packet then gets the refusal a new flow would (a TCP
-    /// RST, ICMP administratively prohibited), and the replica's packets
-    /// to it are dropped.
+    /// A flow the new table's service policy refuses is removed too (and
+    /// counted as refused): the client's next packet then gets the refusal a new flow would (a TCP
+    /// RST, ICMP administratively prohibited). The replica's next TCP
+    /// segment on it is turned into a reset for the client, and answered
+    /// with one ([`Verdict::Reset`]); its UDP datagrams are dropped.
     pub fn set_table(&mut self, t: Arc<LbTable>) {
         let policy = t.policy();
         // Flows were judged by this very policy (a health change, say).
         let rejudge = !policy.is_empty() && !self.table.same_policy(&t);
         let before = self.nat.len();
+        let cut = &mut self.cut;
+        let mut denied = Vec::new();
         self.nat.retain(|f| {
             let i = f.inside.0;
             let o = f.outside.0;
             if rejudge
-                && (policy.check(*i.src.ip(), *i.dst.ip()).is_err()
-                    || policy.check(*i.src.ip(), *o.dst.ip()).is_err())
+                && let Err(d) = policy
+                    .check(*i.src.ip(), *i.dst.ip())
+                    .and_then(|()| policy.check(*i.src.ip(), *o.dst.ip()))
             {
+                let c = CutFlow {
+                    inside: f.inside,
+                    path: f.path,
+                    expires: f.expires(),
+                };
+                cut.put(f.outside, c);
+                denied.push(d);
                 return false;
             }
             t.vip(*i.dst.ip()).is_some_and(|s| {
@@ -225,6 +261,10 @@ impl Lb {
             .collect();
         for k in &stale {
             self.affinity.pop(k);
+        }
+        // A cut call is a refused one (it is reset when next seen).
+        for d in denied {
+            self.count_denied(d);
         }
         let removed = before - self.nat.len();
         if removed > 0 {
@@ -343,6 +383,9 @@ impl Lb {
             packet::rewrite(packet, &h, Some(src), Some(dst));
             return self.first_fragment(&h, *src.ip(), *dst.ip(), Verdict::ToTun, now);
         }
+        if let Some(v) = self.cut_reply(packet, reply, &h, &l4, tuple, Path::Local, now) {
+            return v;
+        }
         self.client_packet(packet, reply, &h, &l4, tuple, now)
     }
 
@@ -371,6 +414,9 @@ impl Lb {
             dst: SocketAddrV4::new(h.dst, l4.dst_port),
         };
         let Some(f) = self.nat.reply(tuple, Path::Remote, l4.flags, now) else {
+            if let Some(v) = self.cut_reply(packet, reply, &h, &l4, tuple, Path::Remote, now) {
+                return v;
+            }
             // Not a reply of a VIP flow: the gateway that owns the job
             // judges the call again (the caller's gateway may not be
             // honest, or may not have the same policy yet). A refusal is
@@ -456,6 +502,9 @@ impl Lb {
             now,
         );
         flow.seen_outbound(l4.flags, now);
+        if !self.cut.is_empty() {
+            self.cut.pop(&outside);
+        }
         match self.nat.insert(flow, now) {
             Ok(()) => {}
             Err(InsertError::Collision) => return Verdict::Drop(LbDrop::NatCollision),
@@ -606,6 +655,42 @@ impl Lb {
             return Ok(());
         }
         verdict
+    }
+
+    /// A packet `tuple` from a replica (on `path`) that answers no flow:
+    /// if it answers one a policy change cut, the verdict for it (see
+    /// [`Verdict::Reset`]); `None` otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn cut_reply(
+        &mut self,
+        packet: &mut [u8],
+        reply: &mut Vec<u8>,
+        h: &Ipv4Hdr,
+        l4: &L4,
+        tuple: FiveTuple,
+        path: Path,
+        now: Instant,
+    ) -> Option<Verdict> {
+        if self.cut.is_empty() {
+            return None;
+        }
+        let key = Outside(tuple.reversed());
+        let c = *self.cut.peek(&key)?;
+        if c.path != path || c.expires <= now {
+            self.cut.pop(&key);
+            return None;
+        }
+        if l4.proto == Proto::Udp {
+            return Some(Verdict::Drop(LbDrop::PolicyCut));
+        }
+        // Both ends are reset now: the record has done its work.
+        self.cut.pop(&key);
+        packet::build_tcp_rst(packet, h, l4, reply);
+        let (src, dst) = (c.inside.0.dst, c.inside.0.src);
+        packet::rewrite(packet, h, Some(src), Some(dst));
+        packet::make_rst(packet, h);
+        *self.replies.entry(LbReply::Policy).or_default() += 1;
+        Some(Verdict::Reset)
     }
 
     fn count_denied(&mut self, d: crate::core::policy::Denied) {

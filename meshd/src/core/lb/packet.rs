@@ -493,6 +493,28 @@ pub fn build_tcp_rst(seg: &[u8], h: &Ipv4Hdr, l4: &L4, out: &mut Vec<u8>) -> boo
     true
 }
 
+/// Turns TCP segment `p` into a reset that keeps its sequence and
+/// acknowledgment numbers (and its payload, which a receiver ignores in a
+/// RST, RFC 9293 §3.5.3): the flags become RST, plus ACK if it had one,
+/// and the checksum is fixed. To the segment's receiver it is in order, so
+/// it is taken at once (RFC 5961 §3.2: a RST must carry the next expected
+/// sequence number; in SYN-SENT its ACK must acknowledge the SYN). `false`
+/// if `p` is no TCP segment with a whole header.
+pub fn make_rst(p: &mut [u8], h: &Ipv4Hdr) -> bool {
+    if h.proto != IPPROTO_TCP || h.is_later_fragment() || h.total_len < h.ihl + 20 {
+        return false;
+    }
+    let word = h.ihl + 12;
+    let old = read_u16(p, word);
+    let flags = (old as u8 & TCP_ACK) | TCP_RST;
+    let new = (old & 0xff00) | u16::from(flags);
+    write_u16(p, word, new);
+    let ca = h.ihl + Proto::Tcp.checksum_offset();
+    let hc = read_u16(p, ca);
+    write_u16(p, ca, adjust(hc, &[old], &[new]));
+    true
+}
+
 /// An ICMP destination unreachable (type 3, `code`) from `from` about
 /// datagram `orig`, quoting its IP header and the first 8 bytes of its
 /// data (RFC 792), into `out`.

@@ -36,6 +36,8 @@ pub enum LbDrop {
     /// An answer was due to a source that must not get one (broadcast,
     /// multicast, unspecified; RFC 1122 §3.2.2).
     BadSource,
+    /// A replica's datagram on a UDP flow a service policy change cut.
+    PolicyCut,
 }
 
 impl LbDrop {
@@ -54,6 +56,7 @@ impl LbDrop {
             LbDrop::SourceLimit => "source_limit",
             LbDrop::RateLimited => "rate_limited",
             LbDrop::BadSource => "bad_source",
+            LbDrop::PolicyCut => "policy_cut",
         }
     }
 }

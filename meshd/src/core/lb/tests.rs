@@ -1189,6 +1189,87 @@ fn a_policy_change_cuts_the_flows_it_forbids() {
     assert!(t.rst);
 }
 
+/// A replica's answer on a flow a policy change cut resets both ends at
+/// once: a client whose SYN got through a moment before the change is
+/// refused now, not at its SYN retry a second later. Over many clients,
+/// so that both paths (local replica, SNAT; remote, through a tunnel) are
+/// taken.
+#[test]
+fn a_cut_flows_next_reply_resets_both_ends() {
+    let both = policy_state(&["default/frontend", "default/batch"]);
+    let mut lb = lb(&both, &Health::default());
+    let now = Instant::now();
+    let mut sent = Vec::new();
+    for port in 40_000..40_016 {
+        let client = sa(BATCH, port);
+        let mut p = syn(client, sa(VIP, 80));
+        let mut reply = Vec::new();
+        let v = lb.outbound(&mut p, &mut reply, now);
+        assert!(matches!(v, Verdict::ToTun | Verdict::ToTunnel), "{v:?}");
+        let s = checked(&p);
+        sent.push((client, v, s.src, s.dst));
+    }
+    let (v, p) = out(&mut lb, udp(sa(BATCH, 50_000), sa(VIP, 53), b"q"), now);
+    let dgram = checked(&p);
+    lb.set_table(Arc::new(LbTable::build(
+        &policy_state(&["default/frontend"]),
+        &cfg(),
+        &Health::default(),
+    )));
+    assert_eq!(lb.stats().active_flows, 0);
+    let key = (Arc::from("default/web"), Arc::from("default/batch"));
+    assert_eq!(
+        lb.stats().policy_denied[&key],
+        17,
+        "cut calls are refused ones"
+    );
+    // A UDP answer on a cut flow is dropped, not passed untranslated.
+    let answer = udp(dgram.dst, dgram.src, b"a");
+    let got = match v {
+        Verdict::ToTun => out(&mut lb, answer, now).0,
+        _ => inb(&mut lb, answer, now).0,
+    };
+    assert_eq!(got, Verdict::Drop(LbDrop::PolicyCut), "{v:?}");
+    let mut paths = BTreeMap::new();
+    for (client, v, from, replica) in sent {
+        // The replica's SYN+ACK (its ISN 7000) acknowledges the client's
+        // SYN (seq 1000).
+        let mut p = tcp(replica, from, TCP_SYN | TCP_ACK, 7000, 1001, &[]);
+        let mut reply = Vec::new();
+        let got = if v == Verdict::ToTun {
+            lb.outbound(&mut p, &mut reply, now)
+        } else {
+            lb.inbound(&mut p, &mut reply, now)
+        };
+        assert_eq!(got, Verdict::Reset, "{v:?}");
+        *paths.entry(format!("{v:?}")).or_insert(0) += 1;
+        let c = checked(&p);
+        assert_eq!((c.src, c.dst), (sa(VIP, 80), client));
+        let TransportHeader::Tcp(t) = c.transport else {
+            panic!()
+        };
+        assert!(t.rst && t.ack && !t.syn, "{t:?}");
+        assert_eq!(t.acknowledgment_number, 1001, "acknowledges the SYN");
+        let r = checked(&reply);
+        assert_eq!((r.src, r.dst), (from, replica));
+        let TransportHeader::Tcp(t) = r.transport else {
+            panic!()
+        };
+        assert!(t.rst, "{t:?}");
+        assert_eq!(t.sequence_number, 1001, "in the replica's window");
+        // Done: a retransmitted SYN+ACK is no longer translated.
+        let mut p = tcp(replica, from, TCP_SYN | TCP_ACK, 7000, 1001, &[]);
+        let again = if v == Verdict::ToTun {
+            lb.outbound(&mut p, &mut reply, now)
+        } else {
+            lb.inbound(&mut p, &mut reply, now)
+        };
+        assert_ne!(again, Verdict::Reset);
+    }
+    assert_eq!(paths.len(), 2, "both paths taken: {paths:?}");
+    assert_eq!(lb.stats().replies[&LbReply::Policy], 16);
+}
+
 /// Issue #18 for calls to a job's IP: the caller's gateway answers a
 /// refused SYN with a RST; the job's gateway drops one that comes through
 /// a tunnel anyway; what follows a SYN, and replies, are not judged.
