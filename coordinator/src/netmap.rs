@@ -1,13 +1,14 @@
 //! What one cluster's gateway needs to know, built from the store: its
 //! peers (with their pair's pre-shared key), every service and endpoints
-//! object, and its own jobs. Pure: a [`World`] of key-values in, a
+//! object, its own jobs, and the other clusters' jobs' addresses. Pure: a [`World`] of key-values in, a
 //! [`Netmap`] or a list of [`NetmapChange`]s out.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use base64::Engine as _;
 use skymesh_proto::v1::{
-    Cluster, Netmap, NetmapChange, ObjectRef, Peer, netmap_change::Change, object::Obj,
+    Cluster, Job, JobAddress, Netmap, NetmapChange, ObjectRef, Peer, netmap_change::Change,
+    object::Obj,
 };
 use skymesh_store::{Event, EventKind, KeyValue};
 
@@ -135,6 +136,7 @@ impl World {
                 Some(Obj::Job(j)) if j.spec.as_ref().is_some_and(|s| s.cluster == me) => {
                     nm.jobs.push(j)
                 }
+                Some(Obj::Job(j)) => nm.job_addresses.extend(job_address(&j)),
                 _ => {}
             }
         }
@@ -189,6 +191,10 @@ impl World {
                     Some(Obj::Job(j)) if j.spec.as_ref().is_some_and(|s| s.cluster == me) => {
                         Change::JobUpsert(j)
                     }
+                    Some(Obj::Job(j)) => match job_address(&j) {
+                        Some(a) => Change::JobAddressUpsert(a),
+                        None => Change::JobRemoved(r()),
+                    },
                     _ => Change::JobRemoved(r()),
                 }
             } else {
@@ -240,6 +246,18 @@ impl World {
                 .unwrap_or_default(),
         )
     }
+}
+
+/// What a gateway of another cluster learns of job `j`: its namespace,
+/// name and IP (none without an IP).
+fn job_address(j: &Job) -> Option<JobAddress> {
+    let m = j.metadata.as_ref()?;
+    let ip = &j.spec.as_ref()?.ip;
+    (!ip.is_empty()).then(|| JobAddress {
+        namespace: m.namespace.clone(),
+        name: m.name.clone(),
+        ip: ip.clone(),
+    })
 }
 
 fn o_name(c: &Cluster) -> String {

@@ -4,16 +4,24 @@
 
 use std::collections::BTreeMap;
 use std::collections::btree_map;
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use prost::Message as _;
 use skymesh_proto::v1::{
-    Endpoints, Job, Netmap, NetmapUpdate, Peer, Service, netmap_change::Change,
+    Endpoints, Job, JobAddress, Netmap, NetmapUpdate, Peer, Service, netmap_change::Change,
     netmap_update::Update,
 };
 
 /// `(namespace, name)`.
 pub type Key = (String, String);
+
+/// A job address as kept: `None` for an IP that does not parse (the
+/// coordinator validates it; such an entry would name nothing).
+fn address(a: JobAddress) -> Option<(Key, Ipv4Addr)> {
+    let ip = a.ip.parse().ok()?;
+    Some(((a.namespace, a.name), ip))
+}
 
 fn key_of(m: &Option<skymesh_proto::v1::ObjectMeta>) -> Key {
     m.as_ref()
@@ -105,6 +113,9 @@ pub struct NetState {
     pub endpoints: Shared<Endpoints>,
     /// Jobs of this cluster.
     pub jobs: BTreeMap<Key, Job>,
+    /// Jobs of the other clusters: their addresses only (for the service
+    /// policy; about 100 bytes each).
+    pub job_addresses: BTreeMap<Key, Ipv4Addr>,
 }
 
 impl NetState {
@@ -137,6 +148,7 @@ impl NetState {
                 .into_iter()
                 .map(|j| (key_of(&j.metadata), j))
                 .collect(),
+            job_addresses: nm.job_addresses.into_iter().filter_map(address).collect(),
         }
     }
 
@@ -165,11 +177,25 @@ impl NetState {
                         Change::EndpointsRemoved(r) => {
                             self.endpoints.remove(&(r.namespace, r.name));
                         }
+                        // A job is here or elsewhere, never both: one
+                        // that moves comes as the other kind of upsert.
                         Change::JobUpsert(j) => {
-                            self.jobs.insert(key_of(&j.metadata), j);
+                            let key = key_of(&j.metadata);
+                            self.job_addresses.remove(&key);
+                            self.jobs.insert(key, j);
+                        }
+                        Change::JobAddressUpsert(a) => {
+                            let key = (a.namespace.clone(), a.name.clone());
+                            self.jobs.remove(&key);
+                            match address(a) {
+                                Some((key, ip)) => self.job_addresses.insert(key, ip),
+                                None => self.job_addresses.remove(&key),
+                            };
                         }
                         Change::JobRemoved(r) => {
-                            self.jobs.remove(&(r.namespace, r.name));
+                            let key = (r.namespace, r.name);
+                            self.jobs.remove(&key);
+                            self.job_addresses.remove(&key);
                         }
                     }
                 }
@@ -195,6 +221,7 @@ impl NetState {
                 .map(|e| Endpoints::clone(e))
                 .collect(),
             jobs: self.jobs.values().cloned().collect(),
+            job_addresses: self.job_address_list(),
         }
     }
 
@@ -224,6 +251,7 @@ impl NetState {
             services: Vec::new(),
             endpoints: Vec::new(),
             jobs: self.jobs.values().cloned().collect(),
+            job_addresses: self.job_address_list(),
         };
         let services = self.services.values().map(|s| &**s);
         let endpoints = self.endpoints.values().map(|e| &**e);
@@ -256,6 +284,17 @@ impl NetState {
             e.encode_length_delimited(&mut out).expect(grows);
         }
         out
+    }
+
+    fn job_address_list(&self) -> Vec<JobAddress> {
+        self.job_addresses
+            .iter()
+            .map(|((namespace, name), ip)| JobAddress {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                ip: ip.to_string(),
+            })
+            .collect()
     }
 
     /// Decodes [`NetState::encode`]'s output.
@@ -309,6 +348,56 @@ mod tests {
         });
         assert_eq!(s.revision, 7);
         assert_eq!(s.peers.keys().collect::<Vec<_>>(), ["c"]);
+        // A job is here or elsewhere, never both.
+        let key = ("shop".to_string(), "w".to_string());
+        let address = JobAddress {
+            namespace: "shop".into(),
+            name: "w".into(),
+            ip: "10.2.0.9".into(),
+        };
+        let job = Job {
+            metadata: Some(skymesh_proto::v1::ObjectMeta {
+                namespace: "shop".into(),
+                name: "w".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let change = |c| NetmapUpdate {
+            resource_version: 8,
+            update: Some(Update::Delta(NetmapDelta {
+                changes: vec![NetmapChange { change: Some(c) }],
+            })),
+        };
+        s.apply(change(Change::JobAddressUpsert(address.clone())));
+        assert_eq!(s.job_addresses.get(&key), Some(&Ipv4Addr::new(10, 2, 0, 9)));
+        s.apply(change(Change::JobUpsert(job)));
+        assert!(s.jobs.contains_key(&key) && s.job_addresses.is_empty());
+        s.apply(change(Change::JobAddressUpsert(address)));
+        assert!(s.jobs.is_empty() && s.job_addresses.contains_key(&key));
+        assert_eq!(NetState::decode(&s.encode()).as_ref(), Some(&s));
+        s.apply(change(Change::JobRemoved(ObjectRef {
+            namespace: "shop".into(),
+            name: "w".into(),
+        })));
+        assert!(s.jobs.is_empty() && s.job_addresses.is_empty());
+        assert_eq!(NetState::decode(&s.encode()), Some(s));
+    }
+
+    /// Issue #18: every gateway learns every other cluster's jobs, so their
+    /// share of a netmap stays small: 10,000 (names like a replica's) take
+    /// under 40 bytes each on the wire.
+    #[test]
+    fn ten_thousand_job_addresses_stay_small() {
+        let mut s = NetState::default();
+        for i in 0..10_000u32 {
+            let ip = Ipv4Addr::from(0x0a02_0000 + i);
+            s.job_addresses
+                .insert(("default".into(), format!("web-{i:05}")), ip);
+        }
+        let bytes = s.encode().len();
+        eprintln!("10,000 job addresses: {bytes} bytes encoded");
+        assert!(bytes < 400_000, "{bytes}");
         assert_eq!(NetState::decode(&s.encode()), Some(s));
     }
 
@@ -363,6 +452,8 @@ mod tests {
                 ..Default::default()
             },
         );
+        s.job_addresses
+            .insert(("shop".into(), "k".into()), Ipv4Addr::new(10, 2, 0, 7));
         let bytes = s.encode();
         let snapshot = NetmapUpdate {
             resource_version: s.revision,

@@ -636,7 +636,7 @@ async fn join_pins_keys_and_streams_netmaps() {
         }
     };
     let (e_first, mut e_stream) = snapshot(east.credential.clone(), "east").await;
-    let (w_first, _w_stream) = snapshot(west.credential.clone(), "west").await;
+    let (w_first, mut w_stream) = snapshot(west.credential.clone(), "west").await;
     let (Some(Update::Snapshot(en)), Some(Update::Snapshot(wn))) = (e_first.update, w_first.update)
     else {
         panic!("streams start with a snapshot")
@@ -722,6 +722,33 @@ async fn join_pins_keys_and_streams_netmaps() {
         }
     }
     drop(e_stream);
+    // West learns of east's job only its address (for the service policy).
+    let address = loop {
+        let u = tokio::time::timeout(Duration::from_secs(5), w_stream.next())
+            .await
+            .expect("west's delta within 5 s")
+            .unwrap()
+            .unwrap();
+        let Some(Update::Delta(d)) = u.update else {
+            panic!("delta expected")
+        };
+        let mut found = None;
+        for c in d.changes {
+            match c.change.unwrap() {
+                Change::JobUpsert(j) => panic!("east's job in west's netmap: {j:?}"),
+                Change::JobAddressUpsert(a) => found = Some(a),
+                _ => {}
+            }
+        }
+        if let Some(a) = found {
+            break a;
+        }
+    };
+    assert_eq!(
+        (&*address.namespace, &*address.name, &*address.ip),
+        ("default", "web-1", "10.1.0.5")
+    );
+    drop(w_stream);
     // Resume: deleting west while disconnected arrives as a removed peer.
     api.delete(DeleteRequest {
         kind: Kind::Cluster as i32,

@@ -1,8 +1,9 @@
-//! End-to-end service policy (README "Service policy", issue #18), as far
-//! as meshd enforces it today: calls to a VIP, judged by the real meshd of
-//! the caller's cluster. Three clusters: `web` (whitelisting
-//! `default/frontend`) has a replica in c2 and one in c3; `frontend` and
-//! `batch` run in c1.
+//! End-to-end service policy (README "Service policy", issue #18): calls
+//! to VIPs and to job IPs, judged by the real meshd of the caller's
+//! cluster and of the replica's. The first test has three clusters: `web`
+//! (whitelisting `default/frontend`) has a replica in c2 and one in c3;
+//! `frontend` and `batch` run in c1. The second, two, with jobs that no
+//! service selects.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -257,4 +258,99 @@ fn vip_calls_follow_the_whitelists_and_upstreams() {
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
     assert!(took < Duration::from_secs(1), "cut after {took:?}");
     drop(replicas);
+}
+
+/// Jobs no service selects are known by their namespace in every cluster
+/// (the netmap's job addresses), not only in their own: `default/*` lets
+/// frontend (c1) call `loner`, a job in c2 that no service selects, by its
+/// IP, and lets `stray` (c2, no service either) call web's replica in c1
+/// through web's VIP; `shop/*` does not let batch call `loner`.
+#[test]
+fn jobs_no_service_selects_are_known_by_namespace_everywhere() {
+    let mesh = Mesh::start(2, 3).unwrap();
+    let web_ip = mesh.topo.app_ip(1, 1);
+    let (frontend, batch) = (mesh.topo.app_ip(1, 2), mesh.topo.app_ip(1, 3));
+    let (loner, stray) = (mesh.topo.app_ip(2, 1), mesh.topo.app_ip(2, 2));
+    let _replicas = [
+        Replica::start(mesh.topo.app(1, 1), web_ip, "web-1"),
+        Replica::start(mesh.topo.app(2, 1), loner, "loner-2"),
+    ];
+    std::fs::write(
+        mesh.jobs_file(1),
+        labelled_job_entry("web-1", web_ip, "web", &[&format!("http:{TCP_PORT}")])
+            + &labelled_job_entry("frontend-1", frontend, "frontend", &[])
+            + &labelled_job_entry("batch-1", batch, "batch", &[]),
+    )
+    .unwrap();
+    std::fs::write(
+        mesh.jobs_file(2),
+        labelled_job_entry("loner-2", loner, "loner", &[&format!("http:{TCP_PORT}")])
+            + &labelled_job_entry("stray-2", stray, "stray", &[]),
+    )
+    .unwrap();
+    assert!(mesh.wait_for_tunnels(Duration::from_secs(20)));
+    for (name, list) in [
+        ("frontend", "--upstream=default/*"),
+        ("batch", "--upstream=shop/*"),
+    ] {
+        mesh.sky(&[
+            "create",
+            "service",
+            name,
+            "-s",
+            &format!("app={name}"),
+            "-p",
+            "80",
+            list,
+        ])
+        .unwrap();
+    }
+    mesh.sky(&[
+        "create",
+        "service",
+        "web",
+        "-s",
+        "app=web",
+        "-p",
+        &format!("http:80:{TCP_PORT}"),
+        "--whitelist=default/*",
+    ])
+    .unwrap();
+    for (svc, n) in [("web", 1), ("frontend", 1), ("batch", 1)] {
+        assert!(
+            mesh.wait_for_ready(svc, n, Duration::from_secs(15)),
+            "{svc}: {}",
+            mesh.sky(&["get", "endpoints", "-o", "wide"]).unwrap()
+        );
+    }
+    let loner_addr = SocketAddr::from((loner, TCP_PORT));
+    let (fe_ns, batch_ns) = (mesh.topo.app(1, 2), mesh.topo.app(1, 3));
+    assert!(
+        wait_until(Duration::from_secs(10), || calls(fe_ns, loner_addr, 1)
+            .0
+            .contains_key("loner-2")),
+        "frontend (upstreams default/*) never reached loner-2: {:?}\n{}",
+        calls(fe_ns, loner_addr, 1).0,
+        mesh.meshd_log(1)
+    );
+    let (seen, _) = calls(batch_ns, loner_addr, 3);
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        ["<ConnectionRefused>"],
+        "batch (upstreams shop/*) reached loner-2: {seen:?}"
+    );
+    // stray's call to web's VIP is judged by c1 too (it owns web-1), with
+    // stray known there only by its address.
+    let vip = SocketAddr::from((mesh.service_vip("web").unwrap(), 80));
+    let stray_ns = mesh.topo.app(2, 2);
+    assert!(
+        wait_until(Duration::from_secs(10), || calls(stray_ns, vip, 1)
+            .0
+            .contains_key("web-1")),
+        "stray (default, no service) never reached web (whitelists default/*): {:?}\n{}",
+        calls(stray_ns, vip, 1).0,
+        mesh.meshd_log(1)
+    );
+    let (seen, _) = calls(stray_ns, vip, 5);
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["web-1"], "{seen:?}");
 }

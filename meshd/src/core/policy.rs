@@ -8,8 +8,10 @@
 //!   whose key delivered it, and the coordinator only registers a job IP
 //!   inside its own cluster's CIDRs, so the mapping is trustworthy.
 //! - A job's **identity** is its namespace and the services that select it
-//!   (in its namespace); a job no service selects has only its namespace,
-//!   and an address that is no known job has neither.
+//!   (in its namespace); a job no service selects has only its namespace
+//!   (a job of another cluster is known by its address,
+//!   `NetState::job_addresses`), and an address that is no known job has
+//!   neither.
 //! - A **pattern** `namespace/service` matches an identity when its
 //!   namespace part matches the namespace and its service part matches one
 //!   of the services; `*` stands for any run of characters, and a service
@@ -442,6 +444,10 @@ pub fn inputs(s: &NetState) -> (Vec<ServicePolicy>, Vec<Member>) {
                 e.1.push(sname.clone());
             }
         }
+    }
+    // Jobs of other clusters that no service selects: their namespace.
+    for ((ns, _), ip) in &s.job_addresses {
+        who.entry(*ip).or_insert_with(|| (ns.clone(), Vec::new()));
     }
     let members = who
         .into_iter()

@@ -353,6 +353,21 @@ fn identities_come_from_endpoints_and_local_labels() {
     assert_eq!(t.check(ip("10.1.0.11"), ip("10.2.0.11")), Ok(()));
     let d = t.check(ip("10.1.0.12"), ip("10.2.0.11")).unwrap_err();
     assert_eq!((&*d.service, &*d.from), ("shop/web", "shop/batch"));
+    // Jobs of other clusters that no service selects are known by their
+    // address: `shop/*` matches one in shop, not one elsewhere.
+    s.services
+        .insert(key("db"), service("db", "100.65.0.4", "db", &["shop/*"]));
+    for (ns, name, ip) in [("shop", "loner", "10.2.0.50"), ("other", "x", "10.2.0.51")] {
+        s.job_addresses
+            .insert((ns.to_string(), name.to_string()), ip.parse().unwrap());
+    }
+    let t = PolicyTable::from_state(&s);
+    assert_eq!(t.check(ip("10.2.0.50"), ip("100.65.0.4")), Ok(()));
+    for (caller, named) in [("10.2.0.51", "other"), ("10.2.0.99", "unknown")] {
+        let d = t.check(ip(caller), ip("100.65.0.4")).unwrap_err();
+        assert_eq!((&*d.service, &*d.from), ("shop/db", named));
+    }
+    s.services.remove(&key("db"));
     // Without any list the netmap compiles to nothing.
     s.services
         .insert(key("web"), service("web", "100.65.0.1", "web", &[]));
