@@ -23,6 +23,9 @@ pub struct World {
     kvs: BTreeMap<String, KeyValue>,
 }
 
+/// [`Netmap::format`] of the netmaps built here (1: with job addresses).
+pub const NETMAP_FORMAT: u32 = 1;
+
 /// Whether a key matters to netmaps.
 pub fn relevant(key: &str) -> bool {
     key.starts_with(REGISTRY) || key.starts_with(PSKS)
@@ -126,6 +129,7 @@ impl World {
                 .map(|s| s.workload_cidrs)
                 .unwrap_or_default(),
             peers: self.peers(me).into_values().collect(),
+            format: NETMAP_FORMAT,
             ..Default::default()
         };
         for kv in self.kvs.values() {
@@ -176,6 +180,22 @@ impl World {
                 .get(key)
                 .and_then(|kv| decode(kv).ok())
                 .and_then(|o| o.obj);
+            if key.starts_with(JOBS)
+                && let Some(Obj::Job(j)) = &obj
+                && j.spec.as_ref().is_some_and(|s| s.cluster != me)
+                && let Some(a) = job_address(j)
+            {
+                // A job of another cluster. The removal first: a gateway
+                // from before job addresses drops the upsert, and must not
+                // keep probing a job that left its cluster.
+                out.push(NetmapChange {
+                    change: Some(Change::JobRemoved(r())),
+                });
+                out.push(NetmapChange {
+                    change: Some(Change::JobAddressUpsert(a)),
+                });
+                continue;
+            }
             let change = if key.starts_with(SERVICES) {
                 match obj {
                     Some(Obj::Service(s)) => Change::ServiceUpsert(s),
@@ -191,10 +211,6 @@ impl World {
                     Some(Obj::Job(j)) if j.spec.as_ref().is_some_and(|s| s.cluster == me) => {
                         Change::JobUpsert(j)
                     }
-                    Some(Obj::Job(j)) => match job_address(&j) {
-                        Some(a) => Change::JobAddressUpsert(a),
-                        None => Change::JobRemoved(r()),
-                    },
                     _ => Change::JobRemoved(r()),
                 }
             } else {

@@ -16,6 +16,11 @@ use skymesh_proto::v1::{
 /// `(namespace, name)`.
 pub type Key = (String, String);
 
+/// The newest `Netmap.format` this meshd knows: 1, with the other
+/// clusters' job addresses. A state of an older format is not resumed
+/// from (see [`NetState::resume_from`]).
+pub const NETMAP_FORMAT: u32 = 1;
+
 /// A job address as kept: `None` for an IP that does not parse (the
 /// coordinator validates it; such an entry would name nothing).
 fn address(a: JobAddress) -> Option<(Key, Ipv4Addr)> {
@@ -113,6 +118,9 @@ pub struct NetState {
     pub endpoints: Shared<Endpoints>,
     /// Jobs of this cluster.
     pub jobs: BTreeMap<Key, Job>,
+    /// The coordinator's netmap format (`Netmap.format`) this state was
+    /// built from.
+    pub format: u32,
     /// Jobs of the other clusters: their addresses only (for the service
     /// policy; about 100 bytes each).
     pub job_addresses: BTreeMap<Key, Ipv4Addr>,
@@ -149,6 +157,19 @@ impl NetState {
                 .map(|j| (key_of(&j.metadata), j))
                 .collect(),
             job_addresses: nm.job_addresses.into_iter().filter_map(address).collect(),
+            format: nm.format,
+        }
+    }
+
+    /// The revision to resume the netmap stream from: the last applied,
+    /// unless this state was built from an older netmap format (a cache
+    /// from before an upgrade, or an older coordinator): then 0, a
+    /// snapshot, as deltas would not bring what that format left out.
+    pub fn resume_from(&self) -> u64 {
+        if self.format >= NETMAP_FORMAT {
+            self.revision
+        } else {
+            0
         }
     }
 
@@ -222,6 +243,7 @@ impl NetState {
                 .collect(),
             jobs: self.jobs.values().cloned().collect(),
             job_addresses: self.job_address_list(),
+            format: self.format,
         }
     }
 
@@ -252,6 +274,7 @@ impl NetState {
             endpoints: Vec::new(),
             jobs: self.jobs.values().cloned().collect(),
             job_addresses: self.job_address_list(),
+            format: self.format,
         };
         let services = self.services.values().map(|s| &**s);
         let endpoints = self.endpoints.values().map(|e| &**e);
@@ -348,6 +371,11 @@ mod tests {
         });
         assert_eq!(s.revision, 7);
         assert_eq!(s.peers.keys().collect::<Vec<_>>(), ["c"]);
+        // A snapshot of an older format (no job addresses) is not resumed
+        // from, one of this format is, also from the cache.
+        assert_eq!(s.resume_from(), 0);
+        s.format = NETMAP_FORMAT;
+        assert_eq!(NetState::decode(&s.encode()).unwrap().resume_from(), 7);
         // A job is here or elsewhere, never both.
         let key = ("shop".to_string(), "w".to_string());
         let address = JobAddress {

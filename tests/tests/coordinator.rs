@@ -642,6 +642,7 @@ async fn join_pins_keys_and_streams_netmaps() {
         panic!("streams start with a snapshot")
     };
     assert_eq!(en.peers.len(), 1);
+    assert_eq!((en.format, wn.format), (1, 1), "netmaps with job addresses");
     assert_eq!(en.peers[0].cluster, "west");
     assert_eq!(en.peers[0].public_key, key(2));
     assert_eq!(
@@ -723,7 +724,12 @@ async fn join_pins_keys_and_streams_netmaps() {
     }
     drop(e_stream);
     // West learns of east's job only its address (for the service policy).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let address = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no job address for west"
+        );
         let u = tokio::time::timeout(Duration::from_secs(5), w_stream.next())
             .await
             .expect("west's delta within 5 s")

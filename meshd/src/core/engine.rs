@@ -109,6 +109,13 @@ impl Engine {
     ) {
         match self.lb.outbound(packet, &mut self.reply, now) {
             Verdict::Pass | Verdict::ToTunnel => self.node.handle_tun(packet, net),
+            // A cut direct call: the reset goes on, its sender gets one.
+            Verdict::ResetOnward => {
+                self.node.handle_tun(packet, net);
+                if !self.reply.is_empty() {
+                    tun.push(&self.reply);
+                }
+            }
             // A local backend, or a reply translated back: the copy is the
             // hairpin's, not the tunnel's.
             Verdict::ToTun => tun.push(packet),
@@ -145,6 +152,14 @@ impl Engine {
         };
         match self.lb.outbound(packet, &mut self.reply, now) {
             Verdict::Pass | Verdict::ToTunnel => {
+                if let Some(s) = self.node.prepare_seal(buf, len, &mut self.aside) {
+                    net.commit_sealing(i, s.dst, len, &s.session, s.nonce);
+                }
+            }
+            Verdict::ResetOnward => {
+                if !self.reply.is_empty() {
+                    tun.push(&self.reply);
+                }
                 if let Some(s) = self.node.prepare_seal(buf, len, &mut self.aside) {
                     net.commit_sealing(i, s.dst, len, &s.session, s.nonce);
                 }
@@ -200,9 +215,9 @@ impl Engine {
             Verdict::Pass | Verdict::ToTun => tun.commit(n),
             // A refusal, back through the tunnel it came from.
             Verdict::Reply => self.node.handle_tun(&self.reply, net),
-            // A remote replica's segment on a cut flow: the client's reset
-            // to the TUN, the replica's back through the tunnel.
-            Verdict::Reset => {
+            // A segment on a cut flow or call: the client's reset to the
+            // TUN, its sender's back through the tunnel.
+            Verdict::Reset | Verdict::ResetOnward => {
                 tun.commit(n);
                 if !self.reply.is_empty() {
                     self.node.handle_tun(&self.reply, net);
@@ -246,7 +261,7 @@ impl Engine {
                         self.node.handle_tun(&self.reply, &mut self.aside);
                         None
                     }
-                    Verdict::Reset => {
+                    Verdict::Reset | Verdict::ResetOnward => {
                         if !self.reply.is_empty() {
                             self.node.handle_tun(&self.reply, &mut self.aside);
                         }

@@ -138,7 +138,7 @@ pub async fn run_netmap(
     loop {
         let req = NetmapRequest {
             cluster: cluster.clone(),
-            resource_version: state.revision,
+            resource_version: state.resume_from(),
         };
         let result = tokio::select! {
             () = cancel.cancelled() => return,
@@ -147,7 +147,7 @@ pub async fn run_netmap(
         match result {
             Ok(resp) => {
                 let mut stream = resp.into_inner();
-                tracing::info!(from = state.revision, "netmap stream connected");
+                tracing::info!(from = state.resume_from(), "netmap stream connected");
                 loop {
                     let msg = tokio::select! {
                         () = cancel.cancelled() => return,

@@ -25,6 +25,9 @@
 //! - Ping to a VIP, and packets to a VIP port with no backend (or a port
 //!   the service does not define), are answered by meshd
 //!   ([`Verdict::Reply`]): never a silent black hole.
+//! - A call the service policy refuses is answered the same way. One a
+//!   policy change cut is reset at both ends by the next TCP segment
+//!   either end sends ([`Verdict::Reset`], [`Verdict::ResetOnward`]).
 //!
 //! # Layout
 //! - `table`: [`LbTable::build`], exposure, visibility, health, policy.
@@ -84,7 +87,7 @@ const MAX_DENIED_LABELS: usize = 4096;
 /// 1812 §4.3.2.8: ICMP error generation should be rate limited).
 const REPLIES_PER_SECOND: u32 = 1000;
 /// Tuning: flows a policy change cut that are remembered until their
-/// replica's next packet (about 60 bytes each), least recently cut first
+/// replica's next packet (about 100 bytes each), least recently cut first
 /// out. A forgotten one's replies pass untranslated, and its client learns
 /// at its own next packet.
 const MAX_CUT_FLOWS: usize = 16_384;
@@ -104,11 +107,22 @@ pub enum Verdict {
     Reply,
     /// Drop the packet (counted under the reason).
     Drop(LbDrop),
-    /// A replica's TCP segment on a flow a service policy change cut:
+    /// A replica's TCP segment on a VIP flow a service policy change cut:
     /// rewritten in place into a reset for the client (write it to the
     /// TUN); `reply`, unless empty, resets the replica (send it back the
     /// way the segment came).
     Reset,
+    /// A TCP segment of a direct call a policy change cut: rewritten in
+    /// place into a reset that goes on to its destination as [`Verdict::Pass`]
+    /// would; `reply` resets its sender (send it back the way it came).
+    ResetOnward,
+}
+
+/// A packet the service policy refuses.
+struct Refused {
+    denied: crate::core::policy::Denied,
+    /// Of a call a policy change cut (not a new one).
+    cut: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -236,13 +250,16 @@ impl Lb {
                     .check(*i.src.ip(), *i.dst.ip())
                     .and_then(|()| policy.check(*i.src.ip(), *o.dst.ip()))
             {
-                let c = CutFlow {
-                    inside: f.inside,
-                    path: f.path,
-                    expires: f.expires(),
-                };
-                cut.put(f.outside, c);
-                denied.push(d);
+                // A finished connection only goes.
+                if !f.is_closed() {
+                    let c = CutFlow {
+                        inside: f.inside,
+                        path: f.path,
+                        expires: f.expires(),
+                    };
+                    cut.put(f.outside, c);
+                    denied.push(d);
+                }
                 return false;
             }
             t.vip(*i.dst.ip()).is_some_and(|s| {
@@ -347,9 +364,13 @@ impl Lb {
                 dst: SocketAddrV4::new(h.dst, l4.dst_port),
             };
             let opens = l4.proto == Proto::Udp || is_syn(l4.flags);
-            if let Err(d) = self.judge_direct(tuple, l4.flags, opens, now) {
-                self.count_denied(d);
-                return self.reject(packet, reply, &h, &l4, LbReply::Policy, now);
+            if let Err(r) = self.judge_direct(tuple, l4.flags, opens, now) {
+                return self.refuse_direct(packet, reply, &h, &l4, r, now);
+            }
+            if opens && !self.cut.is_empty() {
+                // A stale record of a VIP flow on this tuple must not
+                // reset this new call's replies.
+                self.cut.pop(&Outside(tuple));
             }
             // Traffic straight to a backend from a client port that an
             // earlier VIP flow to that backend used: that flow's mapping is
@@ -427,10 +448,7 @@ impl Lb {
             let opens = l4.proto == Proto::Udp || is_syn(l4.flags);
             return match self.judge_direct(tuple, l4.flags, opens, now) {
                 Ok(()) => Verdict::Pass,
-                Err(d) => {
-                    self.count_denied(d);
-                    self.reject(packet, reply, &h, &l4, LbReply::Policy, now)
-                }
+                Err(r) => self.refuse_direct(packet, reply, &h, &l4, r, now),
             };
         };
         let src = f.inside.0.dst;
@@ -630,7 +648,7 @@ impl Lb {
         flags: u8,
         opens: bool,
         now: Instant,
-    ) -> Result<(), crate::core::policy::Denied> {
+    ) -> Result<(), Refused> {
         let policy = self.table.policy();
         if policy.is_empty() || (t.proto == Proto::Tcp && flags & packet::TCP_RST != 0) {
             return Ok(());
@@ -641,7 +659,9 @@ impl Lb {
             // A new connection on a tuple whose call was cut is judged
             // anew; anything else of it is refused, either way.
             direct::Known::Cut(call) if !(opens && t.proto == Proto::Tcp) => {
-                return policy.check(*call.src.ip(), *call.dst.ip());
+                return policy
+                    .check(*call.src.ip(), *call.dst.ip())
+                    .map_err(|denied| Refused { denied, cut: true });
             }
             _ => {}
         }
@@ -654,7 +674,51 @@ impl Lb {
             self.direct.allow(t.reversed(), now);
             return Ok(());
         }
-        verdict
+        verdict.map_err(|denied| Refused { denied, cut: false })
+    }
+
+    /// Answers a packet straight to a job (or from one) that the policy
+    /// refuses: a new call as [`Lb::reject`] does; a TCP segment of a call
+    /// a change cut is turned into a reset that goes on, and its sender
+    /// gets one too ([`Verdict::ResetOnward`]), so both ends learn at
+    /// once.
+    fn refuse_direct(
+        &mut self,
+        packet: &mut [u8],
+        reply: &mut Vec<u8>,
+        h: &Ipv4Hdr,
+        l4: &L4,
+        r: Refused,
+        now: Instant,
+    ) -> Verdict {
+        self.count_denied(r.denied);
+        if !(r.cut && l4.proto == Proto::Tcp) {
+            return self.reject(packet, reply, h, l4, LbReply::Policy, now);
+        }
+        if !self.may_answer(now) {
+            return Verdict::Drop(LbDrop::RateLimited);
+        }
+        reply.clear();
+        packet::build_tcp_rst(packet, h, l4, reply);
+        packet::make_rst(packet, h);
+        *self.replies.entry(LbReply::Policy).or_default() += 1;
+        Verdict::ResetOnward
+    }
+
+    /// Whether one more generated answer fits this second's budget
+    /// ([`REPLIES_PER_SECOND`]); counts it if so.
+    fn may_answer(&mut self, now: Instant) -> bool {
+        let window = match self.reply_window {
+            Some((start, n)) if now.saturating_duration_since(start) < Duration::from_secs(1) => {
+                (start, n)
+            }
+            _ => (now, 0),
+        };
+        if window.1 >= REPLIES_PER_SECOND {
+            return false;
+        }
+        self.reply_window = Some((window.0, window.1 + 1));
+        true
     }
 
     /// A packet `tuple` from a replica (on `path`) that answers no flow:
@@ -727,16 +791,9 @@ impl Lb {
         if l4.proto == Proto::Tcp && l4.flags & packet::TCP_RST != 0 {
             return Verdict::Drop(LbDrop::NoFlow);
         }
-        let window = match self.reply_window {
-            Some((start, n)) if now.saturating_duration_since(start) < Duration::from_secs(1) => {
-                (start, n)
-            }
-            _ => (now, 0),
-        };
-        if window.1 >= REPLIES_PER_SECOND {
+        if !self.may_answer(now) {
             return Verdict::Drop(LbDrop::RateLimited);
         }
-        self.reply_window = Some((window.0, window.1 + 1));
         match l4.proto {
             Proto::Tcp => {
                 packet::build_tcp_rst(packet, h, l4, reply);

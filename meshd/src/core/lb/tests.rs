@@ -1135,14 +1135,32 @@ fn a_policy_change_cuts_direct_tcp_connections() {
     assert_eq!(inb(&mut lb, synack, now).0, Verdict::Pass);
     let s = policy_state(&["default/frontend"]);
     lb.set_table(Arc::new(LbTable::build(&s, &cfg(), &Health::default())));
-    let (v, p) = out(&mut lb, tcp(c, w, TCP_ACK, 2, 2, b"x"), now);
-    assert_eq!(v, Verdict::Reply);
-    let TransportHeader::Tcp(t) = checked(&p).transport else {
-        panic!()
+    // The client's next segment resets both ends: it goes on as a reset
+    // (in order for the replica: its own seq), and the client gets one
+    // (seq: what it acknowledged).
+    let resets = |lb: &mut Lb, mut p: Vec<u8>, outbound: bool| {
+        let mut reply = Vec::new();
+        let v = if outbound {
+            lb.outbound(&mut p, &mut reply, now)
+        } else {
+            lb.inbound(&mut p, &mut reply, now)
+        };
+        assert_eq!(v, Verdict::ResetOnward);
+        let seq = |p: &[u8]| {
+            let s = checked(p);
+            let TransportHeader::Tcp(t) = s.transport else {
+                panic!()
+            };
+            assert!(t.rst && !t.syn && !t.fin, "{t:?}");
+            (s.src, s.dst, t.sequence_number)
+        };
+        (seq(&p), seq(&reply))
     };
-    assert!(t.rst);
-    let (v, _) = inb(&mut lb, tcp(w, c, TCP_ACK, 2, 3, b"y"), now);
-    assert_eq!(v, Verdict::Reply);
+    let (onward, back) = resets(&mut lb, tcp(c, w, TCP_ACK, 2, 5, b"x"), true);
+    assert_eq!((onward, back), ((c, w, 2), (w, c, 5)));
+    // So does the replica's, coming through the tunnel.
+    let (onward, back) = resets(&mut lb, tcp(w, c, TCP_ACK | TCP_FIN, 5, 3, b"y"), false);
+    assert_eq!((onward, back), ((w, c, 5), (c, w, 3)));
     // Let in again: the same connection goes on.
     let s = policy_state(&["default/frontend", "default/batch"]);
     lb.set_table(Arc::new(LbTable::build(&s, &cfg(), &Health::default())));
@@ -1231,10 +1249,16 @@ fn a_cut_flows_next_reply_resets_both_ends() {
     };
     assert_eq!(got, Verdict::Drop(LbDrop::PolicyCut), "{v:?}");
     let mut paths = BTreeMap::new();
-    for (client, v, from, replica) in sent {
+    for (k, (client, v, from, replica)) in sent.into_iter().enumerate() {
         // The replica's SYN+ACK (its ISN 7000) acknowledges the client's
-        // SYN (seq 1000).
-        let mut p = tcp(replica, from, TCP_SYN | TCP_ACK, 7000, 1001, &[]);
+        // SYN (seq 1000); or, as if later, data with a FIN, or a reset of
+        // its own (which needs no answer).
+        let (flags, payload): (u8, &[u8]) = match k % 3 {
+            0 => (TCP_SYN | TCP_ACK, &[]),
+            1 => (TCP_ACK | TCP_FIN, b"data"),
+            _ => (TCP_RST | TCP_ACK, &[]),
+        };
+        let mut p = tcp(replica, from, flags, 7000, 1001, payload);
         let mut reply = Vec::new();
         let got = if v == Verdict::ToTun {
             lb.outbound(&mut p, &mut reply, now)
@@ -1248,8 +1272,13 @@ fn a_cut_flows_next_reply_resets_both_ends() {
         let TransportHeader::Tcp(t) = c.transport else {
             panic!()
         };
-        assert!(t.rst && t.ack && !t.syn, "{t:?}");
+        assert!(t.rst && t.ack && !t.syn && !t.fin, "{t:?}");
         assert_eq!(t.acknowledgment_number, 1001, "acknowledges the SYN");
+        assert_eq!(t.sequence_number, 7000, "in order");
+        if flags & TCP_RST != 0 {
+            assert!(reply.is_empty(), "a reset is not answered");
+            continue;
+        }
         let r = checked(&reply);
         assert_eq!((r.src, r.dst), (from, replica));
         let TransportHeader::Tcp(t) = r.transport else {
