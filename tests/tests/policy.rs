@@ -257,6 +257,21 @@ fn vip_calls_follow_the_whitelists_and_upstreams() {
     eprintln!("batch's connection cut after {took:?}: {e}");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
     assert!(took < Duration::from_secs(1), "cut after {took:?}");
+    // The replica's end was reset by the same segment, not left open.
+    let batch_ip = batch.to_string();
+    let held = |c: usize| {
+        mesh.topo
+            .app(c, 1)
+            .run(&["ss", "-Htn", "state", "established", "dst", &batch_ip])
+            .unwrap()
+    };
+    assert!(
+        wait_until(Duration::from_secs(1), || held(2).trim().is_empty()
+            && held(3).trim().is_empty()),
+        "a replica still holds batch's connection: {}{}",
+        held(2),
+        held(3)
+    );
     drop(replicas);
 }
 

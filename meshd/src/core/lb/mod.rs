@@ -107,14 +107,16 @@ pub enum Verdict {
     Reply,
     /// Drop the packet (counted under the reason).
     Drop(LbDrop),
-    /// A replica's TCP segment on a VIP flow a service policy change cut:
-    /// rewritten in place into a reset for the client (write it to the
-    /// TUN); `reply`, unless empty, resets the replica (send it back the
-    /// way the segment came).
+    /// A TCP segment of a flow a service policy change cut (a VIP flow's
+    /// replica's, or a client's to a replica in this cluster): rewritten
+    /// in place into a reset for the other end (write it to the TUN);
+    /// `reply`, unless empty, resets its sender (send it back the way the
+    /// segment came).
     Reset,
-    /// A TCP segment of a direct call a policy change cut: rewritten in
-    /// place into a reset that goes on to its destination as [`Verdict::Pass`]
-    /// would; `reply` resets its sender (send it back the way it came).
+    /// A TCP segment of a direct call or a VIP flow to a remote replica
+    /// that a policy change cut: rewritten in place into a reset that goes
+    /// on to its destination as [`Verdict::Pass`] would; `reply` resets
+    /// its sender (send it back the way it came).
     ResetOnward,
 }
 
@@ -169,6 +171,9 @@ pub struct Lb {
     direct: direct::DirectCalls,
     /// VIP flows a policy change cut, by outside tuple.
     cut: LruCache<Outside, CutFlow>,
+    /// The same flows by inside tuple (an entry whose `cut` record is gone
+    /// or differs is stale).
+    cut_inside: LruCache<Inside, Outside>,
     /// Start of the current one-second reply window and replies in it.
     reply_window: Option<(Instant, u32)>,
     next_sweep: Option<Instant>,
@@ -206,6 +211,9 @@ impl Lb {
             policy_denied: BTreeMap::new(),
             direct: direct::DirectCalls::new(direct::MAX_DIRECT_CALLS),
             cut: LruCache::new(NonZeroUsize::new(MAX_CUT_FLOWS).unwrap_or(NonZeroUsize::MIN)),
+            cut_inside: LruCache::new(
+                NonZeroUsize::new(MAX_CUT_FLOWS).unwrap_or(NonZeroUsize::MIN),
+            ),
             reply_window: None,
             next_sweep: None,
         }
@@ -241,6 +249,7 @@ impl Lb {
         let rejudge = !policy.is_empty() && !self.table.same_policy(&t);
         let before = self.nat.len();
         let cut = &mut self.cut;
+        let cut_inside = &mut self.cut_inside;
         let mut denied = Vec::new();
         self.nat.retain(|f| {
             let i = f.inside.0;
@@ -258,6 +267,7 @@ impl Lb {
                         expires: f.expires(),
                     };
                     cut.put(f.outside, c);
+                    cut_inside.put(f.inside, f.outside);
                     denied.push(d);
                 }
                 return false;
@@ -474,6 +484,9 @@ impl Lb {
             }
             packet::rewrite(packet, h, Some(out.src), Some(out.dst));
             return self.first_fragment(h, *out.src.ip(), *out.dst.ip(), verdict_of(path), now);
+        }
+        if let Some(v) = self.cut_request(packet, reply, h, l4, inside, now) {
+            return v;
         }
         let table = self.table.clone();
         let Some(svc) = table.vip(h.dst) else {
@@ -749,12 +762,56 @@ impl Lb {
         }
         // Both ends are reset now: the record has done its work.
         self.cut.pop(&key);
+        self.cut_inside.pop(&c.inside);
         packet::build_tcp_rst(packet, h, l4, reply);
         let (src, dst) = (c.inside.0.dst, c.inside.0.src);
         packet::rewrite(packet, h, Some(src), Some(dst));
         packet::make_rst(packet, h);
         *self.replies.entry(LbReply::Policy).or_default() += 1;
         Some(Verdict::Reset)
+    }
+
+    /// A client's TCP segment (no SYN, no RST) of a VIP flow a policy
+    /// change cut: translated as the flow was, turned into a reset for the
+    /// replica, and the client gets one too. `None` if it is of no such
+    /// flow.
+    fn cut_request(
+        &mut self,
+        packet: &mut [u8],
+        reply: &mut Vec<u8>,
+        h: &Ipv4Hdr,
+        l4: &L4,
+        inside: Inside,
+        now: Instant,
+    ) -> Option<Verdict> {
+        if self.cut_inside.is_empty()
+            || l4.proto != Proto::Tcp
+            || is_syn(l4.flags)
+            || l4.flags & packet::TCP_RST != 0
+        {
+            return None;
+        }
+        let outside = self.cut_inside.pop(&inside)?;
+        let c = self
+            .cut
+            .peek(&outside)
+            .copied()
+            .filter(|c| c.inside == inside)?;
+        self.cut.pop(&outside);
+        if c.expires <= now {
+            return None;
+        }
+        if !self.may_answer(now) {
+            return Some(Verdict::Drop(LbDrop::RateLimited));
+        }
+        packet::build_tcp_rst(packet, h, l4, reply);
+        packet::rewrite(packet, h, Some(outside.0.src), Some(outside.0.dst));
+        packet::make_rst(packet, h);
+        *self.replies.entry(LbReply::Policy).or_default() += 1;
+        Some(match c.path {
+            Path::Remote => Verdict::ResetOnward,
+            Path::Local => Verdict::Reset,
+        })
     }
 
     fn count_denied(&mut self, d: crate::core::policy::Denied) {

@@ -1171,7 +1171,7 @@ fn a_policy_change_cuts_direct_tcp_connections() {
 }
 
 /// Issue #18: a whitelist change cuts the VIP flows it forbids at once
-/// (the client's next packet gets a RST), and keeps the others.
+/// (the client's next packet is reset), and keeps the others.
 #[test]
 fn a_policy_change_cuts_the_flows_it_forbids() {
     let both = policy_state(&["default/frontend", "default/batch"]);
@@ -1200,7 +1200,8 @@ fn a_policy_change_cuts_the_flows_it_forbids() {
         tcp(sa(BATCH, 40_000), sa(VIP, 80), TCP_ACK, 2, 2, b"x"),
         now,
     );
-    assert_eq!(v, Verdict::Reply);
+    // Reset at both ends (a_cut_flows_next_client_segment_resets_both_ends).
+    assert!(matches!(v, Verdict::Reset | Verdict::ResetOnward), "{v:?}");
     let TransportHeader::Tcp(t) = checked(&p).transport else {
         panic!()
     };
@@ -1297,6 +1298,66 @@ fn a_cut_flows_next_reply_resets_both_ends() {
     }
     assert_eq!(paths.len(), 2, "both paths taken: {paths:?}");
     assert_eq!(lb.stats().replies[&LbReply::Policy], 16);
+}
+
+/// A client's next segment on a cut VIP flow resets both ends too: it
+/// goes on to the replica as a reset (translated as the flow was), and the
+/// client gets one from the VIP; after that the tuple is refused as a new
+/// call would be.
+#[test]
+fn a_cut_flows_next_client_segment_resets_both_ends() {
+    let mut lb = lb(
+        &policy_state(&["default/frontend", "default/batch"]),
+        &Health::default(),
+    );
+    let now = Instant::now();
+    let mut sent = Vec::new();
+    for port in 41_000..41_012 {
+        let client = sa(BATCH, port);
+        let (v, p) = out(&mut lb, syn(client, sa(VIP, 80)), now);
+        let s = checked(&p);
+        sent.push((client, v, s.src, s.dst));
+    }
+    lb.set_table(Arc::new(LbTable::build(
+        &policy_state(&["default/frontend"]),
+        &cfg(),
+        &Health::default(),
+    )));
+    let mut paths = BTreeMap::new();
+    for (client, v, from, replica) in sent {
+        let mut p = tcp(client, sa(VIP, 80), TCP_ACK, 1001, 7001, b"GET");
+        let mut reply = Vec::new();
+        let got = lb.outbound(&mut p, &mut reply, now);
+        let want = if v == Verdict::ToTun {
+            Verdict::Reset
+        } else {
+            Verdict::ResetOnward
+        };
+        assert_eq!(got, want, "{v:?}");
+        *paths.entry(format!("{v:?}")).or_insert(0) += 1;
+        let c = checked(&p);
+        assert_eq!((c.src, c.dst), (from, replica));
+        let TransportHeader::Tcp(t) = c.transport else {
+            panic!()
+        };
+        assert!(t.rst && t.ack, "{t:?}");
+        assert_eq!(t.sequence_number, 1001, "in order for the replica");
+        let r = checked(&reply);
+        assert_eq!((r.src, r.dst), (sa(VIP, 80), client));
+        let TransportHeader::Tcp(t) = r.transport else {
+            panic!()
+        };
+        assert!(t.rst);
+        assert_eq!(t.sequence_number, 7001, "in order for the client");
+        // Done: the next segment is refused as a new call would be.
+        let (again, _) = out(
+            &mut lb,
+            tcp(client, sa(VIP, 80), TCP_ACK, 1004, 7001, b"x"),
+            now,
+        );
+        assert_eq!(again, Verdict::Reply);
+    }
+    assert_eq!(paths.len(), 2, "both paths taken: {paths:?}");
 }
 
 /// Issue #18 for calls to a job's IP: the caller's gateway answers a
