@@ -708,14 +708,36 @@ impl Lb {
         if !(r.cut && l4.proto == Proto::Tcp) {
             return self.reject(packet, reply, h, l4, LbReply::Policy, now);
         }
-        if !self.may_answer(now) {
+        if !self.reset_both(packet, reply, h, l4, None, now) {
             return Verdict::Drop(LbDrop::RateLimited);
         }
-        reply.clear();
+        Verdict::ResetOnward
+    }
+
+    /// Turns TCP segment `packet` of a cut call into a reset that goes on
+    /// (first translated to `to`, source and destination, as its flow
+    /// was) and writes one for its sender into `reply` (none for a RST);
+    /// counted as a policy answer. `false`, and nothing done, when over
+    /// the answer budget.
+    fn reset_both(
+        &mut self,
+        packet: &mut [u8],
+        reply: &mut Vec<u8>,
+        h: &Ipv4Hdr,
+        l4: &L4,
+        to: Option<(SocketAddrV4, SocketAddrV4)>,
+        now: Instant,
+    ) -> bool {
+        if !self.may_answer(now) {
+            return false;
+        }
         packet::build_tcp_rst(packet, h, l4, reply);
+        if let Some((src, dst)) = to {
+            packet::rewrite(packet, h, Some(src), Some(dst));
+        }
         packet::make_rst(packet, h);
         *self.replies.entry(LbReply::Policy).or_default() += 1;
-        Verdict::ResetOnward
+        true
     }
 
     /// Whether one more generated answer fits this second's budget
@@ -763,11 +785,10 @@ impl Lb {
         // Both ends are reset now: the record has done its work.
         self.cut.pop(&key);
         self.cut_inside.pop(&c.inside);
-        packet::build_tcp_rst(packet, h, l4, reply);
-        let (src, dst) = (c.inside.0.dst, c.inside.0.src);
-        packet::rewrite(packet, h, Some(src), Some(dst));
-        packet::make_rst(packet, h);
-        *self.replies.entry(LbReply::Policy).or_default() += 1;
+        let to = (c.inside.0.dst, c.inside.0.src);
+        if !self.reset_both(packet, reply, h, l4, Some(to), now) {
+            return Some(Verdict::Drop(LbDrop::RateLimited));
+        }
         Some(Verdict::Reset)
     }
 
@@ -801,13 +822,10 @@ impl Lb {
         if c.expires <= now {
             return None;
         }
-        if !self.may_answer(now) {
+        let to = (outside.0.src, outside.0.dst);
+        if !self.reset_both(packet, reply, h, l4, Some(to), now) {
             return Some(Verdict::Drop(LbDrop::RateLimited));
         }
-        packet::build_tcp_rst(packet, h, l4, reply);
-        packet::rewrite(packet, h, Some(outside.0.src), Some(outside.0.dst));
-        packet::make_rst(packet, h);
-        *self.replies.entry(LbReply::Policy).or_default() += 1;
         Some(match c.path {
             Path::Remote => Verdict::ResetOnward,
             Path::Local => Verdict::Reset,
