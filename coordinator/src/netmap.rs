@@ -1,7 +1,8 @@
 //! What one cluster's gateway needs to know, built from the store: its
 //! peers (with their pair's pre-shared key), every service and endpoints
-//! object, its own jobs, and the other clusters' jobs' addresses. Pure: a [`World`] of key-values in, a
-//! [`Netmap`] or a list of [`NetmapChange`]s out.
+//! object, its own jobs, and the other clusters' jobs' addresses. Pure: a
+//! [`World`] of key-values in, a [`Netmap`] or a list of [`NetmapChange`]s
+//! out.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -180,22 +181,6 @@ impl World {
                 .get(key)
                 .and_then(|kv| decode(kv).ok())
                 .and_then(|o| o.obj);
-            if key.starts_with(JOBS)
-                && let Some(Obj::Job(j)) = &obj
-                && j.spec.as_ref().is_some_and(|s| s.cluster != me)
-                && let Some(a) = job_address(j)
-            {
-                // A job of another cluster. The removal first: a gateway
-                // from before job addresses drops the upsert, and must not
-                // keep probing a job that left its cluster.
-                out.push(NetmapChange {
-                    change: Some(Change::JobRemoved(r())),
-                });
-                out.push(NetmapChange {
-                    change: Some(Change::JobAddressUpsert(a)),
-                });
-                continue;
-            }
             let change = if key.starts_with(SERVICES) {
                 match obj {
                     Some(Obj::Service(s)) => Change::ServiceUpsert(s),
@@ -211,6 +196,19 @@ impl World {
                     Some(Obj::Job(j)) if j.spec.as_ref().is_some_and(|s| s.cluster == me) => {
                         Change::JobUpsert(j)
                     }
+                    // A job of another cluster: its address, after its
+                    // removal (a gateway from before job addresses drops
+                    // the upsert, and must not keep probing a job that
+                    // left its cluster).
+                    Some(Obj::Job(j)) => match job_address(&j) {
+                        Some(a) => {
+                            out.push(NetmapChange {
+                                change: Some(Change::JobRemoved(r())),
+                            });
+                            Change::JobAddressUpsert(a)
+                        }
+                        None => Change::JobRemoved(r()),
+                    },
                     _ => Change::JobRemoved(r()),
                 }
             } else {

@@ -37,6 +37,7 @@
 //! - `packet`: parsing, checksums, RST / ICMP builders.
 //! - `hash`: keyed SipHash-1-3.
 
+mod cut;
 mod direct;
 mod hash;
 pub mod maglev;
@@ -62,6 +63,7 @@ use lru::LruCache;
 pub use nat::FlowLimits;
 use nat::{
     FiveTuple, Flow, FragKey, FragTable, InsertError, Inside, NatTable, Outside, Path, is_syn,
+    opens_call,
 };
 pub use packet::Proto;
 use packet::{IcmpError, Ipv4Hdr, L4, ParseError};
@@ -86,11 +88,6 @@ const MAX_DENIED_LABELS: usize = 4096;
 /// Tuning: TCP resets and ICMP unreachables generated per second (RFC
 /// 1812 §4.3.2.8: ICMP error generation should be rate limited).
 const REPLIES_PER_SECOND: u32 = 1000;
-/// Tuning: flows a policy change cut that are remembered until their
-/// replica's next packet (about 100 bytes each), least recently cut first
-/// out. A forgotten one's replies pass untranslated, and its client learns
-/// at its own next packet.
-const MAX_CUT_FLOWS: usize = 16_384;
 
 /// What to do with a packet after [`Lb::outbound`] / [`Lb::inbound`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -141,18 +138,6 @@ struct Counters {
 
 type AffinityKey = (Ipv4Addr, Ipv4Addr);
 
-/// A flow a policy change cut, kept (by its outside tuple) so that the
-/// replica's next packet resets both ends at once: without it, a client
-/// whose SYN got through a moment before the change waits for its SYN
-/// retry (1 s) to be refused, and an open connection learns only when it
-/// next sends.
-#[derive(Debug, Clone, Copy)]
-struct CutFlow {
-    inside: Inside,
-    path: Path,
-    expires: Instant,
-}
-
 /// The load balancer of one gateway.
 #[derive(Debug)]
 pub struct Lb {
@@ -169,11 +154,8 @@ pub struct Lb {
     /// Calls straight to job IPs the policy let through (only while there
     /// is a policy).
     direct: direct::DirectCalls,
-    /// VIP flows a policy change cut, by outside tuple.
-    cut: LruCache<Outside, CutFlow>,
-    /// The same flows by inside tuple (an entry whose `cut` record is gone
-    /// or differs is stale).
-    cut_inside: LruCache<Inside, Outside>,
+    /// VIP flows a policy change cut.
+    cut: cut::CutFlows,
     /// Start of the current one-second reply window and replies in it.
     reply_window: Option<(Instant, u32)>,
     next_sweep: Option<Instant>,
@@ -210,10 +192,7 @@ impl Lb {
             replies: BTreeMap::new(),
             policy_denied: BTreeMap::new(),
             direct: direct::DirectCalls::new(direct::MAX_DIRECT_CALLS),
-            cut: LruCache::new(NonZeroUsize::new(MAX_CUT_FLOWS).unwrap_or(NonZeroUsize::MIN)),
-            cut_inside: LruCache::new(
-                NonZeroUsize::new(MAX_CUT_FLOWS).unwrap_or(NonZeroUsize::MIN),
-            ),
+            cut: cut::CutFlows::new(cut::MAX_CUT_FLOWS),
             reply_window: None,
             next_sweep: None,
         }
@@ -249,7 +228,6 @@ impl Lb {
         let rejudge = !policy.is_empty() && !self.table.same_policy(&t);
         let before = self.nat.len();
         let cut = &mut self.cut;
-        let cut_inside = &mut self.cut_inside;
         let mut denied = Vec::new();
         self.nat.retain(|f| {
             let i = f.inside.0;
@@ -261,13 +239,7 @@ impl Lb {
             {
                 // A finished connection only goes.
                 if !f.is_closed() {
-                    let c = CutFlow {
-                        inside: f.inside,
-                        path: f.path,
-                        expires: f.expires(),
-                    };
-                    cut.put(f.outside, c);
-                    cut_inside.put(f.inside, f.outside);
+                    cut.insert(f);
                     denied.push(d);
                 }
                 return false;
@@ -373,14 +345,14 @@ impl Lb {
                 src: SocketAddrV4::new(h.src, l4.src_port),
                 dst: SocketAddrV4::new(h.dst, l4.dst_port),
             };
-            let opens = l4.proto == Proto::Udp || is_syn(l4.flags);
-            if let Err(r) = self.judge_direct(tuple, l4.flags, opens, now) {
+            if let Err(r) = self.judge_direct(tuple, l4.flags, now) {
                 return self.refuse_direct(packet, reply, &h, &l4, r, now);
             }
+            let opens = opens_call(l4.proto, l4.flags);
             if opens && !self.cut.is_empty() {
                 // A stale record of a VIP flow on this tuple must not
                 // reset this new call's replies.
-                self.cut.pop(&Outside(tuple));
+                self.cut.forget(&Outside(tuple));
             }
             // Traffic straight to a backend from a client port that an
             // earlier VIP flow to that backend used: that flow's mapping is
@@ -455,8 +427,7 @@ impl Lb {
             // gateway let a call through a moment before this one learned
             // of a change retries at once instead of after its SYN
             // timeout.
-            let opens = l4.proto == Proto::Udp || is_syn(l4.flags);
-            return match self.judge_direct(tuple, l4.flags, opens, now) {
+            return match self.judge_direct(tuple, l4.flags, now) {
                 Ok(()) => Verdict::Pass,
                 Err(r) => self.refuse_direct(packet, reply, &h, &l4, r, now),
             };
@@ -534,7 +505,7 @@ impl Lb {
         );
         flow.seen_outbound(l4.flags, now);
         if !self.cut.is_empty() {
-            self.cut.pop(&outside);
+            self.cut.forget(&outside);
         }
         match self.nat.insert(flow, now) {
             Ok(()) => {}
@@ -645,8 +616,8 @@ impl Lb {
     }
 
     /// Judges a packet straight to an address that is no VIP (its
-    /// `tuple`, TCP `flags`, whether it `opens` a call: UDP, or a SYN),
-    /// when there is a policy: `Err` if the service policy refuses it.
+    /// `tuple` and TCP `flags`), when there is a policy: `Err` if the
+    /// service policy refuses it.
     ///
     /// A packet of a call allowed earlier, or a reply to one, passes
     /// ([`direct::DirectCalls`]); one of a call a policy change cut is
@@ -655,17 +626,12 @@ impl Lb {
     /// opens nothing of a connection not tracked (it began before there
     /// was a policy, or was evicted): its direction is unknown, so it
     /// passes if either direction is allowed. A RST always passes.
-    fn judge_direct(
-        &mut self,
-        t: FiveTuple,
-        flags: u8,
-        opens: bool,
-        now: Instant,
-    ) -> Result<(), Refused> {
+    fn judge_direct(&mut self, t: FiveTuple, flags: u8, now: Instant) -> Result<(), Refused> {
         let policy = self.table.policy();
         if policy.is_empty() || (t.proto == Proto::Tcp && flags & packet::TCP_RST != 0) {
             return Ok(());
         }
+        let opens = opens_call(t.proto, flags);
         let (src, dst) = (*t.src.ip(), *t.dst.ip());
         match self.direct.seen(t, now) {
             direct::Known::Allowed => return Ok(()),
@@ -708,17 +674,16 @@ impl Lb {
         if !(r.cut && l4.proto == Proto::Tcp) {
             return self.reject(packet, reply, h, l4, LbReply::Policy, now);
         }
-        if !self.reset_both(packet, reply, h, l4, None, now) {
-            return Verdict::Drop(LbDrop::RateLimited);
-        }
-        Verdict::ResetOnward
+        self.reset_both(packet, reply, h, l4, None, Verdict::ResetOnward, now)
     }
 
     /// Turns TCP segment `packet` of a cut call into a reset that goes on
     /// (first translated to `to`, source and destination, as its flow
     /// was) and writes one for its sender into `reply` (none for a RST);
-    /// counted as a policy answer. `false`, and nothing done, when over
-    /// the answer budget.
+    /// counted as a policy answer. `reset` ([`Verdict::Reset`] or
+    /// [`Verdict::ResetOnward`]) says where the reset goes; over the
+    /// answer budget nothing is done and the segment is dropped.
+    #[allow(clippy::too_many_arguments)]
     fn reset_both(
         &mut self,
         packet: &mut [u8],
@@ -726,10 +691,11 @@ impl Lb {
         h: &Ipv4Hdr,
         l4: &L4,
         to: Option<(SocketAddrV4, SocketAddrV4)>,
+        reset: Verdict,
         now: Instant,
-    ) -> bool {
+    ) -> Verdict {
         if !self.may_answer(now) {
-            return false;
+            return Verdict::Drop(LbDrop::RateLimited);
         }
         packet::build_tcp_rst(packet, h, l4, reply);
         if let Some((src, dst)) = to {
@@ -737,7 +703,7 @@ impl Lb {
         }
         packet::make_rst(packet, h);
         *self.replies.entry(LbReply::Policy).or_default() += 1;
-        true
+        reset
     }
 
     /// Whether one more generated answer fits this second's budget
@@ -773,23 +739,14 @@ impl Lb {
         if self.cut.is_empty() {
             return None;
         }
-        let key = Outside(tuple.reversed());
-        let c = *self.cut.peek(&key)?;
-        if c.path != path || c.expires <= now {
-            self.cut.pop(&key);
-            return None;
-        }
+        let c = self.cut.get(&Outside(tuple.reversed()), path, now)?;
         if l4.proto == Proto::Udp {
             return Some(Verdict::Drop(LbDrop::PolicyCut));
         }
         // Both ends are reset now: the record has done its work.
-        self.cut.pop(&key);
-        self.cut_inside.pop(&c.inside);
+        self.cut.forget(&c.outside);
         let to = (c.inside.0.dst, c.inside.0.src);
-        if !self.reset_both(packet, reply, h, l4, Some(to), now) {
-            return Some(Verdict::Drop(LbDrop::RateLimited));
-        }
-        Some(Verdict::Reset)
+        Some(self.reset_both(packet, reply, h, l4, Some(to), Verdict::Reset, now))
     }
 
     /// A client's TCP segment (no SYN, no RST) of a VIP flow a policy
@@ -805,31 +762,20 @@ impl Lb {
         inside: Inside,
         now: Instant,
     ) -> Option<Verdict> {
-        if self.cut_inside.is_empty()
+        if self.cut.is_empty()
             || l4.proto != Proto::Tcp
             || is_syn(l4.flags)
             || l4.flags & packet::TCP_RST != 0
         {
             return None;
         }
-        let outside = self.cut_inside.pop(&inside)?;
-        let c = self
-            .cut
-            .peek(&outside)
-            .copied()
-            .filter(|c| c.inside == inside)?;
-        self.cut.pop(&outside);
-        if c.expires <= now {
-            return None;
-        }
-        let to = (outside.0.src, outside.0.dst);
-        if !self.reset_both(packet, reply, h, l4, Some(to), now) {
-            return Some(Verdict::Drop(LbDrop::RateLimited));
-        }
-        Some(match c.path {
+        let c = self.cut.take_by_inside(&inside, now)?;
+        let to = (c.outside.0.src, c.outside.0.dst);
+        let reset = match c.path {
             Path::Remote => Verdict::ResetOnward,
             Path::Local => Verdict::Reset,
-        })
+        };
+        Some(self.reset_both(packet, reply, h, l4, Some(to), reset, now))
     }
 
     fn count_denied(&mut self, d: crate::core::policy::Denied) {

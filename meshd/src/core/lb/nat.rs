@@ -252,6 +252,11 @@ pub fn is_syn(flags: u8) -> bool {
     flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
+/// Whether a packet opens a call: any UDP datagram, a TCP SYN.
+pub fn opens_call(proto: Proto, flags: u8) -> bool {
+    proto == Proto::Udp || is_syn(flags)
+}
+
 /// Why a flow could not be added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InsertError {
