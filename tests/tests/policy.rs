@@ -33,6 +33,14 @@ fn calls(ns: &Netns, dst: SocketAddr, n: usize) -> (BTreeMap<String, usize>, Dur
     .unwrap()
 }
 
+/// `skyctl create service NAME -s app=NAME -p PORT`, then `extra`.
+fn create_service(mesh: &Mesh, name: &str, port: &str, extra: &[&str]) {
+    let selector = format!("app={name}");
+    let mut args = vec!["create", "service", name, "-s", &selector, "-p", port];
+    args.extend_from_slice(extra);
+    mesh.sky(&args).unwrap();
+}
+
 /// Applies the skymesh document `yaml` with `skyctl apply -f`.
 fn apply(mesh: &Mesh, name: &str, yaml: &str) {
     let out = mesh.apply(name, yaml).unwrap();
@@ -64,30 +72,16 @@ fn vip_calls_follow_the_whitelists_and_upstreams() {
     )
     .unwrap();
     assert!(mesh.wait_for_tunnels(Duration::from_secs(20)));
-    for (name, app) in [("frontend", "frontend"), ("batch", "batch")] {
-        mesh.sky(&[
-            "create",
-            "service",
-            name,
-            "-s",
-            &format!("app={app}"),
-            "-p",
-            "80",
-        ])
-        .unwrap();
+    for name in ["frontend", "batch"] {
+        create_service(&mesh, name, "80", &[]);
     }
-    mesh.sky(&[
-        "create",
-        "service",
+    let web_port = format!("http:80:{TCP_PORT}");
+    create_service(
+        &mesh,
         "web",
-        "-s",
-        "app=web",
-        "-p",
-        &format!("http:80:{TCP_PORT}"),
-        "--whitelist",
-        "default/frontend",
-    ])
-    .unwrap();
+        &web_port,
+        &["--whitelist", "default/frontend"],
+    );
     assert!(
         mesh.wait_for_ready("web", 2, Duration::from_secs(15)),
         "{}",
@@ -308,29 +302,10 @@ fn jobs_no_service_selects_are_known_by_namespace_everywhere() {
         ("frontend", "--upstream=default/*"),
         ("batch", "--upstream=shop/*"),
     ] {
-        mesh.sky(&[
-            "create",
-            "service",
-            name,
-            "-s",
-            &format!("app={name}"),
-            "-p",
-            "80",
-            list,
-        ])
-        .unwrap();
+        create_service(&mesh, name, "80", &[list]);
     }
-    mesh.sky(&[
-        "create",
-        "service",
-        "web",
-        "-s",
-        "app=web",
-        "-p",
-        &format!("http:80:{TCP_PORT}"),
-        "--whitelist=default/*",
-    ])
-    .unwrap();
+    let web_port = format!("http:80:{TCP_PORT}");
+    create_service(&mesh, "web", &web_port, &["--whitelist=default/*"]);
     for (svc, n) in [("web", 1), ("frontend", 1), ("batch", 1)] {
         assert!(
             mesh.wait_for_ready(svc, n, Duration::from_secs(15)),
