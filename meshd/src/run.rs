@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use arc_swap::ArcSwap;
 use base64::Engine as _;
-use ipnet::Ipv4Net;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -235,13 +234,13 @@ async fn first_netmap(
 /// Creates the TUN interface on the netmap's overlay address and turns on
 /// forwarding.
 fn open_tun(cfg: &Config, first: &NetState) -> Result<(tun_rs::SyncDevice, Ipv4Addr)> {
-    let overlay_ip: Ipv4Addr = first
+    let overlay_ip = first
+        .net
         .overlay_ip
-        .parse()
         .context("netmap has an invalid overlay IP")?;
-    let overlay: Ipv4Net = first
+    let overlay = first
+        .net
         .overlay_cidr
-        .parse()
         .context("netmap has an invalid overlay CIDR")?;
     let dev = tun::create(
         &cfg.interface,
@@ -457,7 +456,7 @@ impl Tasks {
         if let Some(addr) = self.cfg.dns_listen {
             let mut dns_cfg = skymesh_dns::DnsConfig {
                 listen: addr,
-                service_cidr: first.service_cidr.parse().ok(),
+                service_cidr: first.net.service_cidr,
                 upstreams: if self.cfg.dns_upstreams.is_empty() {
                     skymesh_dns::Upstreams::default()
                 } else {
@@ -591,11 +590,7 @@ pub fn dns_view(
             .filter(|(_, ready)| !**ready)
             .map(|(k, _)| k.clone())
             .collect(),
-        local_cidrs: s
-            .workload_cidrs
-            .iter()
-            .filter_map(|c| c.parse().ok())
-            .collect(),
+        local_cidrs: s.net.workload_cidrs.clone(),
     }
 }
 

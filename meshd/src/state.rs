@@ -4,10 +4,15 @@
 
 use std::collections::BTreeMap;
 use std::collections::btree_map;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
+use base64::Engine as _;
+use ipnet::Ipv4Net;
+
 use prost::Message as _;
+
+use crate::core::route::parse_allowed;
 use skymesh_proto::v1::{
     Endpoints, Job, JobAddress, Netmap, NetmapUpdate, Peer, Service, netmap_change::Change,
     netmap_update::Update,
@@ -124,6 +129,108 @@ pub struct NetState {
     /// Jobs of the other clusters: their addresses only (for the service
     /// policy; about 100 bytes each).
     pub job_addresses: BTreeMap<Key, Ipv4Addr>,
+    /// The network fields above, parsed: kept in step by
+    /// [`NetState::apply`] (a peer is parsed when it arrives), rebuilt by
+    /// [`NetState::reparse`] after the fields are set by hand.
+    pub net: Net,
+}
+
+/// The netmap's addresses, CIDRs, keys and endpoints, parsed once when they
+/// arrive, by one rule for every address field ([`parse_allowed`]: a CIDR,
+/// host bits cleared, or a bare address as its /32). What does not parse
+/// is left out with a warning, once: the coordinator validates every
+/// field, so that is a bug or a newer format, not input to act on.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Net {
+    pub overlay_ip: Option<Ipv4Addr>,
+    pub overlay_cidr: Option<Ipv4Net>,
+    pub service_cidr: Option<Ipv4Net>,
+    /// This cluster's workload CIDRs.
+    pub workload_cidrs: Vec<Ipv4Net>,
+    /// By cluster name, as [`NetState::peers`].
+    pub peers: BTreeMap<String, PeerNet>,
+}
+
+/// One peer gateway, parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerNet {
+    /// Public and pre-shared key; `None` if either is not 32 bytes of
+    /// base64: such a peer gets no tunnel.
+    pub keys: Option<([u8; 32], [u8; 32])>,
+    /// Where to send first (the peer may roam from it).
+    pub endpoint: Option<SocketAddr>,
+    pub overlay_ip: Option<Ipv4Addr>,
+    /// What the tunnel to it carries: its overlay IP and workload CIDRs.
+    pub allowed_ips: Vec<Ipv4Net>,
+}
+
+impl PeerNet {
+    pub fn parse(p: &Peer) -> PeerNet {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let key = |v: &str| {
+            b64.decode(v)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        };
+        let keys = key(&p.public_key).zip(key(&p.preshared_key));
+        if keys.is_none() {
+            tracing::warn!(peer = %p.cluster, "peer has an invalid key; it gets no tunnel");
+        }
+        let allowed_ips = p
+            .allowed_ips
+            .iter()
+            .filter_map(|a| {
+                let n = parse_allowed(a);
+                if n.is_none() {
+                    tracing::warn!(peer = %p.cluster, allowed_ip = %a, "not an IPv4 address or CIDR; ignored");
+                }
+                n
+            })
+            .collect();
+        PeerNet {
+            keys,
+            endpoint: p.endpoint.parse().ok(),
+            overlay_ip: p.overlay_ip.parse().ok(),
+            allowed_ips,
+        }
+    }
+}
+
+impl Net {
+    /// The parsed form of `s`'s network fields and peers.
+    fn parse(s: &NetState) -> Net {
+        let cidrs = |field: &str, v: &[String]| -> Vec<Ipv4Net> {
+            v.iter()
+                .filter_map(|c| {
+                    let n = parse_allowed(c);
+                    if n.is_none() {
+                        tracing::warn!(field, value = %c, "not an IPv4 address or CIDR; ignored");
+                    }
+                    n
+                })
+                .collect()
+        };
+        Net {
+            overlay_ip: s.overlay_ip.parse().ok(),
+            overlay_cidr: s.overlay_cidr.parse::<Ipv4Net>().ok().map(|n| n.trunc()),
+            service_cidr: s.service_cidr.parse::<Ipv4Net>().ok().map(|n| n.trunc()),
+            workload_cidrs: cidrs("workload_cidrs", &s.workload_cidrs),
+            peers: s
+                .peers
+                .iter()
+                .map(|(name, p)| (name.clone(), PeerNet::parse(p)))
+                .collect(),
+        }
+    }
+
+    /// This gateway's own networks: its overlay IP and workload CIDRs.
+    pub fn local_nets(&self) -> Vec<Ipv4Net> {
+        self.overlay_ip
+            .map(Ipv4Net::from)
+            .into_iter()
+            .chain(self.workload_cidrs.iter().copied())
+            .collect()
+    }
 }
 
 impl NetState {
@@ -158,7 +265,21 @@ impl NetState {
                 .collect(),
             job_addresses: nm.job_addresses.into_iter().filter_map(address).collect(),
             format: nm.format,
+            net: Net::default(),
         }
+        .reparsed()
+    }
+
+    /// Parses the network fields again ([`NetState::net`]), after they were
+    /// set by hand.
+    pub fn reparse(&mut self) {
+        self.net = Net::parse(self);
+    }
+
+    /// [`NetState::reparse`], by value.
+    pub fn reparsed(mut self) -> Self {
+        self.reparse();
+        self
     }
 
     /// The revision to resume the netmap stream from: the last applied,
@@ -181,9 +302,11 @@ impl NetState {
                 for c in d.changes.into_iter().filter_map(|c| c.change) {
                     match c {
                         Change::PeerUpsert(p) => {
+                            self.net.peers.insert(p.cluster.clone(), PeerNet::parse(&p));
                             self.peers.insert(p.cluster.clone(), p);
                         }
                         Change::PeerRemoved(name) => {
+                            self.net.peers.remove(&name);
                             self.peers.remove(&name);
                         }
                         Change::ServiceUpsert(s) => {
@@ -412,6 +535,61 @@ mod tests {
         assert_eq!(NetState::decode(&s.encode()), Some(s));
     }
 
+    /// The network fields are parsed once, by one rule, and peer deltas
+    /// keep the parsed view equal to a fresh parse of the whole state.
+    #[test]
+    fn the_parsed_view_follows_snapshots_and_deltas() {
+        let key = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
+        let peer = |name: &str, allowed: &[&str], psk: &str| Peer {
+            cluster: name.into(),
+            public_key: key.clone(),
+            preshared_key: psk.into(),
+            endpoint: "192.0.2.2:51820".into(),
+            overlay_ip: "100.64.0.2".into(),
+            allowed_ips: allowed.iter().map(|a| a.to_string()).collect(),
+        };
+        let mut s = NetState::default();
+        s.apply(NetmapUpdate {
+            resource_version: 1,
+            update: Some(Update::Snapshot(Netmap {
+                cluster: "a".into(),
+                overlay_ip: "100.64.0.1".into(),
+                overlay_cidr: "100.64.0.0/10".into(),
+                service_cidr: "100.65.1.2/16".into(),
+                workload_cidrs: vec!["10.1.2.3/16".into(), "bad".into()],
+                peers: vec![peer("b", &["100.64.0.2", "10.2.0.0/16", "x/99"], &key)],
+                ..Default::default()
+            })),
+        });
+        let n = |v: &str| v.parse::<Ipv4Net>().unwrap();
+        assert_eq!(s.net.overlay_ip, Some(Ipv4Addr::new(100, 64, 0, 1)));
+        // Host bits cleared, what does not parse left out.
+        assert_eq!(s.net.service_cidr, Some(n("100.65.0.0/16")));
+        assert_eq!(s.net.workload_cidrs, [n("10.1.0.0/16")]);
+        assert_eq!(s.net.local_nets(), [n("100.64.0.1/32"), n("10.1.0.0/16")]);
+        let b = &s.net.peers["b"];
+        assert_eq!(b.keys, Some(([9; 32], [9; 32])));
+        assert_eq!(b.endpoint, Some("192.0.2.2:51820".parse().unwrap()));
+        assert_eq!(b.allowed_ips, [n("100.64.0.2/32"), n("10.2.0.0/16")]);
+        // A peer whose key does not parse is kept without keys (no tunnel).
+        s.apply(NetmapUpdate {
+            resource_version: 2,
+            update: Some(Update::Delta(NetmapDelta {
+                changes: vec![
+                    NetmapChange {
+                        change: Some(Change::PeerUpsert(peer("c", &["10.3.0.0/16"], "short"))),
+                    },
+                    NetmapChange {
+                        change: Some(Change::PeerRemoved("b".into())),
+                    },
+                ],
+            })),
+        });
+        assert_eq!(s.net.peers.keys().collect::<Vec<_>>(), ["c"]);
+        assert_eq!(s.net.peers["c"].keys, None);
+        assert_eq!(s.net, s.clone().reparsed().net);
+    }
+
     /// Issue #18: every gateway learns every other cluster's jobs, so their
     /// share of a netmap stays small: 10,000 (names like a replica's) take
     /// under 40 bytes each on the wire.
@@ -482,6 +660,7 @@ mod tests {
         );
         s.job_addresses
             .insert(("shop".into(), "k".into()), Ipv4Addr::new(10, 2, 0, 7));
+        s.reparse();
         let bytes = s.encode();
         let snapshot = NetmapUpdate {
             resource_version: s.revision,

@@ -49,6 +49,7 @@ fn engine(me: u8, key: [u8; 32], peer: [u8; 32]) -> Engine {
             ..Default::default()
         },
     );
+    s.reparse();
     let cfg = LbConfig {
         cluster: s.cluster.clone(),
         service_cidr: "100.65.0.0/16".parse().unwrap(),

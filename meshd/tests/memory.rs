@@ -120,6 +120,7 @@ fn mesh(replicas: impl Fn(usize) -> usize) -> NetState {
             },
         );
     }
+    s.reparse();
     for i in 0..N {
         let key = ("default".to_string(), format!("svc-{i:05}"));
         s.services.insert(key.clone(), service(i));

@@ -20,13 +20,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use ipnet::Ipv4Net;
-
 use super::batch::{Datagrams, Packets};
 use super::lb::{Lb, LbTable, Verdict};
 use super::node::{DATA_HEADER, DropReason, Node, PeerConfig, PeerDiff};
-use super::route::parse_allowed;
 use crate::state::NetState;
 
 /// WireGuard timer granularity (boringtun expects ~4 calls per second).
@@ -90,7 +86,7 @@ impl Engine {
     /// Applies a netmap: this gateway's own networks and its peers (as a
     /// diff: unchanged peers keep their sessions).
     pub fn apply_netmap(&mut self, s: &NetState) -> PeerDiff {
-        self.node.set_local(local_nets(s));
+        self.node.set_local(s.net.local_nets());
         self.node.set_peers(peer_configs(s))
     }
 
@@ -306,49 +302,20 @@ impl Engine {
     }
 }
 
-/// This gateway's own networks: its overlay IP and its workload CIDRs.
-pub fn local_nets(s: &NetState) -> Vec<Ipv4Net> {
-    std::iter::once(s.overlay_ip.as_str())
-        .chain(s.workload_cidrs.iter().map(String::as_str))
-        .filter_map(parse_allowed)
-        .collect()
-}
-
-/// Peer configurations from the netmap; peers with unusable keys are
-/// skipped with a warning, unusable allowed IPs dropped with one.
+/// Peer configurations from the netmap's parsed peers; a peer whose keys
+/// did not parse is left out (the parse warned of it).
 pub fn peer_configs(s: &NetState) -> Vec<PeerConfig> {
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let key = |v: &str| {
-        b64.decode(v)
-            .ok()
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
-    };
-    s.peers
-        .values()
-        .filter_map(|p| {
-            let (Some(public_key), Some(preshared_key)) =
-                (key(&p.public_key), key(&p.preshared_key))
-            else {
-                tracing::warn!(peer = %p.cluster, "peer has an invalid key; skipped");
-                return None;
-            };
-            let allowed_ips = p
-                .allowed_ips
-                .iter()
-                .filter_map(|a| {
-                    let n = parse_allowed(a);
-                    if n.is_none() {
-                        tracing::warn!(peer = %p.cluster, allowed_ip = %a, "not an IPv4 address or CIDR; ignored");
-                    }
-                    n
-                })
-                .collect();
+    s.net
+        .peers
+        .iter()
+        .filter_map(|(name, p)| {
+            let (public_key, preshared_key) = p.keys?;
             Some(PeerConfig {
-                name: p.cluster.clone(),
+                name: name.clone(),
                 public_key,
                 preshared_key,
-                endpoint: p.endpoint.parse::<SocketAddr>().ok(),
-                allowed_ips,
+                endpoint: p.endpoint,
+                allowed_ips: p.allowed_ips.clone(),
             })
         })
         .collect()

@@ -320,10 +320,10 @@ pub async fn run_probes(
             () = cancel.cancelled() => return Ok(()),
             _ = tick.tick() => {
                 let nm = netmap.borrow().clone();
-                state.retain(|name, _| nm.peers.contains_key(name));
+                state.retain(|name, _| nm.net.peers.contains_key(name));
                 let now = Instant::now();
-                for (name, peer) in &nm.peers {
-                    let Ok(ip) = peer.overlay_ip.parse::<Ipv4Addr>() else { continue };
+                for (name, peer) in &nm.net.peers {
+                    let Some(ip) = peer.overlay_ip else { continue };
                     let p = state.entry(name.clone()).or_default();
                     let (seq, changed) = p.poll(now);
                     if changed {
@@ -344,8 +344,8 @@ pub async fn run_probes(
                     Some((REPLY, seq)) => {
                         let nm = netmap.borrow().clone();
                         let SocketAddr::V4(src) = src else { continue };
-                        let src_ip = src.ip().to_string();
-                        if let Some((name, _)) = nm.peers.iter().find(|(_, p)| p.overlay_ip == src_ip)
+                        let src_ip = Some(*src.ip());
+                        if let Some((name, _)) = nm.net.peers.iter().find(|(_, p)| p.overlay_ip == src_ip)
                             && let Some(p) = state.get_mut(name)
                             && p.answer(seq, Instant::now())
                         {

@@ -89,21 +89,14 @@ pub fn enable_forwarding() -> Result<()> {
 /// every peer's allowed IPs outside the overlay (whose route comes with the
 /// interface address).
 pub fn desired_routes(s: &NetState) -> BTreeSet<Ipv4Net> {
-    let overlay: Option<Ipv4Net> = s.overlay_cidr.parse().ok();
-    let mut out = BTreeSet::new();
-    if let Ok(n) = s.service_cidr.parse::<Ipv4Net>() {
-        out.insert(n);
-    }
-    for p in s.peers.values() {
-        for a in &p.allowed_ips {
-            if let Ok(n) = a.parse::<Ipv4Net>()
-                && !overlay.is_some_and(|o| o.contains(&n))
-            {
-                out.insert(n);
-            }
-        }
-    }
-    out
+    let overlay = s.net.overlay_cidr;
+    let peers = s.net.peers.values().flat_map(|p| &p.allowed_ips);
+    s.net
+        .service_cidr
+        .iter()
+        .chain(peers.filter(|n| !overlay.is_some_and(|o| o.contains(*n))))
+        .copied()
+        .collect()
 }
 
 /// The routes installed through one interface.
@@ -145,5 +138,38 @@ impl Routes {
                 Err(e) => tracing::warn!(error = %e, "route add failed"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skymesh_proto::v1::Peer;
+
+    /// Routes come from the parsed netmap, by the node's rule: a bare
+    /// address is its /32, host bits are cleared, the overlay's own
+    /// addresses need no route.
+    #[test]
+    fn routes_follow_the_parsed_netmap() {
+        let mut s = NetState {
+            overlay_cidr: "100.64.0.0/16".into(),
+            service_cidr: "100.65.0.0/16".into(),
+            ..Default::default()
+        };
+        s.peers.insert(
+            "b".into(),
+            Peer {
+                cluster: "b".into(),
+                allowed_ips: vec![
+                    "100.64.0.2/32".into(),
+                    "10.2.3.4/16".into(),
+                    "192.0.2.9".into(),
+                ],
+                ..Default::default()
+            },
+        );
+        s.reparse();
+        let got: Vec<String> = desired_routes(&s).iter().map(|n| n.to_string()).collect();
+        assert_eq!(got, ["10.2.0.0/16", "100.65.0.0/16", "192.0.2.9/32"]);
     }
 }

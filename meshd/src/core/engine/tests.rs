@@ -59,7 +59,7 @@ fn state(me: u8, peer_key: [u8; 32]) -> NetState {
             &[("c2", true, &[("10.2.0.11", "web-2a", true)])],
         )),
     );
-    s
+    s.reparsed()
 }
 
 fn engine(me: u8, key: [u8; 32], peer_key: [u8; 32], now: Instant) -> Engine {

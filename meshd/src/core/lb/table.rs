@@ -54,10 +54,10 @@ impl LbConfig {
     ) -> Option<LbConfig> {
         Some(LbConfig {
             cluster: state.cluster.clone(),
-            service_cidr: state.service_cidr.parse::<Ipv4Net>().ok()?.trunc(),
+            service_cidr: state.net.service_cidr?,
             hash_key,
             limits,
-            gateway_ip: state.overlay_ip.parse().ok(),
+            gateway_ip: state.net.overlay_ip,
         })
     }
 }
@@ -369,20 +369,18 @@ fn no_backends() -> Arc<Maglev> {
 ///   it carries `ip` (the peer's allowed IPs contain it; otherwise packets
 ///   to it would be dropped as unroutable).
 pub fn routable(state: &NetState, health: &Health, cluster: &str, ip: Ipv4Addr) -> bool {
-    let nets: &[String] = if cluster == state.cluster {
-        &state.workload_cidrs
+    let nets: &[Ipv4Net] = if cluster == state.cluster {
+        &state.net.workload_cidrs
     } else if health.peers_down.contains(cluster) {
         return false;
     } else {
-        match state.peers.get(cluster) {
+        match state.net.peers.get(cluster) {
             Some(p) => &p.allowed_ips,
             None => return false,
         }
     };
-    // The node routes by the same rule (`engine::peer_configs`).
-    nets.iter()
-        .filter_map(|a| crate::core::route::parse_allowed(a))
-        .any(|n| n.contains(&ip))
+    // The node routes by the same parsed allowed IPs (`engine::peer_configs`).
+    nets.iter().any(|n| n.contains(&ip))
 }
 
 #[cfg(test)]
@@ -493,6 +491,7 @@ mod tests {
         s.peers.remove("c2");
         s.cluster = "c2".into();
         s.workload_cidrs = vec!["10.2.0.0/16".into()];
+        s.reparse();
         let t = LbTable::build(&s, &c2, &Health::default());
         assert_eq!(ips(&t, vip(1)), ["10.2.0.1", "10.3.0.1"]);
     }

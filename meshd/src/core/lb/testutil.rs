@@ -123,7 +123,7 @@ pub fn mesh() -> NetState {
             },
         );
     }
-    s
+    s.reparsed()
 }
 
 pub fn add(s: &mut NetState, svc: Service, eps: Option<Endpoints>) {
