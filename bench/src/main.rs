@@ -94,6 +94,14 @@ struct Args {
     /// Column label of --baseline-meshd.
     #[arg(long, value_name = "TEXT", default_value = "meshd before")]
     baseline_label: String,
+    /// Measure nothing: start one tunnel lab (two gateways, an iperf3
+    /// server on the second; meshd by default, or a peer: wireguard-go-trixie,
+    /// wireguard-go-bookworm, boringtun-cli, gotatun), print how to reach it,
+    /// and keep it up until Enter or Ctrl-C, for profiling by hand (`perf`,
+    /// `ss`, `top -H`).
+    #[arg(long, value_name = "LAB", num_args = 0..=1, default_missing_value = "meshd",
+          conflicts_with_all = ["quick", "runs", "only", "baseline_meshd"])]
+    hold: Option<String>,
 }
 
 /// Sizes and durations of the measurements.
@@ -259,6 +267,9 @@ fn real_main() -> Result<()> {
     relocate_for_harness()?;
     cleanup::install()?;
     skymesh_tests::netns::require_root()?;
+    if let Some(lab) = &args.hold {
+        return tunnel::hold(lab);
+    }
     install::ensure_peers(if args.no_install {
         install::Policy::Nothing
     } else if args.quick {

@@ -320,6 +320,44 @@ struct Samples {
 }
 
 /// Runs sections 1 and 2; returns their tables.
+/// `--hold LAB`: one lab (by its log name, [`Kind::slug`]), up until Enter
+/// (a signal tears it down through [`crate::cleanup`]).
+pub fn hold(name: &str) -> Result<()> {
+    let kinds = [
+        Kind::Meshd,
+        Kind::WireguardGo2023,
+        Kind::WireguardGo2022,
+        Kind::Boringtun,
+        Kind::Gotatun,
+    ];
+    let Some(&kind) = kinds.iter().find(|k| k.slug() == name) else {
+        let names: Vec<&str> = kinds.iter().map(|k| k.slug()).collect();
+        anyhow::bail!("invalid --hold: {name:?}: the lab must be one of {}", names.join(", "));
+    };
+    let bin = kind
+        .peer_binary()
+        .map_err(|()| anyhow::anyhow!("--hold {name}: {} is not installed", kind.label()))?;
+    let lab = Lab::start(kind, bin)?;
+    let pids = lab.tunnel_pids.map(|p| p.map_or("?".into(), |p| p.to_string()));
+    println!(
+        "{} lab up: sender gateway netns {} (tunnel pid {}), receiver {} (tunnel pid {})\n\
+         iperf3 server: {}:{IPERF_PORT}; e.g. ip netns exec {} iperf3 -c {} -t 10\n\
+         press Enter to tear it down",
+        kind.label(),
+        lab.a().name(),
+        pids[0],
+        lab.b().name(),
+        pids[1],
+        lab.target,
+        lab.a().name(),
+        lab.target,
+    );
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    drop(lab);
+    Ok(())
+}
+
 pub fn run(cfg: &Cfg) -> Vec<Table> {
     let mut labs: Vec<(Kind, Lab)> = Vec::new();
     let mut s = Samples::default();
