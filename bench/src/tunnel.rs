@@ -332,13 +332,18 @@ pub fn hold(name: &str) -> Result<()> {
     ];
     let Some(&kind) = kinds.iter().find(|k| k.slug() == name) else {
         let names: Vec<&str> = kinds.iter().map(|k| k.slug()).collect();
-        anyhow::bail!("invalid --hold: {name:?}: the lab must be one of {}", names.join(", "));
+        anyhow::bail!(
+            "invalid --hold: {name:?}: the lab must be one of {}",
+            names.join(", ")
+        );
     };
     let bin = kind
         .peer_binary()
         .map_err(|()| anyhow::anyhow!("--hold {name}: {} is not installed", kind.label()))?;
     let lab = Lab::start(kind, bin)?;
-    let pids = lab.tunnel_pids.map(|p| p.map_or("?".into(), |p| p.to_string()));
+    let pids = lab
+        .tunnel_pids
+        .map(|p| p.map_or("?".into(), |p| p.to_string()));
     println!(
         "{} lab up: sender gateway netns {} (tunnel pid {}), receiver {} (tunnel pid {})\n\
          iperf3 server: {}:{IPERF_PORT}; e.g. ip netns exec {} iperf3 -c {} -t 10\n\
