@@ -61,15 +61,18 @@ pub struct Baseline {
 }
 
 impl Kind {
+    /// meshd and the peers, each a tunnel between the two gateways.
+    const TUNNELS: [Kind; 5] = [
+        Kind::Meshd,
+        Kind::WireguardGo2023,
+        Kind::WireguardGo2022,
+        Kind::Boringtun,
+        Kind::Gotatun,
+    ];
+
     /// The labs of this run, meshd first (the others are its peers).
     fn all(cfg: &Cfg) -> Vec<Kind> {
-        let mut v = vec![
-            Kind::Meshd,
-            Kind::WireguardGo2023,
-            Kind::WireguardGo2022,
-            Kind::Boringtun,
-            Kind::Gotatun,
-        ];
+        let mut v = Kind::TUNNELS.to_vec();
         v.extend(cfg.baseline.map(Kind::Baseline));
         v.push(Kind::Veth);
         v
@@ -319,19 +322,11 @@ struct Samples {
     cpu: HashMap<(Kind, usize), Vec<Usage>>,
 }
 
-/// Runs sections 1 and 2; returns their tables.
 /// `--hold LAB`: one lab (by its log name, [`Kind::slug`]), up until Enter
 /// (a signal tears it down through [`crate::cleanup`]).
 pub fn hold(name: &str) -> Result<()> {
-    let kinds = [
-        Kind::Meshd,
-        Kind::WireguardGo2023,
-        Kind::WireguardGo2022,
-        Kind::Boringtun,
-        Kind::Gotatun,
-    ];
-    let Some(&kind) = kinds.iter().find(|k| k.slug() == name) else {
-        let names: Vec<&str> = kinds.iter().map(|k| k.slug()).collect();
+    let Some(&kind) = Kind::TUNNELS.iter().find(|k| k.slug() == name) else {
+        let names: Vec<&str> = Kind::TUNNELS.iter().map(|k| k.slug()).collect();
         anyhow::bail!(
             "invalid --hold: {name:?}: the lab must be one of {}",
             names.join(", ")
@@ -363,6 +358,7 @@ pub fn hold(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Runs sections 1 and 2; returns their tables.
 pub fn run(cfg: &Cfg) -> Vec<Table> {
     let mut labs: Vec<(Kind, Lab)> = Vec::new();
     let mut s = Samples::default();

@@ -176,45 +176,38 @@ impl PeerNet {
         if keys.is_none() {
             tracing::warn!(peer = %p.cluster, "peer has an invalid key; it gets no tunnel");
         }
-        let allowed_ips = p
-            .allowed_ips
-            .iter()
-            .filter_map(|a| {
-                let n = parse_allowed(a);
-                if n.is_none() {
-                    tracing::warn!(peer = %p.cluster, allowed_ip = %a, "not an IPv4 address or CIDR; ignored");
-                }
-                n
-            })
-            .collect();
         PeerNet {
             keys,
             endpoint: p.endpoint.parse().ok(),
             overlay_ip: p.overlay_ip.parse().ok(),
-            allowed_ips,
+            allowed_ips: parse_nets(&p.cluster, "allowed_ips", &p.allowed_ips),
         }
     }
+}
+
+/// `values` by [`parse_allowed`]; each that does not parse is left out
+/// with a warning naming its cluster and field.
+fn parse_nets(cluster: &str, field: &'static str, values: &[String]) -> Vec<Ipv4Net> {
+    values
+        .iter()
+        .filter_map(|v| {
+            let n = parse_allowed(v);
+            if n.is_none() {
+                tracing::warn!(%cluster, field, value = %v, "not an IPv4 address or CIDR; ignored");
+            }
+            n
+        })
+        .collect()
 }
 
 impl Net {
     /// The parsed form of `s`'s network fields and peers.
     fn parse(s: &NetState) -> Net {
-        let cidrs = |field: &str, v: &[String]| -> Vec<Ipv4Net> {
-            v.iter()
-                .filter_map(|c| {
-                    let n = parse_allowed(c);
-                    if n.is_none() {
-                        tracing::warn!(field, value = %c, "not an IPv4 address or CIDR; ignored");
-                    }
-                    n
-                })
-                .collect()
-        };
         Net {
             overlay_ip: s.overlay_ip.parse().ok(),
             overlay_cidr: s.overlay_cidr.parse::<Ipv4Net>().ok().map(|n| n.trunc()),
             service_cidr: s.service_cidr.parse::<Ipv4Net>().ok().map(|n| n.trunc()),
-            workload_cidrs: cidrs("workload_cidrs", &s.workload_cidrs),
+            workload_cidrs: parse_nets(&s.cluster, "workload_cidrs", &s.workload_cidrs),
             peers: s
                 .peers
                 .iter()

@@ -344,8 +344,7 @@ pub async fn run_probes(
                     Some((REPLY, seq)) => {
                         let nm = netmap.borrow().clone();
                         let SocketAddr::V4(src) = src else { continue };
-                        let src_ip = Some(*src.ip());
-                        if let Some((name, _)) = nm.net.peers.iter().find(|(_, p)| p.overlay_ip == src_ip)
+                        if let Some((name, _)) = nm.net.peers.iter().find(|(_, p)| p.overlay_ip == Some(*src.ip()))
                             && let Some(p) = state.get_mut(name)
                             && p.answer(seq, Instant::now())
                         {
