@@ -13,3 +13,4 @@ pub mod stage;
 pub mod thread;
 pub mod tun;
 pub mod uapi;
+pub mod udp_rx;
