@@ -3,7 +3,7 @@
 //! socket) runs while the packet thread handles the batch before.
 //!
 //! - The thread owns nothing but the batches it is lent: [`RX_BATCHES`] of
-//!   them, each [`UDP_BATCH`] buffers of 64 KiB (one `recvmmsg`, every
+//!   them, each `UDP_BATCH` buffers of 64 KiB (one `recvmmsg`, every
 //!   buffer a whole GRO train of datagrams from one sender).
 //! - It fills one batch per `recvmmsg` and hands it to the packet thread
 //!   whole; the packet thread gives it back once handled ([`UdpRx::give_back`]).
@@ -109,7 +109,7 @@ impl UdpRx {
 }
 
 /// Starts `meshd-udp-rx` on `sock` (non-blocking, a clone of the
-/// WireGuard socket). The thread ends within [`IDLE_POLL`] of the
+/// WireGuard socket). The thread ends within `IDLE_POLL` (200 ms) of the
 /// [`UdpRx`] being dropped.
 pub fn spawn(sock: StdUdp) -> Result<(UdpRx, JoinHandle<()>)> {
     let state = UdpSocketState::new((&sock).into())?;
