@@ -28,6 +28,19 @@
 //!   receiving TCP stack inline, so on this thread that kernel work no
 //!   longer holds up decryption.
 //!
+//! The TUN is read on the packet thread, not on a thread of its own. A
+//! `meshd-tun-rx` thread that read it into [`Datagrams`] batches (several
+//! reads a batch, handed over whole as `meshd-udp-rx` does) lost against
+//! this layout in the same runs on the 2-core VM (`skymesh-bench --quick
+//! --only tunnel --baseline-meshd`, twice): TCP 0.87-0.92× on one stream
+//! and 0.94-0.98× on four, UDP 1.02-1.05×, ping p50 1.20-1.28× slower. It
+//! took the read (about 12 % of a core) off the sender's packet thread,
+//! but every batch then costs one more thread wakeup, and wakeups are
+//! already what the packet threads spend most of their time on (perf's
+//! top entry for `meshd-packets` is the kernel's `finish_task_switch`;
+//! the two gateways switch threads about 35,000 times a second at
+//! 3 Gbit/s).
+//!
 //! Each writer thread owns a small pool of batches ([`stage::POOL`]); when
 //! all are in flight the packet thread waits for one (backpressure, never
 //! loss). A small batch while its writers are idle (a ping, a handshake,
