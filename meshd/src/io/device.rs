@@ -2,17 +2,15 @@
 //! [`Engine`] in the middle, TUN and UDP out — on threads that hand each
 //! other whole batches, never single packets.
 //!
-//! - `meshd-udp-rx` reads the UDP socket, one `recvmmsg` per batch (with
-//!   UDP GRO one buffer holds many datagrams), and hands each batch whole
-//!   to the packet thread ([`udp_rx`]).
-//! - `meshd-packets` waits in `epoll` on the TUN and on those batches,
-//!   reads the TUN in batches (TUN offloads: one read is a whole TSO
-//!   segment), and runs the engine: outgoing packets are balanced, routed
-//!   and given their nonces in order, where the TUN read put them in a
-//!   [`Datagrams`] batch (not yet sealed); incoming data messages are
-//!   checked and placed, still sealed, in a [`Packets`] batch. It also
-//!   applies netmap and balancer-table changes between batches and sleeps
-//!   on the engine's [`Engine::poll_timeout`].
+//! - `meshd-packets` waits in `epoll` on the TUN and the UDP socket, reads
+//!   in batches (TUN offloads: one read is a whole TSO segment; `recvmmsg`
+//!   with UDP GRO: one buffer holds many datagrams), and runs the engine:
+//!   outgoing packets are balanced, routed and given their nonces in
+//!   order, where the TUN read put them in a [`Datagrams`] batch (not yet
+//!   sealed); incoming data messages are checked and placed, still sealed,
+//!   in a [`Packets`] batch. It also applies netmap and balancer-table
+//!   changes between batches and sleeps on the engine's
+//!   [`Engine::poll_timeout`].
 //! - `meshd-open` (with more than one `--crypto-threads`, as many threads)
 //!   opens those batches in parallel; the packet thread then judges them
 //!   in order ([`Engine::finish_opened`]). With one crypto thread the
@@ -28,18 +26,24 @@
 //!   receiving TCP stack inline, so on this thread that kernel work no
 //!   longer holds up decryption.
 //!
-//! The TUN is read on the packet thread, not on a thread of its own. A
-//! `meshd-tun-rx` thread that read it into [`Datagrams`] batches (several
-//! reads a batch, handed over whole as `meshd-udp-rx` does) lost against
-//! this layout in the same runs on the 2-core VM (`skymesh-bench --quick
-//! --only tunnel --baseline-meshd`, twice): TCP 0.87-0.92× on one stream
-//! and 0.94-0.98× on four, UDP 1.02-1.05×, ping p50 1.20-1.28× slower. It
-//! took the read (about 12 % of a core) off the sender's packet thread,
-//! but every batch then costs one more thread wakeup, and wakeups are
-//! already what the packet threads spend most of their time on (perf's
-//! top entry for `meshd-packets` is the kernel's `finish_task_switch`;
-//! the two gateways switch threads about 35,000 times a second at
-//! 3 Gbit/s).
+//! The TUN and the socket are read on the packet thread, not on threads of
+//! their own. Both were tried, each against this layout in the same runs
+//! on the 2-core VM (`skymesh-bench --quick --only tunnel
+//! --baseline-meshd`, twice each), and both lost:
+//! - `meshd-udp-rx` (one `recvmmsg` per batch of 8 GRO buffers, handed
+//!   whole to the packet thread through a pool of 4): TCP 0.98-0.99× on
+//!   one stream and 1.01-1.03× on four, UDP 0.76-0.81×, ping p50
+//!   1.53-1.55× slower.
+//! - `meshd-tun-rx` (several TUN reads per [`Datagrams`] batch, handed
+//!   over the same way), on top of `meshd-udp-rx`: TCP 0.87-0.92× and
+//!   0.94-0.98×, UDP 1.02-1.05×, ping p50 1.20-1.28× slower.
+//!
+//! Each took its read (about 12 % of a core for the TUN on the sender) off
+//! the packet thread, but every batch then costs one more thread wakeup on
+//! each gateway, and wakeups are already what the packet threads spend
+//! most of their time on: perf's top entry for `meshd-packets` is the
+//! kernel's `finish_task_switch`, and the two gateways switch threads
+//! about 35,000 times a second at 3 Gbit/s.
 //!
 //! Each writer thread owns a small pool of batches ([`stage::POOL`]); when
 //! all are in flight the packet thread waits for one (backpressure, never
@@ -49,7 +53,7 @@
 //! warm, nothing on the path allocates per packet.
 
 use std::collections::BTreeMap;
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket as StdUdp};
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -57,8 +61,10 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result};
 use arc_swap::ArcSwap;
-use quinn_udp::UdpSocketState;
+use quinn_udp::{RecvMeta, UdpSocketState};
 use rustix::event::{PollFd, PollFlags};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
@@ -71,7 +77,6 @@ use crate::core::node::{DATA_HEADER, DropReason, MAX_DATAGRAM, PeerInfo};
 use crate::state::NetState;
 
 use super::stage::{self, POOL, Steps, Turns, Writer, WriterEnd};
-use super::udp_rx::{self, UdpRx};
 
 /// Counters published by the device loop.
 #[derive(Debug, Clone, Default)]
@@ -92,9 +97,10 @@ pub fn bind_udp(port: u16) -> Result<StdUdp> {
 }
 
 /// Runs the packet path on threads of its own ([`super::thread`]): the
-/// packet thread with a single-threaded runtime that owns the TUN, the
-/// UDP receive thread, and the writers. The returned future ends with the
-/// packet loop, after the other threads have finished.
+/// packet thread with a single-threaded runtime that owns the TUN and UDP
+/// sockets (the thread that waits in `epoll` is the one that encrypts),
+/// and the two writers. The returned future ends with the packet loop,
+/// after the writers have finished.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn(
     engine: Engine,
@@ -109,6 +115,8 @@ pub fn spawn(
 ) -> Result<impl Future<Output = Result<()>>> {
     super::thread::spawn("meshd-packets", move || async move {
         let tun = Arc::new(AsyncDevice::new(tun)?);
+        let udp_tx = udp.try_clone().context("failed to clone the UDP socket")?;
+        let udp = UdpSocket::from_std(udp)?;
         let udp_state = UdpSocketState::new((&udp).into())?;
         let max_segments = if offload {
             udp_state.max_gso_segments()
@@ -138,9 +146,7 @@ pub fn spawn(
             stage::pooled("meshd-tun-tx", 1, POOL * (1 + openers), || {
                 Packets::new(IDEAL_BATCH_SIZE, TUN_OFFSET)
             });
-        let udp_done = spawn_udp_writers(&udp, net_ends)?;
-        let (rx, rx_done) =
-            udp_rx::spawn(udp.try_clone().context("failed to clone the UDP socket")?)?;
+        let udp_done = spawn_udp_writers(&udp_tx, net_ends)?;
         let tun_end = tun_ends.pop().context("one TUN writer")?;
         let tun_done = spawn_tun_writer(tun.clone(), tun_end)?;
         let (open, open_done) = match openers {
@@ -163,11 +169,10 @@ pub fn spawn(
             }
         };
         let tun_out = TunPath { tun: tun_out, open };
-        let io = BatchIo::new(tun, udp, udp_state, rx);
+        let io = BatchIo::new(tun, udp, udp_state);
         let result = run(engine, io, net, tun_out, netmap, lb_table, stats, cancel).await;
-        // The other threads end once their channels from `run` are gone.
-        let rest = udp_done.into_iter().chain(open_done).chain(tun_done);
-        for t in rest.chain([rx_done]) {
+        // The writers end once their channels from `run` are gone.
+        for t in udp_done.into_iter().chain(open_done).chain(tun_done) {
             let _ = t.join();
         }
         result
@@ -333,12 +338,24 @@ async fn run(
                 }
                 flush(&mut io, &mut engine, &mut net, &mut tun).await?;
             }
-            batch = io.rx.recv() => {
-                let mut next = Some(batch?);
-                let mut reads = 0;
-                while let Some(batch) = next.take() {
+            r = io.udp.readable() => {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "UDP poll failed");
+                    continue;
+                }
+                for _ in 0..READS_PER_WAKEUP {
+                    let n = match io.recv_udp() {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        // ICMP errors from peers surface here (e.g. port unreachable).
+                        Err(e) => {
+                            tracing::trace!(error = %e, "UDP receive failed");
+                            continue;
+                        }
+                    };
                     let now = Instant::now();
-                    for (src, data, stride) in batch.buffers() {
+                    for i in 0..n {
+                        let (src, data, stride) = io.udp_buffer(i);
                         for datagram in data.chunks(stride) {
                             engine.handle_network(src, datagram, now, &mut net.current, &mut tun.tun.current);
                             if tun.tun.current.is_full() {
@@ -346,15 +363,8 @@ async fn run(
                             }
                         }
                     }
-                    io.rx.give_back(batch);
                     if net.current.needs_flush(DATAGRAM_RESERVE) {
                         net.swap().await?;
-                    }
-                    reads += 1;
-                    // Only take a batch that this wakeup handles: one
-                    // taken and dropped would be gone from the pool.
-                    if reads < READS_PER_WAKEUP {
-                        next = io.rx.try_recv();
                     }
                 }
                 flush(&mut io, &mut engine, &mut net, &mut tun).await?;
@@ -520,9 +530,16 @@ impl TunWrite {
     }
 }
 
-/// TUN reads or UDP batches handled per wakeup before the loop looks at
+/// TUN or UDP reads handled per readiness event before the loop looks at
 /// its other inputs again (fairness between directions and timers).
 const READS_PER_WAKEUP: usize = 8;
+
+/// Receive buffers per `recvmmsg`.
+const UDP_BATCH: usize = 8;
+
+/// Size of one UDP receive buffer: room for a whole GRO batch (the kernel
+/// coalesces at most 64 KiB).
+const UDP_BUFFER: usize = 65_536;
 
 // A staged slot holds a whole TUN packet with WireGuard's header and tag.
 const _: () = assert!(SLOT >= DATA_HEADER + super::tun::MTU as usize + 16);
@@ -531,32 +548,31 @@ const _: () = assert!(SLOT >= DATA_HEADER + super::tun::MTU as usize + 16);
 /// virtio-net header that offloading TUN writes carry.
 const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN;
 
-/// The packet thread's I/O: TUN reads into reused buffers, UDP batches
-/// from `meshd-udp-rx`, and the socket for the small sends it makes itself
-/// (a plain non-blocking socket: registered with this thread's runtime, it
-/// would wake it for every datagram `meshd-udp-rx` reads).
+/// The packet thread's reads: the TUN and UDP socket into reused buffers.
 struct BatchIo {
     tun: Arc<AsyncDevice>,
-    udp: StdUdp,
+    udp: UdpSocket,
     udp_state: UdpSocketState,
-    rx: UdpRx,
     /// A raw TUN read: virtio header and up to 64 KiB of segment.
     tun_raw: Vec<u8>,
     /// Sizes of the packets of the last TUN read.
     tun_sizes: [usize; TUN_SLOTS],
+    udp_bufs: Vec<Vec<u8>>,
+    udp_meta: Vec<RecvMeta>,
     /// For the small batches this thread writes itself.
     tun_write: TunWrite,
 }
 
 impl BatchIo {
-    fn new(tun: Arc<AsyncDevice>, udp: StdUdp, udp_state: UdpSocketState, rx: UdpRx) -> Self {
+    fn new(tun: Arc<AsyncDevice>, udp: UdpSocket, udp_state: UdpSocketState) -> Self {
         BatchIo {
             tun,
             udp,
             udp_state,
-            rx,
             tun_raw: vec![0u8; VIRTIO_NET_HDR_LEN + MAX_DATAGRAM],
             tun_sizes: [0; TUN_SLOTS],
+            udp_bufs: vec![vec![0u8; UDP_BUFFER]; UDP_BATCH],
+            udp_meta: vec![RecvMeta::default(); UDP_BATCH],
             tun_write: TunWrite::new(INLINE_COALESCE_BUFFERS),
         }
     }
@@ -575,6 +591,30 @@ impl BatchIo {
             &mut self.tun_sizes,
             DATA_HEADER,
         )
+    }
+
+    /// One `recvmmsg` (non-blocking); returns how many buffers it filled.
+    fn recv_udp(&mut self) -> io::Result<usize> {
+        let BatchIo {
+            udp,
+            udp_state,
+            udp_bufs,
+            udp_meta,
+            ..
+        } = self;
+        let mut slices: [IoSliceMut<'_>; UDP_BATCH] = {
+            let mut it = udp_bufs.iter_mut();
+            std::array::from_fn(|_| IoSliceMut::new(it.next().map_or(&mut [][..], |b| &mut b[..])))
+        };
+        udp.try_io(Interest::READABLE, || {
+            udp_state.recv((&*udp).into(), &mut slices, udp_meta)
+        })
+    }
+
+    /// Buffer `i` of the last `recvmmsg`: sender, bytes, datagram size.
+    fn udp_buffer(&self, i: usize) -> (SocketAddr, &[u8], usize) {
+        let m = &self.udp_meta[i];
+        (m.addr, &self.udp_bufs[i][..m.len], m.stride.max(1))
     }
 }
 

@@ -13,4 +13,3 @@ pub mod stage;
 pub mod thread;
 pub mod tun;
 pub mod uapi;
-pub mod udp_rx;
