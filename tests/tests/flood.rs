@@ -515,7 +515,8 @@ fn udp_sink(
 
 /// An app that sends UDP through a tunnel as fast as it can keeps the
 /// receiving gateway's packet path busy with full batches for seconds on
-/// end (`meshd-udp-rx` and its pool, the open stage, the TUN writer):
+/// end (the packet thread's reads, the open stage, the TUN writer, each
+/// with its pool of batches):
 /// other traffic still gets through the same tunnel during the flood, and
 /// everything does right after. A batch kept or lost by any stage under
 /// this load would drain its pool and leave the tunnel dead.
