@@ -590,9 +590,11 @@ fn a_udp_flood_through_a_tunnel_leaves_it_carrying_traffic() {
             .collect::<Vec<_>>()
             .join("; ")
     );
-    // The flood did load the receiving gateway: tens of thousands of
-    // datagrams a second through its packet path.
-    assert!(received > 20_000, "only {received} datagrams arrived");
+    // The flood did reach through the tunnel, for seconds on end (most of
+    // it is lost in full queues on the way; a debug build carries 33,000
+    // to 280,000 of these datagrams in the 13 s, a stalled tunnel about
+    // 1,000).
+    assert!(received > 5_000, "only {received} datagrams arrived");
     // Most of what enters the tunnel is lost in queues on the way (it is
     // a flood), new connections among it, but some get through.
     assert!(
