@@ -488,41 +488,29 @@ fn a_handshake_flood_neither_moves_a_tunnel_nor_starves_it() {
     assert!(mesh.topo.app(1, 1).ping(c2_ip));
 }
 
-/// Datagrams a UDP socket in `ns` bound to `ip:port` receives until
-/// `stop` is set (and 1 s of quiet after), counted on a thread of its own.
-fn udp_sink(
-    ns: &Netns,
-    ip: Ipv4Addr,
-    port: u16,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<u64> {
-    let sock = ns
-        .run_in(move || UdpSocket::bind((ip, port)).unwrap())
-        .unwrap();
+/// Datagrams `sock` receives until `stop` is set (and 1 s of quiet after).
+fn count_datagrams(sock: &UdpSocket, stop: &std::sync::atomic::AtomicBool) -> u64 {
     sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        let mut n = 0u64;
-        loop {
-            match sock.recv(&mut buf) {
-                Ok(_) => n += 1,
-                Err(_) if stop.load(std::sync::atomic::Ordering::SeqCst) => return n,
-                Err(_) => {}
-            }
+    let mut buf = [0u8; 2048];
+    let mut n = 0u64;
+    loop {
+        match sock.recv(&mut buf) {
+            Ok(_) => n += 1,
+            Err(_) if stop.load(std::sync::atomic::Ordering::SeqCst) => return n,
+            Err(_) => {}
         }
-    })
+    }
 }
 
 /// An app that sends UDP through a tunnel as fast as it can keeps the
 /// receiving gateway's packet path busy with full batches for seconds on
-/// end (the packet thread's reads, the open stage, the TUN writer, each
-/// with its pool of batches):
+/// end (the open stage, the TUN writer and the UDP writers, each with its
+/// pool of batches):
 /// other traffic still gets through the same tunnel during the flood, and
 /// everything does right after. A batch kept or lost by any stage under
 /// this load would drain its pool and leave the tunnel dead.
 #[test]
 fn a_udp_flood_through_a_tunnel_leaves_it_carrying_traffic() {
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     let _serial = serial();
     let mesh = Mesh::start(2, 2).unwrap();
@@ -533,9 +521,12 @@ fn a_udp_flood_through_a_tunnel_leaves_it_carrying_traffic() {
     let _replica = Replica::start(server, server_ip, "web-2");
     let dst = SocketAddr::from((server_ip, TCP_PORT));
     assert!(wait_until(Duration::from_secs(10), || connect(client, dst).is_ok()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let received = udp_sink(sink, sink_ip, 9999, stop.clone());
-    let (during, sent) = std::thread::scope(|s| {
+    let stop = AtomicBool::new(false);
+    let sink = sink
+        .run_in(move || UdpSocket::bind((sink_ip, 9999)).unwrap())
+        .unwrap();
+    let (during, pinged, sent, received) = std::thread::scope(|s| {
+        let received = s.spawn(|| count_datagrams(&sink, &stop));
         let flood = s.spawn(|| {
             flooder
                 .run_in(|| {
@@ -565,10 +556,9 @@ fn a_udp_flood_through_a_tunnel_leaves_it_carrying_traffic() {
             std::thread::sleep(Duration::from_millis(200));
         }
         stop.store(true, Ordering::SeqCst);
-        ((during, pinged), flood.join().unwrap())
+        let sent = flood.join().unwrap();
+        (during, pinged, sent, received.join().unwrap())
     });
-    let (during, pinged) = during;
-    let received = received.join().unwrap();
     let t_end = Instant::now();
     let ping_after = wait_until(Duration::from_secs(3), || client.ping(server_ip));
     let waited = t_end.elapsed();
