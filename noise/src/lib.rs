@@ -14,7 +14,8 @@
 //! additive API for that:
 //!
 //! - [`noise::Tunn::current_session`] and [`noise::Tunn::session_by_index`]
-//!   hand out `Arc<Session>`s (sessions are kept behind `Arc`);
+//!   lend the `Arc<Session>` a session is kept behind (a batch clones it
+//!   once, not every packet: the count is shared with the crypto threads);
 //! - [`noise::session::Session::reserve_nonces`] takes a batch's nonces in
 //!   one atomic step, refusing at `REJECT_AFTER_MESSAGES`;
 //! - [`noise::session::Session::seal_in_place`] and

@@ -149,7 +149,7 @@ impl Engine {
         match self.lb.outbound(packet, &mut self.reply, now) {
             Verdict::Pass | Verdict::ToTunnel => {
                 if let Some(s) = self.node.prepare_seal(buf, len, &mut self.aside) {
-                    net.commit_sealing(i, s.dst, len, &s.session, s.nonce);
+                    net.commit_sealing(i, s.dst, len, s.session, s.nonce);
                 }
             }
             Verdict::ResetOnward => {
@@ -157,7 +157,7 @@ impl Engine {
                     tun.push(&self.reply);
                 }
                 if let Some(s) = self.node.prepare_seal(buf, len, &mut self.aside) {
-                    net.commit_sealing(i, s.dst, len, &s.session, s.nonce);
+                    net.commit_sealing(i, s.dst, len, s.session, s.nonce);
                 }
             }
             Verdict::ToTun => tun.push(packet),
@@ -197,7 +197,7 @@ impl Engine {
         tun: &mut Packets,
     ) {
         if let Some((peer, session)) = self.node.data_session(datagram) {
-            tun.push_sealed(datagram, src, peer, &session);
+            tun.push_sealed(datagram, src, peer, session);
             return;
         }
         if tun.has_sealed() {

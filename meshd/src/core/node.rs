@@ -57,9 +57,9 @@ pub const DATA_HEADER: usize = 16;
 /// Where a packet routed by [`Node::prepare_seal`] goes, and how to seal
 /// it.
 #[derive(Debug, Clone)]
-pub struct Sealing {
+pub struct Sealing<'a> {
     pub dst: SocketAddr,
-    pub session: Arc<Session>,
+    pub session: &'a Arc<Session>,
     pub nonce: u64,
 }
 /// A handshake initiation, the largest message `Tunn::encapsulate` writes
@@ -347,7 +347,7 @@ impl Node {
         self.peers
             .values()
             .next()
-            .and_then(|p| p.tunn.current_session())
+            .and_then(|p| p.tunn.current_session().cloned())
             .expect("tests call this once a session is up")
     }
 
@@ -409,7 +409,7 @@ impl Node {
         buf: &[u8],
         len: usize,
         aside: &mut Datagrams,
-    ) -> Option<Sealing> {
+    ) -> Option<Sealing<'_>> {
         let packet = buf.get(DATA_HEADER..DATA_HEADER + len)?;
         let slot = self.route_packet(packet)?;
         let p = self.peers.get_mut(&slot)?;
@@ -417,13 +417,16 @@ impl Node {
             self.drop_packet(DropReason::NoEndpoint);
             return None;
         };
-        if buf.len() >= len + DATA_OVERHEAD
-            && let Some(session) = p.tunn.current_session()
-            && let Some(nonce) = session.reserve_nonces(1)
-        {
+        let nonce = (buf.len() >= len + DATA_OVERHEAD)
+            .then(|| p.tunn.current_session()?.reserve_nonces(1))
+            .flatten();
+        if let Some(nonce) = nonce {
             p.tunn.note_sent(len);
             p.tx_packets += 1;
             p.tx_bytes += len as u64;
+            // Borrowed again (note_sent needed the peer mutably): the
+            // session the nonce came from, still current.
+            let session = self.peers.get(&slot)?.tunn.current_session()?;
             return Some(Sealing {
                 dst: ep,
                 session,
@@ -467,7 +470,7 @@ impl Node {
     /// thread ([`super::batch::Packets::push_sealed`]) and then judged, in order, by
     /// [`Node::accept_opened`]. Anything else (handshakes, cookies, data
     /// for a session we no longer have) takes [`Node::handle_network`].
-    pub fn data_session(&self, datagram: &[u8]) -> Option<(u32, Arc<Session>)> {
+    pub fn data_session(&self, datagram: &[u8]) -> Option<(u32, &Arc<Session>)> {
         if datagram.len() < DATA_OVERHEAD || datagram[..4] != [4, 0, 0, 0] {
             return None;
         }

@@ -431,17 +431,20 @@ impl Tunn {
     /// The session data is sent with now, if there is one (skymesh).
     ///
     /// Seal with it, then call [`Tunn::note_sent`] once per batch.
-    pub fn current_session(&self) -> Option<Arc<session::Session>> {
-        self.sessions[self.current % N_SESSIONS].clone()
+    /// Borrowed, not cloned: the packet thread asks once per packet, and
+    /// a clone's reference count is written from every thread that holds
+    /// the session (a cache line the crypto threads share).
+    pub fn current_session(&self) -> Option<&Arc<session::Session>> {
+        self.sessions[self.current % N_SESSIONS].as_ref()
     }
 
     /// The session a data message's receiver index names, if it is still
     /// kept (skymesh). Open with it, mark each counter with
     /// [`session::Session::mark_received`], then call
     /// [`Tunn::note_received`] once per batch.
-    pub fn session_by_index(&self, receiver_idx: u32) -> Option<Arc<session::Session>> {
+    pub fn session_by_index(&self, receiver_idx: u32) -> Option<&Arc<session::Session>> {
         self.sessions[receiver_idx as usize % N_SESSIONS]
-            .clone()
+            .as_ref()
             .filter(|s| s.receiving_index == receiver_idx)
     }
 
@@ -720,8 +723,10 @@ mod tests {
             assert_eq!(n, buf.len());
             buf
         };
+        // Kept, as a batch keeps it, across the `&mut` calls below.
         let mine = my_tun
             .current_session()
+            .cloned()
             .expect("a session after the handshake");
         // A batch of nonces, sealed on two threads at once.
         let first = mine.reserve_nonces(64).unwrap();
@@ -738,6 +743,7 @@ mod tests {
         let idx = u32::from_le_bytes(sealed[0][4..8].try_into().unwrap());
         let theirs = their_tun
             .session_by_index(idx)
+            .cloned()
             .expect("the receiving session");
         assert!(their_tun.session_by_index(idx ^ 1).is_none());
         // Opened out of order (the second half first) and marked once each.
