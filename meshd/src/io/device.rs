@@ -45,6 +45,17 @@
 //! kernel's `finish_task_switch`, and the two gateways switch threads
 //! about 35,000 times a second at 3 Gbit/s.
 //!
+//! Two more were tried the same way and not landed (quick benches against
+//! the same build, same runs):
+//! - the receiver's TUN writes on the packet thread, once a batch is
+//!   opened and judged (no `meshd-tun-tx` hand-off), in two runs: TCP
+//!   1.07× and 0.99× on one stream, 0.97× and 1.01× on four, UDP 0.85×
+//!   and 0.97×. Level within the noise, with UDP at risk.
+//! - stage threads spinning (`try_recv`, `yield_now`) up to 100 µs before
+//!   they block, so that no core halts between batches: TCP 0.91× on one
+//!   stream and 0.93× on four, UDP 0.86×. On 2 cores the spinning takes what the other
+//!   threads need.
+//!
 //! Each writer thread owns a small pool of batches ([`stage::POOL`]); when
 //! all are in flight the packet thread waits for one (backpressure, never
 //! loss). A small batch while its writers are idle (a ping, a handshake,
