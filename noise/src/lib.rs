@@ -24,6 +24,8 @@
 //! - [`noise::session::Session::mark_received`] checks and marks a counter
 //!   in the replay window, which is 8,192 messages wide (upstream: 1,024)
 //!   so that reordering across crypto workers stays inside it;
+//! - a session's send counter and replay window are `CachePadded`
+//!   (crossbeam-utils), away from the keys the crypto threads read;
 //! - [`noise::Tunn::note_sent`] and [`noise::Tunn::note_received`] do a
 //!   batch's timer bookkeeping once.
 //!

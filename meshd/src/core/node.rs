@@ -424,8 +424,10 @@ impl Node {
             p.tunn.note_sent(len);
             p.tx_packets += 1;
             p.tx_bytes += len as u64;
-            // Borrowed again (note_sent needed the peer mutably): the
-            // session the nonce came from, still current.
+            // Looked up again, not kept from above: a borrow returned on
+            // this path only would still hold `self` on the fallback path
+            // below (the borrow checker's conditional-return limit). The
+            // same session: `note_sent` only counts.
             let session = self.peers.get(&slot)?.tunn.current_session()?;
             return Some(Sealing {
                 dst: ep,

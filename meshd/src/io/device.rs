@@ -53,8 +53,8 @@
 //!   and 0.97×. Level within the noise, with UDP at risk.
 //! - stage threads spinning (`try_recv`, `yield_now`) up to 100 µs before
 //!   they block, so that no core halts between batches: TCP 0.91× on one
-//!   stream and 0.93× on four, UDP 0.86×. On 2 cores the spinning takes what the other
-//!   threads need.
+//!   stream and 0.93× on four, UDP 0.86×. On 2 cores the spinning takes
+//!   what the other threads need.
 //!
 //! Each writer thread owns a small pool of batches ([`stage::POOL`]); when
 //! all are in flight the packet thread waits for one (backpressure, never

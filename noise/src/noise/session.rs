@@ -3,6 +3,7 @@
 
 use super::PacketData;
 use crate::noise::errors::WireGuardError;
+use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 use portable_atomic::{AtomicU64, Ordering};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
@@ -14,21 +15,8 @@ pub struct Session {
     sender: LessSafeKey,
     // Each on cache lines of its own (skymesh): the packet thread writes
     // them for every packet while the crypto threads read the keys above.
-    sending_key_counter: Padded<AtomicU64>,
-    receiving_key_counter: Padded<Mutex<ReceivingKeyCounterValidator>>,
-}
-
-/// A value alone on its cache lines (128 bytes: x86's prefetcher pulls
-/// lines in pairs), so that writing it does not evict what other threads
-/// read beside it (skymesh).
-#[repr(align(128))]
-struct Padded<T>(T);
-
-impl<T> std::ops::Deref for Padded<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.0
-    }
+    sending_key_counter: CachePadded<AtomicU64>,
+    receiving_key_counter: CachePadded<Mutex<ReceivingKeyCounterValidator>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -197,8 +185,8 @@ impl Session {
                 UnboundKey::new(&CHACHA20_POLY1305, &receiving_key).unwrap(),
             ),
             sender: LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &sending_key).unwrap()),
-            sending_key_counter: Padded(AtomicU64::new(0)),
-            receiving_key_counter: Padded(Mutex::new(Default::default())),
+            sending_key_counter: CachePadded::new(AtomicU64::new(0)),
+            receiving_key_counter: CachePadded::new(Mutex::new(Default::default())),
         }
     }
 
