@@ -12,6 +12,7 @@ use std::time::Instant;
 use base64::Engine as _;
 use meshd::core::batch::{Datagrams, Packets};
 use meshd::core::engine::{Engine, SLOT, TUN_SLOTS};
+use meshd::core::gro::{Gro, Offloads};
 use meshd::core::lb::{FlowLimits, Health, Lb, LbConfig, LbTable};
 use meshd::core::node::{DATA_HEADER, Node};
 use meshd::state::NetState;
@@ -85,6 +86,8 @@ struct Side {
     engine: Engine,
     net: Datagrams,
     tun: Packets,
+    /// The TUN write's plan (coalesced writes gathered from the batch).
+    gro: Gro,
     me: SocketAddr,
 }
 
@@ -118,6 +121,13 @@ fn exchange(from: &mut Side, to: &mut Side, packets: &mut [Vec<u8>], staged: boo
         from.net.clear();
         to.engine.finish_opened(&mut to.tun, now);
         arrived += to.tun.len();
+        // As the TUN writer does: every byte of the batch is in one write.
+        to.gro.plan(&to.tun);
+        let gathered: usize = (0..to.gro.writes())
+            .flat_map(|w| to.gro.write_parts(w, &to.tun))
+            .map(<[u8]>::len)
+            .sum();
+        assert!(gathered >= to.tun.packets().map(<[u8]>::len).sum::<usize>());
         to.tun.clear();
         // Handshake answers, if any, go back.
         for (_, d) in to.net.datagrams() {
@@ -139,6 +149,10 @@ fn no_allocation_per_packet_once_warm() {
         engine: engine(me, key, peer),
         net: Datagrams::new(1 << 18, 64),
         tun: Packets::new(128, 10),
+        gro: Gro::new(Offloads {
+            vnet_hdr: true,
+            udp: true,
+        }),
         me: addr.parse().unwrap(),
     };
     let mut a = side(1, ka, kb, A);

@@ -6,8 +6,8 @@
 //!   The node seals straight into it ([`Datagrams::room`], then
 //!   [`Datagrams::commit`]).
 //! - [`Packets`]: decrypted packets for the TUN, each in a buffer of its
-//!   own with headroom for the virtio-net header, so that the TUN write can
-//!   coalesce them per flow (GRO). The node opens straight into it.
+//!   own; the TUN write coalesces them per flow (GRO) by gathering them
+//!   where they lie ([`super::gro`]). The node opens straight into it.
 //!
 //! Both are reused batch after batch: once warm, nothing on the hot path
 //! allocates (`meshd/tests/alloc.rs` counts).
@@ -308,8 +308,7 @@ impl Datagrams {
 #[derive(Debug)]
 pub struct Packets {
     /// Slot buffers; the first `len` hold packets. A slot's `Vec` length is
-    /// headroom + packet (the TUN write may grow the first packet of a flow
-    /// when it coalesces the others into it).
+    /// headroom + packet.
     bufs: Vec<Vec<u8>>,
     len: usize,
     headroom: usize,
@@ -514,6 +513,12 @@ impl Packets {
     pub fn bufs_mut(&mut self) -> &mut [Vec<u8>] {
         debug_assert!(!self.has_sealed(), "a batch with unjudged messages");
         &mut self.bufs[..self.len]
+    }
+
+    /// Waiting packet `i`, without headroom.
+    pub fn get(&self, i: usize) -> Option<&[u8]> {
+        debug_assert!(!self.has_sealed(), "a batch with unjudged messages");
+        self.bufs[..self.len].get(i)?.get(self.headroom..)
     }
 
     /// The waiting packets, without headroom.

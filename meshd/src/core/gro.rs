@@ -1,187 +1,471 @@
-//! Room for the TUN write's coalescing (GRO).
+//! Coalescing for the TUN write (GRO), as gather lists.
 //!
-//! A TUN write with offloads coalesces the TCP segments (and UDP
-//! datagrams) of a flow into the buffer of the flow's first packet, one
-//! write of up to 64 KiB, so the kernel's receiving stack handles one
-//! large packet instead of forty small ones. The write only appends where
-//! that buffer already has the capacity (it never allocates), and a
-//! [`Packets`] slot holds one packet. [`Coalesce`] lends a few 64 KiB
-//! buffers to the packets that will head a coalesced write, just before
-//! the write, and takes them back after it: the batches stay small, and
-//! the memory for coalescing is a fixed handful of buffers per writer, not
-//! 64 KiB per slot.
+//! A TUN opened with offloads (`IFF_VNET_HDR`) takes one large TCP segment
+//! (or, from Linux 6.2, one UDP datagram train) per write, with a
+//! virtio-net header that says how the kernel may cut it back: the
+//! receiving stack then handles one packet instead of forty. [`Gro`]
+//! plans those writes for a [`Packets`] batch, without copying a payload:
+//! each write is a small header block (the virtio-net header and the
+//! head packet's IP and transport headers, their lengths and checksums
+//! rewritten for the whole write) followed by the payloads where they lie
+//! in the batch's slots, for one `writev`.
+//!
+//! What coalesces is what the kernel would cut back into the same
+//! packets: the segments of one flow in sequence (TCP: same ACK number,
+//! options, TTL and TOS, only ACK and PSH set, PSH only on the last), all
+//! of one size but the last; UDP datagrams of one flow of one size but
+//! the last. Everything else is written as it is, in order.
+//!
+//! The packets' own checksums are not verified before they are merged
+//! (tun-rs and wireguard-go do verify them): a data message authenticated
+//! by its session cannot have been changed on the way, so the checksum
+//! says nothing more. Kernel WireGuard marks what it decrypts as
+//! `CHECKSUM_UNNECESSARY` for that reason.
 
 use super::batch::Packets;
-use super::lb::packet;
+use super::lb::packet::{IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_PSH};
+
+/// Bytes of the virtio-net header in front of every offloading TUN write.
+pub const VNET_HDR: usize = 10;
 
 /// The largest packet a coalesced write may build (an IP length field).
 const COALESCED_MAX: usize = u16::MAX as usize;
 
-/// Flows tracked per batch; beyond them a flow's packets go uncoalesced
-/// or less coalesced, never wrong.
+/// Segments one write may carry (the kernel's limit for UDP GSO; more
+/// payload pieces would also make longer gather lists than a batch needs).
+pub const MAX_SEGMENTS: usize = 64;
+
+/// Flows tracked at a time per batch; beyond them a flow's packets are
+/// less coalesced, never wrong.
 const FLOWS: usize = 8;
 
-/// Which flow a packet belongs to, as the TUN write's GRO tells them
-/// apart: protocol, addresses and ports.
+/// Room for a header block: virtio-net header, IPv6 header, TCP header
+/// with the longest options.
+const HEAD_MAX: usize = VNET_HDR + 40 + 60;
+
+// virtio-net header values (linux/virtio_net.h).
+const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
+const VIRTIO_NET_HDR_GSO_TCPV6: u8 = 4;
+const VIRTIO_NET_HDR_GSO_UDP_L4: u8 = 5;
+
+/// What the TUN device takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FlowKey {
+pub struct Offloads {
+    /// Writes carry a virtio-net header, and TCP may be coalesced.
+    pub vnet_hdr: bool,
+    /// UDP may be coalesced too (`TUN_F_USO4`/`TUN_F_USO6`).
+    pub udp: bool,
+}
+
+/// The writes planned for one batch ([`Gro::plan`], then
+/// [`Gro::write_parts`] for each of [`Gro::writes`]).
+#[derive(Debug)]
+pub struct Gro {
+    offloads: Offloads,
+    writes: Vec<Write>,
+    pieces: Vec<Piece>,
+    flows: Vec<Flow>,
+}
+
+/// One TUN write: the header block, then its pieces.
+#[derive(Debug, Clone)]
+struct Write {
+    head: [u8; HEAD_MAX],
+    head_len: usize,
+    first: usize,
+    last: usize,
+}
+
+/// A packet's part of a write: slot `slot`'s packet from byte `skip` on;
+/// `next` is the write's next piece (or `usize::MAX`).
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    slot: usize,
+    skip: usize,
+    next: usize,
+}
+
+const END: usize = usize::MAX;
+
+/// A flow whose last write may take more segments.
+#[derive(Debug, Clone, Copy)]
+struct Flow {
+    key: Key,
+    write: usize,
+    /// The head packet's slot: the segments must match its headers.
+    slot: usize,
+    headers: usize,
+    /// Payload bytes of the first segment: all but the last are this size.
+    gso: usize,
+    /// Bytes of the write's packet so far (headers included).
+    len: usize,
+    segments: usize,
+    /// TCP: the sequence number the next segment must have.
+    next_seq: u32,
+    /// IPv4: the ID the next segment must have, unless DF is set.
+    next_id: u16,
+    /// A shorter segment, or PSH, ended the write.
+    closed: bool,
+    /// A later segment had PSH: the write's packet gets it.
+    psh: bool,
+    v6: bool,
+    /// IP header bytes.
+    ip: usize,
+}
+
+/// A flow as the kernel's GRO tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Key {
     proto: u8,
     addrs: [u8; 32],
     ports: [u8; 4],
 }
 
-/// The head a flow's next packets would be coalesced into.
+/// A packet the TUN write could coalesce: its flow and layout.
 #[derive(Debug, Clone, Copy)]
-struct Head {
-    key: FlowKey,
-    /// Bytes the head would hold with the packets coalesced so far.
-    len: usize,
-    /// Whether it has the capacity to take more.
-    roomy: bool,
+struct Seg {
+    key: Key,
+    v6: bool,
+    /// IP header bytes.
+    ip: usize,
+    /// IP and transport header bytes.
+    headers: usize,
+    payload: usize,
+    /// TCP: sequence number, flags.
+    seq: u32,
+    flags: u8,
+    id: u16,
+    df: bool,
 }
 
-/// The big buffers one TUN writer lends to the heads of coalesced writes
-/// ([`Coalesce::lend`] before the write, [`Coalesce::reclaim`] after).
-#[derive(Debug)]
-pub struct Coalesce {
-    /// Capacity of a lent buffer: a whole coalesced packet and the
-    /// headroom the write wants twice.
-    cap: usize,
-    /// Buffers not lent.
-    spare: Vec<Vec<u8>>,
-    /// The slots' own buffers, while a big one is lent to them.
-    small: Vec<Vec<u8>>,
-    heads: Vec<Head>,
-}
-
-impl Coalesce {
-    /// `buffers` big buffers for batches with `headroom` in front of each
-    /// packet.
-    pub fn new(headroom: usize, buffers: usize) -> Coalesce {
-        let cap = 2 * headroom + COALESCED_MAX;
-        Coalesce {
-            cap,
-            spare: (0..buffers).map(|_| Vec::with_capacity(cap)).collect(),
-            small: Vec::with_capacity(buffers),
-            heads: Vec::with_capacity(FLOWS),
+impl Gro {
+    pub fn new(offloads: Offloads) -> Gro {
+        Gro {
+            offloads,
+            writes: Vec::with_capacity(crate::core::engine::TUN_SLOTS),
+            pieces: Vec::with_capacity(2 * crate::core::engine::TUN_SLOTS),
+            flows: Vec::with_capacity(FLOWS),
         }
     }
 
-    /// Before the write: gives each packet that will head a coalesced
-    /// write (the first of its flow in the batch, or the first after the
-    /// previous head is full) a big buffer, while there are any, copying
-    /// it over.
-    pub fn lend(&mut self, p: &mut Packets) {
-        let headroom = p.headroom();
-        self.heads.clear();
-        for buf in p.bufs_mut() {
-            let Some((key, headers)) = buf.get(headroom..).and_then(flow_of) else {
-                continue;
-            };
-            let len = buf.len() - headroom;
-            let payload = len - headers;
-            let at = self.heads.iter().position(|h| h.key == key);
-            if let Some(h) = at.map(|i| &mut self.heads[i])
-                && h.roomy
-                && h.len + payload <= COALESCED_MAX
+    /// Plans the writes of batch `p`, in order of their first packet (so
+    /// each flow's packets stay in order).
+    pub fn plan(&mut self, p: &Packets) {
+        self.writes.clear();
+        self.pieces.clear();
+        self.flows.clear();
+        for (slot, pkt) in p.packets().enumerate() {
+            if self.offloads.vnet_hdr
+                && let Some(seg) = segment(pkt, self.offloads.udp)
             {
-                h.len += payload;
-                continue;
-            }
-            // A new head for this flow.
-            let roomy = buf.capacity() >= self.cap || self.lend_to(buf);
-            let head = Head { key, len, roomy };
-            match at {
-                Some(i) => self.heads[i] = head,
-                None if self.heads.len() < FLOWS => self.heads.push(head),
-                // The oldest flow gives way.
-                None => {
-                    self.heads.remove(0);
-                    self.heads.push(head);
+                if self.append(p, slot, pkt, &seg) {
+                    continue;
                 }
+                self.open(p, slot, &seg);
+            } else {
+                self.single(slot);
             }
+        }
+        for i in 0..self.flows.len() {
+            let f = self.flows[i];
+            self.finish(p, &f);
         }
     }
 
-    /// Swaps a spare big buffer in for `buf`, with `buf`'s bytes.
-    fn lend_to(&mut self, buf: &mut Vec<u8>) -> bool {
-        let Some(mut big) = self.spare.pop() else {
+    /// Writes planned.
+    pub fn writes(&self) -> usize {
+        self.writes.len()
+    }
+
+    /// The byte ranges of write `w`, in order, for one `writev`.
+    pub fn write_parts<'a>(&'a self, w: usize, p: &'a Packets) -> impl Iterator<Item = &'a [u8]> {
+        let write = self.writes.get(w);
+        let head = write.map(|w| &w.head[..w.head_len]);
+        let mut at = write.map_or(END, |w| w.first);
+        let pieces = std::iter::from_fn(move || {
+            let piece = self.pieces.get(at)?;
+            at = piece.next;
+            p.get(piece.slot).and_then(|b| b.get(piece.skip..))
+        });
+        head.into_iter().filter(|h| !h.is_empty()).chain(pieces)
+    }
+
+    /// A write of the packet as it is (a zero virtio-net header: nothing
+    /// for the kernel to do but check it).
+    fn single(&mut self, slot: usize) {
+        let piece = self.pieces.len();
+        self.pieces.push(Piece {
+            slot,
+            skip: 0,
+            next: END,
+        });
+        self.writes.push(Write {
+            head: [0; HEAD_MAX],
+            head_len: if self.offloads.vnet_hdr { VNET_HDR } else { 0 },
+            first: piece,
+            last: piece,
+        });
+    }
+
+    /// A new write headed by this packet; its flow's earlier write (if
+    /// tracked) takes no more.
+    fn open(&mut self, p: &Packets, slot: usize, seg: &Seg) {
+        let write = self.writes.len();
+        self.single(slot);
+        let flow = Flow {
+            key: seg.key,
+            write,
+            slot,
+            headers: seg.headers,
+            gso: seg.payload,
+            len: seg.headers + seg.payload,
+            segments: 1,
+            next_seq: seg.seq.wrapping_add(seg.payload as u32),
+            next_id: seg.id.wrapping_add(1),
+            closed: seg.flags & TCP_PSH != 0,
+            psh: false,
+            v6: seg.v6,
+            ip: seg.ip,
+        };
+        let gone = match self.flows.iter().position(|f| f.key == seg.key) {
+            Some(i) => Some(std::mem::replace(&mut self.flows[i], flow)),
+            None if self.flows.len() < FLOWS => {
+                self.flows.push(flow);
+                None
+            }
+            // The oldest flow gives way.
+            None => {
+                let oldest = self.flows.remove(0);
+                self.flows.push(flow);
+                Some(oldest)
+            }
+        };
+        if let Some(f) = gone {
+            self.finish(p, &f);
+        }
+    }
+
+    /// Appends the packet to its flow's open write if it continues it.
+    fn append(&mut self, p: &Packets, slot: usize, pkt: &[u8], seg: &Seg) -> bool {
+        let Some(f) = self.flows.iter_mut().find(|f| f.key == seg.key) else {
             return false;
         };
-        big.clear();
-        big.extend_from_slice(buf);
-        self.small.push(std::mem::replace(buf, big));
+        let Some(head) = p.get(f.slot) else {
+            return false;
+        };
+        let fits = !f.closed
+            && f.segments < MAX_SEGMENTS
+            && seg.payload <= f.gso
+            && f.len + seg.payload <= COALESCED_MAX
+            && seg.headers == f.headers
+            && same_headers(head, pkt, seg)
+            && (seg.key.proto != IPPROTO_TCP || seg.seq == f.next_seq)
+            && (seg.v6 || seg.df || seg.id == f.next_id);
+        if !fits {
+            return false;
+        }
+        let piece = self.pieces.len();
+        self.pieces.push(Piece {
+            slot,
+            skip: seg.headers,
+            next: END,
+        });
+        let w = &mut self.writes[f.write];
+        if f.segments == 1 {
+            // The head's own piece now starts after its headers, which
+            // the header block will hold.
+            self.pieces[w.first].skip = seg.headers;
+        }
+        self.pieces[w.last].next = piece;
+        w.last = piece;
+        f.len += seg.payload;
+        f.segments += 1;
+        f.next_seq = seg.seq.wrapping_add(seg.payload as u32);
+        f.next_id = seg.id.wrapping_add(1);
+        if seg.payload < f.gso {
+            f.closed = true;
+        }
+        if seg.flags & TCP_PSH != 0 {
+            // PSH moves to the write's packet (the kernel leaves it on
+            // the last segment when it cuts it back).
+            f.closed = true;
+            f.psh = true;
+        }
         true
     }
 
-    /// After the write: takes the big buffers back (the write may have
-    /// moved them to other slots of the batch), each slot getting a small
-    /// one again (not its own: so the batch is emptied).
-    pub fn reclaim(&mut self, p: &mut Packets) {
-        for buf in p.bufs_mut() {
-            if buf.capacity() < self.cap {
-                continue;
-            }
-            let Some(small) = self.small.pop() else {
-                break;
-            };
-            self.spare.push(std::mem::replace(buf, small));
+    /// Fills in the header block of flow `f`'s write, if it coalesced.
+    fn finish(&mut self, p: &Packets, f: &Flow) {
+        if f.segments < 2 {
+            return;
         }
-        p.clear();
-    }
-
-    /// Big buffers not lent (all of them between writes).
-    pub fn spare(&self) -> usize {
-        self.spare.len()
+        let Some(head) = p.get(f.slot).and_then(|b| b.get(..f.headers)) else {
+            return;
+        };
+        let proto = f.key.proto;
+        let w = &mut self.writes[f.write];
+        let block = &mut w.head[VNET_HDR..VNET_HDR + f.headers];
+        block.copy_from_slice(head);
+        let l4_len = f.len - f.ip;
+        let addrs = if f.v6 {
+            put16(block, 4, l4_len as u16);
+            8..40
+        } else {
+            put16(block, 2, f.len as u16);
+            put16(block, 10, 0);
+            let sum = !fold(sum16(&block[..20], 0));
+            put16(block, 10, sum);
+            12..20
+        };
+        // The pseudo-header's sum, not complemented: the kernel adds the
+        // rest from `csum_start` on (CHECKSUM_PARTIAL).
+        let pseudo = fold(sum16(&block[addrs], u32::from(proto)) + l4_len as u32);
+        let (gso_type, csum_offset) = match (proto, f.v6) {
+            (IPPROTO_TCP, false) => (VIRTIO_NET_HDR_GSO_TCPV4, 16),
+            (IPPROTO_TCP, true) => (VIRTIO_NET_HDR_GSO_TCPV6, 16),
+            _ => (VIRTIO_NET_HDR_GSO_UDP_L4, 6),
+        };
+        if proto == IPPROTO_TCP {
+            if f.psh {
+                block[f.ip + 13] |= TCP_PSH;
+            }
+        } else {
+            put16(block, f.ip + 4, l4_len as u16);
+        }
+        put16(block, f.ip + csum_offset, pseudo);
+        // virtio-net header fields are in the host's byte order (legacy
+        // virtio, which a TUN speaks unless told otherwise).
+        let v = &mut w.head[..VNET_HDR];
+        v[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+        v[1] = gso_type;
+        v[2..4].copy_from_slice(&(f.headers as u16).to_ne_bytes());
+        v[4..6].copy_from_slice(&(f.gso as u16).to_ne_bytes());
+        v[6..8].copy_from_slice(&(f.ip as u16).to_ne_bytes());
+        v[8..10].copy_from_slice(&(csum_offset as u16).to_ne_bytes());
+        w.head_len = VNET_HDR + f.headers;
     }
 }
 
-/// The flow of an IPv4 or IPv6 TCP segment (plain ACK, or ACK and PSH,
-/// with payload) or UDP datagram, and its header length: what the TUN
-/// write could coalesce.
-fn flow_of(pkt: &[u8]) -> Option<(FlowKey, usize)> {
+/// Whether `pkt` may be merged into the write headed by `head`: every
+/// header field the kernel copies to each segment when it cuts the write
+/// back is the same.
+fn same_headers(head: &[u8], pkt: &[u8], seg: &Seg) -> bool {
+    let ip_same = if seg.v6 {
+        // Version, traffic class, flow label; next header; hop limit.
+        head.get(..4) == pkt.get(..4) && head.get(6..8) == pkt.get(6..8)
+    } else {
+        // TOS; flags (DF); TTL, protocol.
+        head.get(1) == pkt.get(1)
+            && head.get(6).map(|b| b & 0xe0) == pkt.get(6).map(|b| b & 0xe0)
+            && head.get(8..10) == pkt.get(8..10)
+    };
+    if !ip_same {
+        return false;
+    }
+    if seg.key.proto != IPPROTO_TCP {
+        return true;
+    }
+    let t = seg.ip;
+    // ACK number, data offset, window and options.
+    head.get(t + 8..t + 13) == pkt.get(t + 8..t + 13)
+        && head.get(t + 14..t + 16) == pkt.get(t + 14..t + 16)
+        && head.get(t + 20..seg.headers) == pkt.get(t + 20..seg.headers)
+}
+
+/// `pkt`'s flow and layout, if it is a TCP segment (only ACK, or ACK and
+/// PSH, with payload) or, with `udp`, a UDP datagram with payload: IPv4
+/// without options or fragments, or IPv6 without extension headers, its
+/// length fields matching the slice.
+fn segment(pkt: &[u8], udp: bool) -> Option<Seg> {
     let mut addrs = [0u8; 32];
-    let (proto, ip_len) = match pkt.first()? >> 4 {
+    let (v6, ip, proto, id, df) = match pkt.first()? >> 4 {
         4 => {
-            let h = packet::parse_ipv4(pkt).ok()?;
-            // Fragments are not coalesced.
-            if h.more_fragments || h.is_later_fragment() {
+            if pkt[0] & 0x0f != 5 || usize::from(get16(pkt, 2)?) != pkt.len() {
                 return None;
             }
-            addrs[..4].copy_from_slice(&h.src.octets());
-            addrs[4..8].copy_from_slice(&h.dst.octets());
-            (h.proto, h.ihl)
+            // MF, fragment offset.
+            if get16(pkt, 6)? & 0x3fff != 0 {
+                return None;
+            }
+            addrs[..8].copy_from_slice(pkt.get(12..20)?);
+            (false, 20, *pkt.get(9)?, get16(pkt, 4)?, pkt[6] & 0x40 != 0)
         }
         6 => {
+            if usize::from(get16(pkt, 4)?) + 40 != pkt.len() {
+                return None;
+            }
             addrs.copy_from_slice(pkt.get(8..40)?);
-            (*pkt.get(6)?, 40)
+            (true, 40, *pkt.get(6)?, 0, false)
         }
         _ => return None,
     };
-    let headers = match proto {
-        // TCP: only plain ACK or ACK+PSH segments coalesce.
-        packet::IPPROTO_TCP => {
-            let flags = *pkt.get(ip_len + 13)?;
-            if flags != packet::TCP_ACK && flags != packet::TCP_ACK | packet::TCP_PSH {
+    let (headers, seq, flags) = match proto {
+        IPPROTO_TCP => {
+            let flags = *pkt.get(ip + 13)?;
+            if flags != TCP_ACK && flags != TCP_ACK | TCP_PSH {
                 return None;
             }
-            ip_len + usize::from(pkt.get(ip_len + 12)? >> 4) * 4
+            let doff = usize::from(pkt.get(ip + 12)? >> 4) * 4;
+            if doff < 20 {
+                return None;
+            }
+            let seq = u32::from_be_bytes(pkt.get(ip + 4..ip + 8)?.try_into().ok()?);
+            (ip + doff, seq, flags)
         }
-        packet::IPPROTO_UDP => ip_len + 8,
+        IPPROTO_UDP if udp => {
+            if usize::from(get16(pkt, ip + 4)?) != pkt.len() - ip {
+                return None;
+            }
+            (ip + 8, 0, 0)
+        }
         _ => return None,
     };
     if pkt.len() <= headers {
         return None;
     }
-    let ports = pkt.get(ip_len..ip_len + 4)?.try_into().ok()?;
-    Some((
-        FlowKey {
+    Some(Seg {
+        key: Key {
             proto,
             addrs,
-            ports,
+            ports: pkt.get(ip..ip + 4)?.try_into().ok()?,
         },
+        v6,
+        ip,
         headers,
-    ))
+        payload: pkt.len() - headers,
+        seq,
+        flags,
+        id,
+        df,
+    })
+}
+
+fn get16(p: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes(p.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn put16(p: &mut [u8], at: usize, v: u16) {
+    p[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+/// One's-complement sum of `data`'s 16-bit words onto `acc` (unfolded).
+fn sum16(data: &[u8], mut acc: u32) -> u32 {
+    let mut words = data.chunks_exact(2);
+    for w in &mut words {
+        acc += u32::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    if let [b] = words.remainder() {
+        acc += u32::from(*b) << 8;
+    }
+    acc
+}
+
+fn fold(mut acc: u32) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
 }
 
 #[cfg(test)]

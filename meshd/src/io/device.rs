@@ -20,10 +20,10 @@
 //!   threads in parallel even for one peer, and sends the batches in the
 //!   order they were read (one GSO `sendmsg` per group; [`stage`]).
 //! - `meshd-tun-tx` writes each full [`Packets`] batch to the TUN,
-//!   coalesced per flow (GRO: a flow's packets appended to its first, in
-//!   one of a few 64 KiB buffers lent for the write, [`Coalesce`]), and
-//!   hands it back. A TUN write runs the
-//!   receiving TCP stack inline, so on this thread that kernel work no
+//!   coalesced per flow (GRO: one `writev` per coalesced packet, its
+//!   rewritten headers and then the flow's payloads gathered from where
+//!   they lie in the batch, [`Gro`]), and hands it back. A TUN write runs
+//!   the receiving TCP stack inline, so on this thread that kernel work no
 //!   longer holds up decryption.
 //!
 //! The TUN and the socket are read on the packet thread, not on threads of
@@ -64,7 +64,7 @@
 //! warm, nothing on the path allocates per packet.
 
 use std::collections::BTreeMap;
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket as StdUdp};
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -78,11 +78,11 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
+use tun_rs::{AsyncDevice, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::core::batch::{Datagrams, Packets};
 use crate::core::engine::{DATAGRAM_RESERVE, Engine, SLOT, TUN_SLOTS};
-use crate::core::gro::Coalesce;
+use crate::core::gro::{Gro, MAX_SEGMENTS, Offloads};
 use crate::core::lb::{LbStats, LbTable};
 use crate::core::node::{DATA_HEADER, DropReason, MAX_DATAGRAM, PeerInfo};
 use crate::state::NetState;
@@ -124,6 +124,11 @@ pub fn spawn(
     stats: Arc<ArcSwap<DeviceStats>>,
     cancel: CancellationToken,
 ) -> Result<impl Future<Output = Result<()>>> {
+    // How the TUN was opened decides how it is written.
+    let offloads = Offloads {
+        vnet_hdr: tun.tcp_gso(),
+        udp: tun.udp_gso(),
+    };
     super::thread::spawn("meshd-packets", move || async move {
         let tun = Arc::new(AsyncDevice::new(tun)?);
         let udp_tx = udp.try_clone().context("failed to clone the UDP socket")?;
@@ -155,11 +160,11 @@ pub fn spawn(
         let openers = if senders > 1 { senders } else { 0 };
         let (tun_out, mut tun_ends) =
             stage::pooled("meshd-tun-tx", 1, POOL * (1 + openers), || {
-                Packets::new(IDEAL_BATCH_SIZE, TUN_OFFSET)
+                Packets::new(IDEAL_BATCH_SIZE, DATA_HEADER)
             });
         let udp_done = spawn_udp_writers(&udp_tx, net_ends)?;
         let tun_end = tun_ends.pop().context("one TUN writer")?;
-        let tun_done = spawn_tun_writer(tun.clone(), tun_end)?;
+        let tun_done = spawn_tun_writer(tun.clone(), tun_end, offloads)?;
         let (open, open_done) = match openers {
             0 => (None, Vec::new()),
             n => {
@@ -180,7 +185,7 @@ pub fn spawn(
             }
         };
         let tun_out = TunPath { tun: tun_out, open };
-        let io = BatchIo::new(tun, udp, udp_state);
+        let io = BatchIo::new(tun, udp, udp_state, offloads);
         let result = run(engine, io, net, tun_out, netmap, lb_table, stats, cancel).await;
         // The writers end once their channels from `run` are gone.
         for t in udp_done.into_iter().chain(open_done).chain(tun_done) {
@@ -269,16 +274,17 @@ fn send_one<S: AsFd>(
     }
 }
 
-/// Starts `meshd-tun-tx`: writes each batch to the TUN, coalescing packets
-/// of a flow into one write where the kernel takes offloads. TUN writes do
-/// not block, so this thread needs no runtime.
+/// Starts `meshd-tun-tx`: writes each batch to the TUN, the packets of a
+/// flow gathered into one write where the kernel takes offloads. TUN
+/// writes do not block, so this thread needs no runtime.
 fn spawn_tun_writer(
     tun: Arc<AsyncDevice>,
     end: WriterEnd<Packets>,
+    offloads: Offloads,
 ) -> Result<Vec<std::thread::JoinHandle<()>>> {
     stage::spawn("meshd-tun-tx", vec![end], |_| {
         let tun = tun.clone();
-        let mut w = TunWrite::new(COALESCE_BUFFERS);
+        let mut w = TunWrite::new(offloads);
         Ok(Steps {
             work: |_: &mut Packets| {},
             emit: move |p: &mut Packets| w.write(&tun, p),
@@ -399,8 +405,6 @@ async fn run(
 /// an idle writer has nothing older in flight.
 const INLINE_DATAGRAM_BYTES: usize = 8 * 1500;
 const INLINE_PACKETS: usize = 8;
-/// Room to coalesce those few packets.
-const INLINE_COALESCE_BUFFERS: usize = 2;
 
 /// Sends or hands over whatever is pending, datagrams first.
 async fn flush(
@@ -509,35 +513,35 @@ impl TunPath {
     }
 }
 
-/// Big buffers the TUN writer lends to the heads of coalesced writes
-/// ([`Coalesce`]): a full batch of one bulk flow needs three, so a few
-/// flows at a time coalesce fully (about 64 KiB each).
-const COALESCE_BUFFERS: usize = 8;
-
-/// What a TUN write needs besides the device: the GRO table and the room
-/// to coalesce into.
+/// What a TUN write needs besides the device: the plan of coalesced
+/// writes ([`Gro`]) and room for one write's gather list.
 struct TunWrite {
-    gro: GROTable,
-    room: Coalesce,
+    gro: Gro,
 }
 
 impl TunWrite {
-    fn new(buffers: usize) -> TunWrite {
+    fn new(offloads: Offloads) -> TunWrite {
         TunWrite {
-            gro: GROTable::new(),
-            room: Coalesce::new(TUN_OFFSET.max(DATA_HEADER), buffers),
+            gro: Gro::new(offloads),
         }
     }
 
-    /// Writes a batch to the TUN with the device's own batch write (TUN
-    /// writes do not block), coalesced per flow, and empties it.
+    /// Writes a batch to the TUN, coalesced per flow, one `writev` per
+    /// coalesced packet (TUN writes do not block), and empties it.
     fn write(&mut self, tun: &tun_rs::DeviceImpl, p: &mut Packets) {
-        let headroom = p.headroom();
-        self.room.lend(p);
-        if let Err(e) = tun.send_multiple(&mut self.gro, p.bufs_mut(), headroom) {
-            tracing::debug!(error = %e, "TUN write failed");
+        self.gro.plan(p);
+        for w in 0..self.gro.writes() {
+            let mut iov = [IoSlice::new(&[]); 1 + MAX_SEGMENTS];
+            let mut n = 0;
+            for (slot, part) in iov.iter_mut().zip(self.gro.write_parts(w, p)) {
+                *slot = IoSlice::new(part);
+                n += 1;
+            }
+            if let Err(e) = rustix::io::writev(tun, &iov[..n]) {
+                tracing::debug!(error = %e, "TUN write failed");
+            }
         }
-        self.room.reclaim(p);
+        p.clear();
     }
 }
 
@@ -555,10 +559,6 @@ const UDP_BUFFER: usize = 65_536;
 // A staged slot holds a whole TUN packet with WireGuard's header and tag.
 const _: () = assert!(SLOT >= DATA_HEADER + super::tun::MTU as usize + 16);
 
-/// Bytes kept free in front of every packet written to the TUN, for the
-/// virtio-net header that offloading TUN writes carry.
-const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN;
-
 /// The packet thread's reads: the TUN and UDP socket into reused buffers.
 struct BatchIo {
     tun: Arc<AsyncDevice>,
@@ -575,7 +575,12 @@ struct BatchIo {
 }
 
 impl BatchIo {
-    fn new(tun: Arc<AsyncDevice>, udp: UdpSocket, udp_state: UdpSocketState) -> Self {
+    fn new(
+        tun: Arc<AsyncDevice>,
+        udp: UdpSocket,
+        udp_state: UdpSocketState,
+        offloads: Offloads,
+    ) -> Self {
         BatchIo {
             tun,
             udp,
@@ -584,7 +589,7 @@ impl BatchIo {
             tun_sizes: [0; TUN_SLOTS],
             udp_bufs: vec![vec![0u8; UDP_BUFFER]; UDP_BATCH],
             udp_meta: vec![RecvMeta::default(); UDP_BATCH],
-            tun_write: TunWrite::new(INLINE_COALESCE_BUFFERS),
+            tun_write: TunWrite::new(offloads),
         }
     }
 
