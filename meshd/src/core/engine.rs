@@ -204,22 +204,89 @@ impl Engine {
             self.finish_opened(tun, now);
         }
         let room = tun.room(datagram.len());
-        let Some(n) = self.node.handle_network(src, datagram, net, room) else {
+        if let Some(n) = self.handle_other(src, datagram, room, now, net) {
+            tun.commit(n);
+        }
+    }
+
+    /// The datagrams `tun`'s receive buffers got from `first` on
+    /// ([`Packets::rx_commit`]), as [`Engine::handle_network`] handles
+    /// each, except that a data message stays where it was received, to be
+    /// opened there ([`Packets::push_sealed_rx`]): no copy.
+    pub fn handle_received(
+        &mut self,
+        first: usize,
+        now: Instant,
+        net: &mut Datagrams,
+        tun: &mut Packets,
+    ) {
+        for buf in first..tun.rx_used() {
+            let Some((src, len, stride)) = tun.rx_info(buf) else {
+                continue;
+            };
+            let mut start = 0;
+            while start < len {
+                let n = stride.min(len - start);
+                self.handle_rx(buf, start, n, src, now, net, tun);
+                start += n;
+            }
+        }
+        tun.rx_reclaim();
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handle_rx(
+        &mut self,
+        buf: usize,
+        start: usize,
+        len: usize,
+        src: SocketAddr,
+        now: Instant,
+        net: &mut Datagrams,
+        tun: &mut Packets,
+    ) {
+        if let Some((peer, session)) = self.node.data_session(tun.rx_datagram(buf, start, len)) {
+            tun.push_sealed_rx(buf, start, len, peer, session);
             return;
-        };
+        }
+        if tun.has_sealed() {
+            self.finish_opened(tun, now);
+        }
+        let (datagram, room) = tun.rx_and_room(buf, start, len, len);
+        if let Some(n) = self.handle_other(src, datagram, room, now, net) {
+            tun.commit(n);
+        }
+    }
+
+    /// A datagram that is not a data message of a kept session (a
+    /// handshake, a cookie, a session's first message): handled by the
+    /// node now, what it decrypts written to `room` and passed through the
+    /// balancer. Returns the bytes of `room` to take as a packet.
+    fn handle_other(
+        &mut self,
+        src: SocketAddr,
+        datagram: &[u8],
+        room: &mut [u8],
+        now: Instant,
+        net: &mut Datagrams,
+    ) -> Option<usize> {
+        let n = self.node.handle_network(src, datagram, net, room)?;
         match self.lb.inbound(&mut room[..n], &mut self.reply, now) {
-            Verdict::Pass | Verdict::ToTun => tun.commit(n),
+            Verdict::Pass | Verdict::ToTun => Some(n),
             // A refusal, back through the tunnel it came from.
-            Verdict::Reply => self.node.handle_tun(&self.reply, net),
+            Verdict::Reply => {
+                self.node.handle_tun(&self.reply, net);
+                None
+            }
             // A segment on a cut flow or call: the client's reset to the
             // TUN, its sender's back through the tunnel.
             Verdict::Reset | Verdict::ResetOnward => {
-                tun.commit(n);
                 if !self.reply.is_empty() {
                     self.node.handle_tun(&self.reply, net);
                 }
+                Some(n)
             }
-            _ => {}
+            _ => None,
         }
     }
 
@@ -235,14 +302,13 @@ impl Engine {
         let super::batch::Opened {
             opens,
             sessions,
-            bufs,
-            headroom,
+            mut plain,
         } = tun.opened();
         self.keep.clear();
         for o in opens {
             let verdict = o.result.and_then(|(counter, len)| {
                 let session = sessions.get(o.session)?;
-                let packet = bufs.get_mut(o.slot)?.get_mut(headroom..headroom + len)?;
+                let packet = plain.get_mut(o, len)?;
                 let n = self
                     .node
                     .accept_opened(o.peer, session, o.src, counter, packet)?;

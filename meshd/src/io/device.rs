@@ -7,8 +7,10 @@
 //!   with UDP GRO: one buffer holds many datagrams), and runs the engine:
 //!   outgoing packets are balanced, routed and given their nonces in
 //!   order, where the TUN read put them in a [`Datagrams`] batch (not yet
-//!   sealed); incoming data messages are checked and placed, still sealed,
-//!   in a [`Packets`] batch. It also applies netmap and balancer-table
+//!   sealed); incoming data messages are checked and left, still sealed,
+//!   where `recvmmsg` put them: in the receive buffers of a [`Packets`]
+//!   batch, where they are opened and from where the TUN write gathers
+//!   them (no copy on the way). It also applies netmap and balancer-table
 //!   changes between batches and sleeps on the engine's
 //!   [`Engine::poll_timeout`].
 //! - `meshd-open` (with more than one `--crypto-threads`, as many threads)
@@ -160,7 +162,7 @@ pub fn spawn(
         let openers = if senders > 1 { senders } else { 0 };
         let (tun_out, mut tun_ends) =
             stage::pooled("meshd-tun-tx", 1, POOL * (1 + openers), || {
-                Packets::new(IDEAL_BATCH_SIZE, DATA_HEADER)
+                Packets::with_rx(IDEAL_BATCH_SIZE, DATA_HEADER, UDP_BATCH, UDP_BUFFER)
             });
         let udp_done = spawn_udp_writers(&udp_tx, net_ends)?;
         let tun_end = tun_ends.pop().context("one TUN writer")?;
@@ -361,24 +363,26 @@ async fn run(
                     continue;
                 }
                 for _ in 0..READS_PER_WAKEUP {
-                    let n = match io.recv_udp() {
-                        Ok(n) => n,
+                    // Datagrams are received into the TUN batch itself
+                    // and opened there: a batch whose receive buffers are
+                    // all taken moves on first.
+                    if tun.tun.current.rx_free().is_empty() {
+                        tun.hand_over(&mut engine, Instant::now()).await?;
+                    }
+                    let first = tun.tun.current.rx_used();
+                    match io.recv_udp(&mut tun.tun.current) {
+                        Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         // ICMP errors from peers surface here (e.g. port unreachable).
                         Err(e) => {
                             tracing::trace!(error = %e, "UDP receive failed");
                             continue;
                         }
-                    };
+                    }
                     let now = Instant::now();
-                    for i in 0..n {
-                        let (src, data, stride) = io.udp_buffer(i);
-                        for datagram in data.chunks(stride) {
-                            engine.handle_network(src, datagram, now, &mut net.current, &mut tun.tun.current);
-                            if tun.tun.current.is_full() {
-                                tun.hand_over(&mut engine, now).await?;
-                            }
-                        }
+                    engine.handle_received(first, now, &mut net.current, &mut tun.tun.current);
+                    if tun.tun.current.is_full() {
+                        tun.hand_over(&mut engine, now).await?;
                     }
                     if net.current.needs_flush(DATAGRAM_RESERVE) {
                         net.swap().await?;
@@ -549,7 +553,9 @@ impl TunWrite {
 /// its other inputs again (fairness between directions and timers).
 const READS_PER_WAKEUP: usize = 8;
 
-/// Receive buffers per `recvmmsg`.
+/// Receive buffers of each TUN batch ([`Packets::with_rx`]): a
+/// `recvmmsg` fills those still free, so a batch takes one or more
+/// receives.
 const UDP_BATCH: usize = 8;
 
 /// Size of one UDP receive buffer: room for a whole GRO batch (the kernel
@@ -568,7 +574,6 @@ struct BatchIo {
     tun_raw: Vec<u8>,
     /// Sizes of the packets of the last TUN read.
     tun_sizes: [usize; TUN_SLOTS],
-    udp_bufs: Vec<Vec<u8>>,
     udp_meta: Vec<RecvMeta>,
     /// For the small batches this thread writes itself.
     tun_write: TunWrite,
@@ -587,7 +592,6 @@ impl BatchIo {
             udp_state,
             tun_raw: vec![0u8; VIRTIO_NET_HDR_LEN + MAX_DATAGRAM],
             tun_sizes: [0; TUN_SLOTS],
-            udp_bufs: vec![vec![0u8; UDP_BUFFER]; UDP_BATCH],
             udp_meta: vec![RecvMeta::default(); UDP_BATCH],
             tun_write: TunWrite::new(offloads),
         }
@@ -609,28 +613,33 @@ impl BatchIo {
         )
     }
 
-    /// One `recvmmsg` (non-blocking); returns how many buffers it filled.
-    fn recv_udp(&mut self) -> io::Result<usize> {
+    /// One `recvmmsg` (non-blocking) into the free receive buffers of
+    /// `tun` ([`Packets::rx_free`], each then [`Packets::rx_commit`]ed);
+    /// returns how many it filled.
+    fn recv_udp(&mut self, tun: &mut Packets) -> io::Result<usize> {
         let BatchIo {
             udp,
             udp_state,
-            udp_bufs,
             udp_meta,
             ..
         } = self;
-        let mut slices: [IoSliceMut<'_>; UDP_BATCH] = {
-            let mut it = udp_bufs.iter_mut();
-            std::array::from_fn(|_| IoSliceMut::new(it.next().map_or(&mut [][..], |b| &mut b[..])))
+        let n = {
+            let free = tun.rx_free();
+            let k = free.len().min(UDP_BATCH);
+            let mut slices: [IoSliceMut<'_>; UDP_BATCH] = {
+                let mut it = free.iter_mut();
+                std::array::from_fn(|_| {
+                    IoSliceMut::new(it.next().map_or(&mut [][..], |b| &mut b[..]))
+                })
+            };
+            udp.try_io(Interest::READABLE, || {
+                udp_state.recv((&*udp).into(), &mut slices[..k], &mut udp_meta[..k])
+            })?
         };
-        udp.try_io(Interest::READABLE, || {
-            udp_state.recv((&*udp).into(), &mut slices, udp_meta)
-        })
-    }
-
-    /// Buffer `i` of the last `recvmmsg`: sender, bytes, datagram size.
-    fn udp_buffer(&self, i: usize) -> (SocketAddr, &[u8], usize) {
-        let m = &self.udp_meta[i];
-        (m.addr, &self.udp_bufs[i][..m.len], m.stride.max(1))
+        for m in &udp_meta[..n] {
+            tun.rx_commit(m.addr, m.len, m.stride);
+        }
+        Ok(n)
     }
 }
 

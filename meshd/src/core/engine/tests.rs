@@ -107,12 +107,15 @@ fn addr(s: &str) -> SocketAddr {
 
 impl Wire {
     /// Sends packets from a's TUN (`from_a`) and b's, then delivers every
-    /// datagram until both are quiet, in batches as the device does.
+    /// datagram until both are quiet, in batches as the device does: a
+    /// takes each datagram by copy ([`Engine::handle_network`]), b in
+    /// place, coalesced into receive buffers as UDP GRO does
+    /// ([`Engine::handle_received`]).
     pub(crate) fn run(&mut self, from_a: Vec<Vec<u8>>, from_b: Vec<Vec<u8>>) {
         let mut net_a = Datagrams::new(1 << 18, 64);
         let mut net_b = Datagrams::new(1 << 18, 64);
         let mut pk_a = Packets::new(128, 10);
-        let mut pk_b = Packets::new(128, 10);
+        let mut pk_b = Packets::with_rx(128, 10, 8, 1 << 16);
         let now = self.now;
         // a's packets take the staged path (read into slots, sealed in
         // place), b's the copying one: both are checked the same way.
@@ -145,18 +148,58 @@ impl Wire {
             self.tun_b.extend(pk_b.packets().map(<[u8]>::to_vec));
             pk_a.clear();
             pk_b.clear();
-            let Some((to_b, d)) = queue.pop_front() else {
+            if queue.is_empty() {
                 return;
-            };
-            if to_b {
-                self.b
-                    .handle_network(addr(A_ADDR), &d, now, &mut net_b, &mut pk_b);
-            } else {
-                self.a
-                    .handle_network(addr(B_ADDR), &d, now, &mut net_a, &mut pk_a);
             }
+            let mut to_b = Vec::new();
+            for (is_b, d) in queue.drain(..) {
+                if is_b {
+                    to_b.push(d);
+                } else {
+                    self.a
+                        .handle_network(addr(B_ADDR), &d, now, &mut net_a, &mut pk_a);
+                }
+            }
+            self.receive_b(&to_b, &mut net_b, &mut pk_b);
         }
         panic!("the engines never went quiet");
+    }
+
+    /// Delivers `datagrams` to b as `recvmmsg` with UDP GRO does: runs of
+    /// one size (the last of a run may be shorter) in one receive buffer,
+    /// up to 3 buffers per receive, receives into a batch until its
+    /// buffers are taken; then the batch is judged and written.
+    fn receive_b(&mut self, datagrams: &[Vec<u8>], net: &mut Datagrams, pk: &mut Packets) {
+        let now = self.now;
+        let mut i = 0;
+        while i < datagrams.len() {
+            let first = pk.rx_used();
+            let mut filled = 0;
+            while filled < 3 && i < datagrams.len() && !pk.rx_free().is_empty() {
+                let stride = datagrams[i].len();
+                let buf = &mut pk.rx_free()[0];
+                let mut len = 0;
+                while let Some(d) = datagrams.get(i) {
+                    if d.len() > stride || len + d.len() > buf.len() {
+                        break;
+                    }
+                    buf[len..len + d.len()].copy_from_slice(d);
+                    len += d.len();
+                    i += 1;
+                    if d.len() < stride {
+                        break;
+                    }
+                }
+                pk.rx_commit(addr(A_ADDR), len, stride);
+                filled += 1;
+            }
+            self.b.handle_received(first, now, net, pk);
+            if pk.rx_free().is_empty() {
+                self.b.finish_opened(pk, now);
+                self.tun_b.extend(pk.packets().map(<[u8]>::to_vec));
+                pk.clear();
+            }
+        }
     }
 }
 
