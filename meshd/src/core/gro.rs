@@ -23,7 +23,7 @@
 //! `CHECKSUM_UNNECESSARY` for that reason.
 
 use super::batch::Packets;
-use super::lb::packet::{IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_PSH};
+use super::lb::packet::{IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_PSH, checksum, fold, ones_sum};
 
 /// Bytes of the virtio-net header in front of every offloading TUN write.
 pub const VNET_HDR: usize = 10;
@@ -314,13 +314,13 @@ impl Gro {
         } else {
             put16(block, 2, f.len as u16);
             put16(block, 10, 0);
-            let sum = !fold(sum16(&block[..20], 0));
+            let sum = checksum(&block[..20]);
             put16(block, 10, sum);
             12..20
         };
         // The pseudo-header's sum, not complemented: the kernel adds the
         // rest from `csum_start` on (CHECKSUM_PARTIAL).
-        let pseudo = fold(sum16(&block[addrs], u32::from(proto)) + l4_len as u32);
+        let pseudo = fold(ones_sum(&block[addrs], u32::from(proto)) + l4_len as u32);
         let (gso_type, csum_offset) = match (proto, f.v6) {
             (IPPROTO_TCP, false) => (VIRTIO_NET_HDR_GSO_TCPV4, 16),
             (IPPROTO_TCP, true) => (VIRTIO_NET_HDR_GSO_TCPV6, 16),
@@ -447,25 +447,6 @@ fn get16(p: &[u8], at: usize) -> Option<u16> {
 
 fn put16(p: &mut [u8], at: usize, v: u16) {
     p[at..at + 2].copy_from_slice(&v.to_be_bytes());
-}
-
-/// One's-complement sum of `data`'s 16-bit words onto `acc` (unfolded).
-fn sum16(data: &[u8], mut acc: u32) -> u32 {
-    let mut words = data.chunks_exact(2);
-    for w in &mut words {
-        acc += u32::from(u16::from_be_bytes([w[0], w[1]]));
-    }
-    if let [b] = words.remainder() {
-        acc += u32::from(*b) << 8;
-    }
-    acc
-}
-
-fn fold(mut acc: u32) -> u16 {
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
 }
 
 #[cfg(test)]

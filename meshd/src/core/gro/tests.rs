@@ -146,7 +146,7 @@ fn cut(write: &[u8]) -> Vec<Vec<u8>> {
     // The partial checksum completes to the packet's real one.
     let mut whole = pkt.to_vec();
     seal(&mut whole);
-    let finished = !fold(sum16(&pkt[start..], 0));
+    let finished = !fold(ones_sum(&pkt[start..], 0));
     let real = u16::from_be_bytes([whole[start + offset], whole[start + offset + 1]]);
     assert_eq!(finished, real, "partial checksum");
     assert_eq!(&whole[..start], &pkt[..start], "IP header as sealed");

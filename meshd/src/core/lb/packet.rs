@@ -189,7 +189,7 @@ pub fn parse_l4(p: &[u8], h: &Ipv4Hdr, proto: Proto) -> Option<L4> {
 
 /// One's-complement sum of `data` as big-endian 16-bit words, added to
 /// `acc` (RFC 1071).
-fn ones_sum(data: &[u8], mut acc: u32) -> u32 {
+pub(crate) fn ones_sum(data: &[u8], mut acc: u32) -> u32 {
     let mut chunks = data.chunks_exact(2);
     for c in &mut chunks {
         acc += u32::from(u16::from_be_bytes([c[0], c[1]]));
@@ -200,7 +200,7 @@ fn ones_sum(data: &[u8], mut acc: u32) -> u32 {
     acc
 }
 
-fn fold(mut acc: u32) -> u16 {
+pub(crate) fn fold(mut acc: u32) -> u16 {
     while acc > 0xffff {
         acc = (acc & 0xffff) + (acc >> 16);
     }
