@@ -91,9 +91,66 @@ struct Side {
     me: SocketAddr,
 }
 
+/// Judges `to`'s batch, plans its TUN writes and empties it; returns how
+/// many packets it held.
+fn settle(to: &mut Side, now: Instant) -> usize {
+    to.engine.finish_opened(&mut to.tun, now);
+    let n = to.tun.len();
+    // As the TUN writer does: every byte of the batch is in one write.
+    to.gro.plan(&to.tun);
+    let gathered: usize = (0..to.gro.writes())
+        .flat_map(|w| to.gro.write_parts(w, &to.tun))
+        .map(<[u8]>::len)
+        .sum();
+    assert!(gathered >= to.tun.packets().map(<[u8]>::len).sum::<usize>());
+    to.tun.clear();
+    n
+}
+
+/// Delivers `from`'s datagrams to `to` as `recvmmsg` with UDP GRO does:
+/// runs of one size (the last may be shorter) in each receive buffer of
+/// `to`'s batch, opened there ([`Engine::handle_received`]); a batch
+/// whose buffers are all taken is judged and written. Returns how many
+/// packets arrived.
+fn receive_in_place(from: &mut Side, to: &mut Side, now: Instant) -> usize {
+    let mut arrived = 0;
+    // The receive buffer being filled: bytes, datagram size, whether a
+    // short datagram ended it.
+    let mut filling: Option<(usize, usize, bool)> = None;
+    for (_, d) in from.net.datagrams() {
+        if let Some((len, stride, ended)) = filling
+            && (ended || d.len() > stride || len + d.len() > RX_BUFFER)
+        {
+            to.tun.rx_commit(from.me, len, stride);
+            filling = None;
+        }
+        let (len, stride, ended) = match filling {
+            Some(f) => f,
+            None => {
+                if to.tun.rx_free().is_empty() {
+                    to.engine.handle_received(0, now, &mut to.net, &mut to.tun);
+                    arrived += settle(to, now);
+                }
+                (0, d.len(), false)
+            }
+        };
+        to.tun.rx_free()[0][len..len + d.len()].copy_from_slice(d);
+        filling = Some((len + d.len(), stride, ended || d.len() < stride));
+    }
+    if let Some((len, stride, _)) = filling {
+        to.tun.rx_commit(from.me, len, stride);
+    }
+    from.net.clear();
+    to.engine.handle_received(0, now, &mut to.net, &mut to.tun);
+    arrived + settle(to, now)
+}
+
+/// Bytes of one receive buffer (a UDP GRO batch).
+const RX_BUFFER: usize = 1 << 16;
+
 /// Sends `packets` from `from`'s TUN to `to`'s, in batches of 64 (staged
-/// in place like a TUN read, or handed over one by one); returns how many
-/// arrived.
+/// in place like a TUN read and received in place, or handed over and
+/// received one by one); returns how many arrived.
 fn exchange(from: &mut Side, to: &mut Side, packets: &mut [Vec<u8>], staged: bool) -> usize {
     let now = Instant::now();
     let mut arrived = 0;
@@ -114,21 +171,17 @@ fn exchange(from: &mut Side, to: &mut Side, packets: &mut [Vec<u8>], staged: boo
                 from.engine.handle_tun(p, now, &mut from.net, &mut from.tun);
             }
         }
-        for (_, d) in from.net.datagrams() {
-            to.engine
-                .handle_network(from.me, d, now, &mut to.net, &mut to.tun);
+        if staged {
+            // As the packet thread does: received in place, GRO-style.
+            arrived += receive_in_place(from, to, now);
+        } else {
+            for (_, d) in from.net.datagrams() {
+                to.engine
+                    .handle_network(from.me, d, now, &mut to.net, &mut to.tun);
+            }
+            from.net.clear();
+            arrived += settle(to, now);
         }
-        from.net.clear();
-        to.engine.finish_opened(&mut to.tun, now);
-        arrived += to.tun.len();
-        // As the TUN writer does: every byte of the batch is in one write.
-        to.gro.plan(&to.tun);
-        let gathered: usize = (0..to.gro.writes())
-            .flat_map(|w| to.gro.write_parts(w, &to.tun))
-            .map(<[u8]>::len)
-            .sum();
-        assert!(gathered >= to.tun.packets().map(<[u8]>::len).sum::<usize>());
-        to.tun.clear();
         // Handshake answers, if any, go back.
         for (_, d) in to.net.datagrams() {
             from.engine
@@ -148,7 +201,7 @@ fn no_allocation_per_packet_once_warm() {
     let side = |me: u8, key, peer, addr: &str| Side {
         engine: engine(me, key, peer),
         net: Datagrams::new(1 << 18, 64),
-        tun: Packets::new(128, 10),
+        tun: Packets::with_rx(128, 10, 8, RX_BUFFER),
         gro: Gro::new(Offloads {
             vnet_hdr: true,
             udp: true,
