@@ -516,7 +516,10 @@ impl Packets {
     /// its index.
     pub fn rx_commit(&mut self, src: SocketAddr, len: usize, stride: usize) -> usize {
         let i = self.rx_meta.len();
-        let cap = self.rx.get(i).map_or(0, Vec::len);
+        let Some(cap) = self.rx.get(i).map(Vec::len) else {
+            debug_assert!(false, "rx_commit without a free receive buffer");
+            return i;
+        };
         self.rx_meta.push(Rx {
             src,
             len: len.min(cap),

@@ -261,6 +261,9 @@ impl Gro {
             && seg.headers == f.headers
             && same_headers(head, pkt, seg)
             && (seg.key.proto != IPPROTO_TCP || seg.seq == f.next_seq)
+            // IPv4 IDs must follow, as the kernel numbers the segments it
+            // cuts; with DF set an ID carries nothing (RFC 6864), so the
+            // renumbering changes nothing.
             && (seg.v6 || seg.df || seg.id == f.next_id);
         if !fits {
             return false;
