@@ -16,8 +16,10 @@
 //! - [`noise::Tunn::current_session`] and [`noise::Tunn::session_by_index`]
 //!   lend the `Arc<Session>` a session is kept behind (a batch clones it
 //!   once, not every packet: the count is shared with the crypto threads);
-//! - [`noise::session::Session::reserve_nonces`] takes a batch's nonces in
-//!   one atomic step, refusing at `REJECT_AFTER_MESSAGES`;
+//! - [`noise::session::Session::reserve_nonces`] takes `n` consecutive
+//!   nonces in one atomic step, refusing at `REJECT_AFTER_MESSAGES`
+//!   (meshd takes one per packet, as the packet thread routes it, so that
+//!   nonces follow read order);
 //! - [`noise::session::Session::seal_in_place`] and
 //!   [`noise::session::Session::open_in_place`] encrypt and decrypt a data
 //!   message where it lies;
